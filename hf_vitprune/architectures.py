@@ -1,0 +1,255 @@
+"""Where the prunable units of a vision transformer live, found by structure.
+
+An encoder layer is any module that holds an attention block with ``q_proj``/``k_proj``/
+``v_proj``/``o_proj`` and an MLP (``fc1``/``fc2``, or ``gate_proj``/``up_proj``/``down_proj``
+for SwiGLU). Families are registered in :data:`FAMILIES`; adding one is one entry.
+
+This module imports only torch and transformers: it is copied next to saved models so that
+``from_pretrained(..., trust_remote_code=True)`` can rebuild them without hf_vitprune.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+# (input projections whose output rows are the units, output projection whose input columns are)
+MLP_LAYOUTS = ((("fc1",), "fc2"), (("gate_proj", "up_proj"), "down_proj"))
+TOKEN_PARAMETERS = ("cls_token", "distillation_token", "register_tokens")
+
+
+@dataclass(frozen=True)
+class Family:
+    """A supported model family: its stock model type and the classes hf_vitprune can prune."""
+
+    model_type: str
+    model_classes: tuple[str, ...]
+
+    @property
+    def pruned_model_type(self) -> str:
+        return f"pruned_{self.model_type}"
+
+
+FAMILIES: dict[str, Family] = {
+    family.model_type: family
+    for family in (
+        Family("vit", ("ViTModel", "ViTForImageClassification")),
+        Family("deit", ("DeiTModel", "DeiTForImageClassification", "DeiTForImageClassificationWithTeacher")),
+        Family("vit_msn", ("ViTMSNModel", "ViTMSNForImageClassification")),
+        Family("beit", ("BeitModel", "BeitForImageClassification")),
+        Family("dinov2", ("Dinov2Model", "Dinov2ForImageClassification")),
+    )
+}
+
+
+def supported_models_text() -> str:
+    return "; ".join(f"{f.model_type}: {', '.join(f.model_classes)}" for f in FAMILIES.values())
+
+
+def family_of(model: nn.Module) -> Family:
+    """The registered family of ``model`` (dense or already pruned), or a ValueError listing the supported ones."""
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    stock_type = model_type[len("pruned_") :] if model_type and model_type.startswith("pruned_") else model_type
+    family = FAMILIES.get(stock_type)
+    class_name = type(model).__name__
+    stock_class = class_name[len("Pruned") :] if class_name.startswith("Pruned") else class_name
+    if family is None or stock_class not in family.model_classes:
+        raise ValueError(
+            f"hf_vitprune cannot prune {class_name} (model_type={model_type!r}). Supported models are "
+            f"{supported_models_text()}. To add a family, register it in hf_vitprune.architectures.FAMILIES."
+        )
+    return family
+
+
+@dataclass
+class EncoderLayer:
+    """Handles on the prunable parts of one encoder layer.
+
+    A head is ``head_dim`` output rows of q/k/v and the same input columns of o_proj (plus a
+    column of the relative position bias table where there is one); an MLP neuron is an
+    output row of each input projection and an input column of the output projection.
+    """
+
+    index: int
+    module: nn.Module
+    attention: nn.Module
+    mlp: nn.Module
+    mlp_in_names: tuple[str, ...]
+    mlp_out_name: str
+
+    @property
+    def head_dim(self) -> int:
+        return int(self.attention.head_dim)
+
+    @property
+    def num_heads(self) -> int:
+        return self.attention.o_proj.in_features // self.head_dim
+
+    @property
+    def num_neurons(self) -> int:
+        return self.mlp_out.in_features
+
+    @property
+    def mlp_in(self) -> list[nn.Linear]:
+        return [getattr(self.mlp, name) for name in self.mlp_in_names]
+
+    @property
+    def mlp_out(self) -> nn.Linear:
+        return getattr(self.mlp, self.mlp_out_name)
+
+    @property
+    def position_bias(self) -> nn.Module | None:
+        """The layer's own relative position bias (BEiT), a table of shape (distances, heads)."""
+        return getattr(self.module, "relative_position_bias", None)
+
+
+def _mlp_layout(mlp: nn.Module) -> tuple[tuple[str, ...], str] | None:
+    for in_names, out_name in MLP_LAYOUTS:
+        if all(isinstance(getattr(mlp, n, None), nn.Linear) for n in (*in_names, out_name)):
+            return in_names, out_name
+    return None
+
+
+def _as_encoder_layer(index: int, layer: nn.Module) -> EncoderLayer | None:
+    attention = getattr(layer, "attention", None)
+    mlp = getattr(layer, "mlp", None)
+    if attention is None or mlp is None:
+        return None
+    if not all(isinstance(getattr(attention, n, None), nn.Linear) for n in ("o_proj",)):
+        return None
+    layout = _mlp_layout(mlp)
+    if layout is None or not hasattr(attention, "head_dim"):
+        return None
+    return EncoderLayer(index, layer, attention, mlp, *layout)
+
+
+def find_encoder_layers(model: nn.Module) -> list[EncoderLayer]:
+    """The encoder layers of ``model``, in order, found by structure rather than class names."""
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 0:
+            layers = [_as_encoder_layer(i, layer) for i, layer in enumerate(module)]
+            if all(layer is not None for layer in layers):
+                return layers
+    raise ValueError(
+        f"No encoder layers with attention (q_proj/k_proj/v_proj/o_proj) and an MLP (fc1/fc2 or "
+        f"gate_proj/up_proj/down_proj) were found in {type(model).__name__}."
+    )
+
+
+def find_shared_position_bias(model: nn.Module) -> tuple[nn.Module, str] | None:
+    """(parent, attribute) of a relative position bias shared by all layers (BEiT), if any."""
+    for module in model.modules():
+        if getattr(module, "shared_position_bias", None) is not None:
+            return module, "shared_position_bias"
+    return None
+
+
+def num_tokens(model: nn.Module) -> int:
+    """Tokens per image at the configured resolution: patches plus class/distillation/register tokens."""
+    for module in model.modules():
+        patch_embeddings = getattr(module, "patch_embeddings", None)
+        if patch_embeddings is not None and hasattr(patch_embeddings, "num_patches"):
+            extra = sum(
+                getattr(module, name).shape[1]
+                for name in TOKEN_PARAMETERS
+                if isinstance(getattr(module, name, None), torch.Tensor)
+            )
+            return int(patch_embeddings.num_patches + extra)
+    raise ValueError(f"{type(model).__name__} has no patch embeddings; cannot count its tokens.")
+
+
+# --------------------------------------------------------------------------- compaction
+
+
+def _sliced_linear(linear: nn.Linear, rows: torch.Tensor | None, cols: torch.Tensor | None) -> nn.Linear:
+    weight = linear.weight.detach()
+    if rows is not None:
+        weight = weight.index_select(0, rows.to(weight.device))
+    if cols is not None:
+        weight = weight.index_select(1, cols.to(weight.device))
+    bias = linear.bias
+    if bias is not None and rows is not None:
+        bias = bias.detach().index_select(0, rows.to(bias.device))
+    new = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+    new.weight = nn.Parameter(weight.clone(), requires_grad=linear.weight.requires_grad)
+    if bias is not None:
+        new.bias = nn.Parameter(bias.detach().clone(), requires_grad=linear.bias.requires_grad)
+    return new
+
+
+def _head_rows(heads: Sequence[int], head_dim: int) -> torch.Tensor:
+    index = torch.as_tensor(list(heads), dtype=torch.long).reshape(-1, 1) * head_dim
+    return (index + torch.arange(head_dim)).reshape(-1)
+
+
+class AttentionRemoved(nn.Module):
+    """Stands in for an attention block whose every head was pruned: only o_proj's bias remains.
+
+    Keeps the (out_features, 0) ``o_proj`` so that state-dict keys and the bias survive.
+    """
+
+    def __init__(self, o_proj: nn.Linear, head_dim: int):
+        super().__init__()
+        self.o_proj = o_proj
+        self.head_dim = head_dim
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, None]:
+        return self.o_proj(hidden_states[..., :0]), None
+
+
+def compact_layer(layer: EncoderLayer, heads: Sequence[int], neurons: Sequence[int]) -> None:
+    """Keep only ``heads`` and ``neurons`` (indices into the current layer) by slicing weights in place."""
+    attention, head_dim = layer.attention, layer.head_dim
+    rows = _head_rows(heads, head_dim)
+    for name in ATTENTION_PROJECTIONS[:3]:
+        if hasattr(attention, name):  # an AttentionRemoved block has only o_proj
+            setattr(attention, name, _sliced_linear(getattr(attention, name), rows, None))
+    attention.o_proj = _sliced_linear(attention.o_proj, None, rows)
+    if hasattr(attention, "num_attention_heads"):
+        attention.num_attention_heads = len(heads)
+    bias = layer.position_bias
+    if bias is not None:
+        if heads:
+            table = bias.relative_position_bias_table.detach()
+            bias.relative_position_bias_table = nn.Parameter(
+                table.index_select(1, torch.as_tensor(list(heads), dtype=torch.long, device=table.device)).clone()
+            )
+        else:
+            layer.module.relative_position_bias = None
+    if not heads and not isinstance(attention, AttentionRemoved):
+        layer.module.attention = AttentionRemoved(attention.o_proj, head_dim)
+        layer.attention = layer.module.attention
+
+    units = torch.as_tensor(list(neurons), dtype=torch.long)
+    for name in layer.mlp_in_names:
+        setattr(layer.mlp, name, _sliced_linear(getattr(layer.mlp, name), units, None))
+    setattr(layer.mlp, layer.mlp_out_name, _sliced_linear(layer.mlp_out, None, units))
+
+
+def unshare_position_bias(model: nn.Module) -> bool:
+    """Give every layer its own copy of a shared relative position bias (BEiT); True if one was shared.
+
+    Heads are pruned per layer, so a table shared across layers cannot follow them. The bias is
+    gathered linearly from the table, so adding the shared table to a layer's own gives the same
+    logits as adding the two biases.
+    """
+    found = find_shared_position_bias(model)
+    if found is None:
+        return False
+    parent, name = found
+    shared = getattr(parent, name)
+    for layer in find_encoder_layers(model):
+        own = copy.deepcopy(shared)
+        if layer.position_bias is not None:
+            own.relative_position_bias_table = nn.Parameter(
+                own.relative_position_bias_table.detach() + layer.position_bias.relative_position_bias_table.detach()
+            )
+        layer.module.relative_position_bias = own
+    setattr(parent, name, None)
+    return True

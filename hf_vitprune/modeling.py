@@ -1,0 +1,222 @@
+"""Pruned, heterogeneous versions of the supported families' config and model classes.
+
+A pruned config is the dense config plus transformers' ``per_layer_config`` recording each
+layer's ``num_attention_heads`` and ``intermediate_size`` (explicitly for every layer), and an
+explicit ``head_dim``. The stock classes cannot be built from such a config (reading a
+per-layer attribute from the global config raises), so each pruned class builds the stock
+model at the dense widths and then compacts every layer to its recorded widths; the stock
+forward already infers head counts from tensor shapes.
+
+Imports only torch, transformers and ``.architectures``: this file and that one are copied
+next to saved models (``custom_object_save``) for ``trust_remote_code=True`` loading.
+"""
+
+from __future__ import annotations
+
+import copy
+
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForImageClassification,
+    BeitConfig,
+    BeitForImageClassification,
+    BeitModel,
+    DeiTConfig,
+    DeiTForImageClassification,
+    DeiTForImageClassificationWithTeacher,
+    DeiTModel,
+    Dinov2Config,
+    Dinov2ForImageClassification,
+    Dinov2Model,
+    PreTrainedConfig,
+    ViTConfig,
+    ViTForImageClassification,
+    ViTModel,
+    ViTMSNConfig,
+    ViTMSNForImageClassification,
+    ViTMSNModel,
+)
+
+from .architectures import compact_layer, family_of, find_encoder_layers, find_shared_position_bias
+
+PER_LAYER_ATTRIBUTES = ("num_attention_heads", "intermediate_size")
+
+
+def dense_view(config: PreTrainedConfig) -> PreTrainedConfig:
+    """A copy of ``config`` without per-layer overrides: the dense architecture it was pruned from."""
+    dense = copy.copy(config)
+    dense.__dict__.pop("_heterogeneity_spec", None)
+    return dense
+
+
+def layer_widths(config: PreTrainedConfig) -> list[tuple[int, int]]:
+    """(heads, MLP width) of every layer as the config records them."""
+    if not config.is_heterogeneous:
+        return [(config.num_attention_heads, config.intermediate_size)] * config.num_hidden_layers
+    return [(view.num_attention_heads, view.intermediate_size) for view in config.per_layer_config]
+
+
+class PrunedModelMixin:
+    """Builds the stock model at the dense widths, then compacts each layer to the recorded ones."""
+
+    def __init__(self, config: PreTrainedConfig, *args, **kwargs):
+        dense = dense_view(config)
+        super().__init__(dense, *args, **kwargs)
+        adopt_config(self, dense, config)
+        layers = find_encoder_layers(self)
+        widths = layer_widths(config)
+        if len(layers) != len(widths):
+            raise ValueError(f"The config records {len(widths)} layers but the model has {len(layers)}.")
+        for layer, (heads, neurons) in zip(layers, widths):
+            if heads > layer.num_heads or neurons > layer.num_neurons:
+                raise ValueError(
+                    f"Layer {layer.index} records {heads} heads and {neurons} MLP neurons, more than the dense "
+                    f"architecture's {layer.num_heads} and {layer.num_neurons}; the config is inconsistent."
+                )
+            compact_layer(layer, range(heads), range(neurons))
+
+
+def adopt_config(model: nn.Module, old: PreTrainedConfig, new: PreTrainedConfig) -> None:
+    """Point every submodule that held ``old`` at ``new``, so attention-implementation changes reach all."""
+    new._attn_implementation_internal = old._attn_implementation_internal
+    for module in model.modules():
+        if getattr(module, "config", None) is old:
+            module.config = new
+
+
+# --------------------------------------------------------------------------- the classes
+
+
+class PrunedViTConfig(ViTConfig):
+    model_type = "pruned_vit"
+
+
+class PrunedDeiTConfig(DeiTConfig):
+    model_type = "pruned_deit"
+
+
+class PrunedViTMSNConfig(ViTMSNConfig):
+    model_type = "pruned_vit_msn"
+
+
+class PrunedBeitConfig(BeitConfig):
+    model_type = "pruned_beit"
+
+
+class PrunedDinov2Config(Dinov2Config):
+    model_type = "pruned_dinov2"
+
+
+class PrunedViTModel(PrunedModelMixin, ViTModel):
+    config_class = PrunedViTConfig
+
+
+class PrunedViTForImageClassification(PrunedModelMixin, ViTForImageClassification):
+    config_class = PrunedViTConfig
+
+
+class PrunedDeiTModel(PrunedModelMixin, DeiTModel):
+    config_class = PrunedDeiTConfig
+
+
+class PrunedDeiTForImageClassification(PrunedModelMixin, DeiTForImageClassification):
+    config_class = PrunedDeiTConfig
+
+
+class PrunedDeiTForImageClassificationWithTeacher(PrunedModelMixin, DeiTForImageClassificationWithTeacher):
+    config_class = PrunedDeiTConfig
+
+
+class PrunedViTMSNModel(PrunedModelMixin, ViTMSNModel):
+    config_class = PrunedViTMSNConfig
+
+
+class PrunedViTMSNForImageClassification(PrunedModelMixin, ViTMSNForImageClassification):
+    config_class = PrunedViTMSNConfig
+
+
+class PrunedBeitModel(PrunedModelMixin, BeitModel):
+    config_class = PrunedBeitConfig
+
+
+class PrunedBeitForImageClassification(PrunedModelMixin, BeitForImageClassification):
+    config_class = PrunedBeitConfig
+
+
+class PrunedDinov2Model(PrunedModelMixin, Dinov2Model):
+    config_class = PrunedDinov2Config
+
+
+class PrunedDinov2ForImageClassification(PrunedModelMixin, Dinov2ForImageClassification):
+    config_class = PrunedDinov2Config
+
+
+PRUNED_CONFIGS = {
+    cls.model_type: cls
+    for cls in (PrunedViTConfig, PrunedDeiTConfig, PrunedViTMSNConfig, PrunedBeitConfig, PrunedDinov2Config)
+}
+BACKBONES = (PrunedViTModel, PrunedDeiTModel, PrunedViTMSNModel, PrunedBeitModel, PrunedDinov2Model)
+CLASSIFIERS = (
+    PrunedViTForImageClassification,
+    PrunedDeiTForImageClassification,
+    PrunedDeiTForImageClassificationWithTeacher,
+    PrunedViTMSNForImageClassification,
+    PrunedBeitForImageClassification,
+    PrunedDinov2ForImageClassification,
+)
+PRUNED_CLASSES = {cls.__name__[len("Pruned") :]: cls for cls in (*BACKBONES, *CLASSIFIERS)}
+
+# save_pretrained copies this file (and .architectures) and writes `auto_map` for these.
+for _config_class in PRUNED_CONFIGS.values():
+    _config_class._auto_class = "AutoConfig"
+for _model_class in BACKBONES:
+    _model_class._auto_class = "AutoModel"
+for _model_class in CLASSIFIERS:
+    _model_class._auto_class = "AutoModelForImageClassification"
+
+
+def register_auto_classes() -> None:
+    """Make ``AutoConfig``/``AutoModel``/``AutoModelForImageClassification`` know the pruned types."""
+    for config_class in PRUNED_CONFIGS.values():
+        AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
+    for model_class in BACKBONES:
+        AutoModel.register(model_class.config_class, model_class, exist_ok=True)
+    by_config: dict[type, list[type]] = {}
+    for model_class in CLASSIFIERS:
+        by_config.setdefault(model_class.config_class, []).append(model_class)
+    for config_class, classes in by_config.items():
+        # several heads per config (DeiT with/without teacher): Auto picks by config.architectures
+        value = classes[0] if len(classes) == 1 else tuple(classes)
+        AutoModelForImageClassification._model_mapping.register(config_class, value, exist_ok=True)
+
+
+def convert_to_pruned(model: nn.Module) -> nn.Module:
+    """Turn a (just compacted) stock model into its pruned class, with a config built from its shapes."""
+    family = family_of(model)
+    stock_name = type(model).__name__.removeprefix("Pruned")
+    layers = find_encoder_layers(model)
+    old = model.config
+    values = dense_view(old).to_dict()
+    for key in ("model_type", "per_layer_config", "auto_map", "architectures", "transformers_version"):
+        values.pop(key, None)
+    values["head_dim"] = layers[0].head_dim
+    values.setdefault("intermediate_size", max(layer.num_neurons for layer in layers))
+    if values.get("use_shared_relative_position_bias") and find_shared_position_bias(model) is None:
+        # the shared table was copied into every layer (architectures.unshare_position_bias)
+        values["use_shared_relative_position_bias"] = False
+        values["use_relative_position_bias"] = True
+    config_class = PRUNED_CONFIGS[family.pruned_model_type]
+    new = config_class(
+        **values,
+        architectures=[PRUNED_CLASSES[stock_name].__name__],
+        per_layer_config={
+            layer.index: {"num_attention_heads": layer.num_heads, "intermediate_size": layer.num_neurons}
+            for layer in layers
+        },
+    )
+    adopt_config(model, old, new)
+    model.config = new
+    model.__class__ = PRUNED_CLASSES[stock_name]
+    return model
