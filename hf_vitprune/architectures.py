@@ -11,6 +11,7 @@ This module imports only torch and transformers: it is copied next to saved mode
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -176,7 +177,9 @@ def _sliced_linear(linear: nn.Linear, rows: torch.Tensor | None, cols: torch.Ten
     bias = linear.bias
     if bias is not None and rows is not None:
         bias = bias.detach().index_select(0, rows.to(bias.device))
-    new = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+    with warnings.catch_warnings():  # a fully pruned branch has zero-size weights; nothing to initialise
+        warnings.filterwarnings("ignore", message="Initializing zero-element tensors")
+        new = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
     new.weight = nn.Parameter(weight.clone(), requires_grad=linear.weight.requires_grad)
     if bias is not None:
         new.bias = nn.Parameter(bias.detach().clone(), requires_grad=linear.bias.requires_grad)

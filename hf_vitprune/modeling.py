@@ -14,6 +14,9 @@ next to saved models (``custom_object_save``) for ``trust_remote_code=True`` loa
 from __future__ import annotations
 
 import copy
+import os
+import re
+from pathlib import Path
 
 from torch import nn
 from transformers import (
@@ -40,6 +43,7 @@ from transformers import (
 )
 
 from .architectures import compact_layer, family_of, find_encoder_layers, find_shared_position_bias
+from .fileio import atomic_directory
 
 PER_LAYER_ATTRIBUTES = ("num_attention_heads", "intermediate_size")
 
@@ -76,6 +80,31 @@ class PrunedModelMixin:
                     f"architecture's {layer.num_heads} and {layer.num_neurons}; the config is inconsistent."
                 )
             compact_layer(layer, range(heads), range(neurons))
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs):
+        """As transformers' ``save_pretrained``, but atomic: a failed save leaves ``save_directory`` as it was."""
+        if kwargs.get("push_to_hub"):
+            kwargs.setdefault("repo_id", Path(save_directory).name)
+        with atomic_directory(save_directory) as staging:
+            return super().save_pretrained(staging, *args, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, *args, ignore_mismatched_sizes: bool = False, output_loading_info: bool = False, **kwargs):
+        """As transformers' ``from_pretrained``; weights whose shapes disagree with the widths the config
+        records raise a ValueError naming the layer and both shapes (instead of a generic report)."""
+        model, info = super().from_pretrained(*args, ignore_mismatched_sizes=True, output_loading_info=True, **kwargs)
+        mismatched = sorted(info.get("mismatched_keys", []))
+        if mismatched and not ignore_mismatched_sizes:
+            key, stored, expected = mismatched[0]
+            layer = re.search(r"\.(\d+)\.", key)
+            where = f"encoder layer {layer.group(1)}" if layer else "a non-encoder module"
+            raise ValueError(
+                f"Weight {key!r} ({where}) has shape {list(stored)} in the checkpoint, but the widths recorded in "
+                f"config.json require {list(expected)} ({len(mismatched)} mismatched tensors in all). The config's "
+                f"per_layer_config does not describe these weights: re-save the model with save_pretrained, or "
+                f"correct per_layer_config."
+            )
+        return (model, info) if output_loading_info else model
 
 
 def adopt_config(model: nn.Module, old: PreTrainedConfig, new: PreTrainedConfig) -> None:
