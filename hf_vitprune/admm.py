@@ -1,0 +1,306 @@
+"""ADMM for structured (head / neuron) sparsity: the Z and U tensors, penalty, projection and rho schedule.
+
+The formulation is Zhang et al. 2018 ("A Systematic DNN Weight Pruning Framework using ADMM")
+applied to groups: minimise ``f(W)`` subject to W having whole heads and MLP neurons zero and
+fitting a budget. Training minimises the augmented loss ``f(W) + rho/2 * sum ||W - Z + U||^2``
+(:meth:`ADMMState.penalty`, added to the loss in ``compute_loss``, never to ``.grad``); every k
+steps the trainer
+
+1. scores units: ``combine_scores(importance, state.group_norms(model), alpha)`` (GOHSP's soft
+   guideline: graph importance times the normalised group norm of W + U),
+2. picks the support with :func:`hf_vitprune.budget.select_plan` (identical on every process,
+   since W, U and the importance are),
+3. calls :meth:`ADMMState.update`: ``Z = Proj_plan(W + U)``, ``U = U + W - Z``, ``rho *= growth``.
+
+After the last round :meth:`ADMMState.hard_prune` zeroes the dropped groups in W and
+:func:`hf_vitprune.surgery.apply_plan` removes them.
+
+The prunable tensors of layer ``i`` are found structurally (:func:`find_encoder_layers`) and keyed
+``"{i}.attention.q_proj.weight"``, ``"{i}.mlp.fc1.bias"`` and so on, so the same state works on a
+model wrapped by DDP, ``torch.compile`` or accelerate. Per layer they are q/k/v weights and
+biases (a head is ``head_dim`` rows), o_proj's weight (a head is ``head_dim`` columns), every MLP
+input projection's weight and bias (a neuron is a row) and the output projection's weight (a
+neuron is a column). Output biases and BEiT's relative position bias are not constrained
+(``apply_plan`` slices the bias table itself).
+
+Z and U are kept in at least float32, on the device of the weights they shadow; they follow the
+model if it moves. Choice: U is *not* rescaled when rho grows (as in Zhang et al.'s code); with a
+growth near 1 the difference is small.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .architectures import EncoderLayer, find_encoder_layers
+from .plan import PruningPlan
+
+PLAN_KEY = "plan_json"
+
+
+@dataclass(frozen=True)
+class _Group:
+    """One prunable tensor: ``key``, whether its units are heads, the dimension they index and their size."""
+
+    key: str
+    heads: bool
+    dim: int
+    unit: int
+
+
+def _tensors(layer: EncoderLayer) -> list[tuple[_Group, torch.Tensor]]:
+    i, head_dim = layer.index, layer.head_dim
+    result = []
+    for name in ("q_proj", "k_proj", "v_proj"):
+        proj = getattr(layer.attention, name)
+        result.append((_Group(f"{i}.attention.{name}.weight", True, 0, head_dim), proj.weight))
+        if proj.bias is not None:
+            result.append((_Group(f"{i}.attention.{name}.bias", True, 0, head_dim), proj.bias))
+    result.append((_Group(f"{i}.attention.o_proj.weight", True, 1, head_dim), layer.attention.o_proj.weight))
+    for name, proj in zip(layer.mlp_in_names, layer.mlp_in):
+        result.append((_Group(f"{i}.mlp.{name}.weight", False, 0, 1), proj.weight))
+        if proj.bias is not None:
+            result.append((_Group(f"{i}.mlp.{name}.bias", False, 0, 1), proj.bias))
+    result.append((_Group(f"{i}.mlp.{layer.mlp_out_name}.weight", False, 1, 1), layer.mlp_out.weight))
+    return result
+
+
+def prunable_tensors(model: nn.Module) -> dict[str, tuple[_Group, torch.Tensor, EncoderLayer]]:
+    """Every tensor ADMM constrains, by structural key, with its grouping and layer."""
+    result = {}
+    for layer in find_encoder_layers(model):
+        if not all(hasattr(layer.attention, n) for n in ("q_proj", "k_proj", "v_proj")):
+            raise ValueError(
+                f"Layer {layer.index} has no q/k/v projections (its attention was removed); ADMM runs on the dense "
+                f"model, before apply_plan."
+            )
+        for group, tensor in _tensors(layer):
+            result[group.key] = (group, tensor, layer)
+    return result
+
+
+def _unit_norms(tensor: torch.Tensor, group: _Group) -> torch.Tensor:
+    """Squared L2 norm of every unit (head or neuron) of ``tensor``."""
+    squared = tensor.detach().float().pow(2)
+    if tensor.dim() == 2:
+        squared = squared.sum(dim=1 - group.dim)
+    return squared.reshape(-1, group.unit).sum(dim=1)
+
+
+def _unit_mask(group: _Group, layer: EncoderLayer, plan: PruningPlan, like: torch.Tensor) -> torch.Tensor:
+    """1 on the units ``plan`` keeps, 0 elsewhere, shaped to broadcast against ``like``."""
+    count = layer.num_heads if group.heads else layer.num_neurons
+    kept = plan.kept_heads(layer.index, count) if group.heads else plan.kept_neurons(layer.index, count)
+    mask = torch.zeros(count, dtype=like.dtype, device=like.device)
+    mask[torch.as_tensor(kept, dtype=torch.long, device=like.device)] = 1
+    mask = mask.repeat_interleave(group.unit)
+    if like.dim() == 2 and group.dim == 0:
+        mask = mask.unsqueeze(1)
+    return mask
+
+
+def combine_scores(
+    importance: Sequence[torch.Tensor] | None,
+    norms: Sequence[torch.Tensor],
+    alpha: float = 1.0,
+    *,
+    per_layer: bool = True,
+) -> list[torch.Tensor]:
+    """GOHSP's soft guideline: ``importance**alpha * norms / norms.max()``, layer by layer.
+
+    ``norms`` are :meth:`ADMMState.group_norms` (squared, one tensor per layer). With
+    ``per_layer`` (the default) each layer's norms are divided by that layer's largest, so the
+    norm only ranks units within a layer and the (globally comparable) graph importance sets
+    how much each layer keeps; ``per_layer=False`` divides by the largest norm of all layers,
+    letting the norms compete across layers too. ``importance=None`` means 1 everywhere (use it
+    for neurons, which have no graph importance). ``alpha=0`` ignores the importance. A layer
+    whose norms are all zero scores 0. Results are float64 on CPU.
+    """
+    norms = [torch.as_tensor(n).detach().to("cpu", torch.float64) for n in norms]
+    if importance is not None:
+        importance = [torch.as_tensor(s).detach().to("cpu", torch.float64) for s in importance]
+        if len(importance) != len(norms):
+            raise ValueError(f"importance has {len(importance)} layers but norms has {len(norms)}; pass one per layer.")
+        for i, (s, n) in enumerate(zip(importance, norms)):
+            if s.shape != n.shape:
+                raise ValueError(f"importance[{i}] has shape {tuple(s.shape)} but norms[{i}] has {tuple(n.shape)}.")
+            if (s < 0).any():
+                raise ValueError(f"importance[{i}] has negative values; importance**alpha needs scores >= 0.")
+    global_max = max((float(n.max()) for n in norms if n.numel()), default=0.0)
+    result = []
+    for i, n in enumerate(norms):
+        largest = (float(n.max()) if n.numel() else 0.0) if per_layer else global_max
+        normalised = n / largest if largest > 0 else torch.zeros_like(n)
+        result.append(normalised if importance is None else importance[i].pow(alpha) * normalised)
+    return result
+
+
+class ADMMState:
+    """Z and U for every prunable tensor of the encoder, the penalty weight rho and the last plan.
+
+    Build it with :meth:`initialize`; resume it from :meth:`state_dict` with :meth:`from_state_dict`
+    (or :meth:`load_state_dict` on an existing state). ``Z`` and ``U`` map structural keys (see the
+    module docstring) to tensors.
+    """
+
+    def __init__(self, Z: dict[str, torch.Tensor], U: dict[str, torch.Tensor], rho: float, rho_growth: float,
+                 plan: PruningPlan | None = None, step: int = 0):
+        if set(Z) != set(U):
+            raise ValueError("Z and U must hold the same keys.")
+        self.Z, self.U = dict(Z), dict(U)
+        self.rho, self.rho_growth = float(rho), float(rho_growth)
+        self.plan = plan
+        self.step = int(step)  # Z/U updates done so far
+
+    @classmethod
+    def initialize(cls, model: nn.Module, rho: float, *, rho_growth: float = 1.3,
+                   plan: PruningPlan | None = None) -> ADMMState:
+        """Start ADMM on ``model``: U = 0 and Z = W (or W projected onto ``plan``'s support)."""
+        if not rho > 0:
+            raise ValueError(f"rho must be > 0, got {rho!r}.")
+        if not rho_growth >= 1:
+            raise ValueError(f"rho_growth must be >= 1 (rho grows geometrically), got {rho_growth!r}.")
+        if plan is not None:
+            plan.validate(model)
+        Z, U = {}, {}
+        for key, (group, tensor, layer) in prunable_tensors(model).items():
+            w = tensor.detach().to(torch.promote_types(tensor.dtype, torch.float32))
+            Z[key] = w.clone() if plan is None else w * _unit_mask(group, layer, plan, w)
+            U[key] = torch.zeros_like(w)
+        return cls(Z, U, rho, rho_growth, plan)
+
+    # ------------------------------------------------------------------ training-time terms
+
+    def _pairs(self, model: nn.Module):
+        """(key, group, W, layer) for every tensor, moving Z and U to W's device if the model moved."""
+        found = prunable_tensors(model)
+        if set(found) != set(self.Z):
+            missing, extra = sorted(set(self.Z) - set(found)), sorted(set(found) - set(self.Z))
+            raise ValueError(
+                f"The model's prunable tensors do not match this ADMM state (missing {missing[:4]}, unexpected "
+                f"{extra[:4]}); was the state built for another model, or has the model been compacted?"
+            )
+        for key, (group, tensor, layer) in found.items():
+            if tuple(tensor.shape) != tuple(self.Z[key].shape):
+                raise ValueError(
+                    f"{key} has shape {tuple(tensor.shape)} but the ADMM state holds {tuple(self.Z[key].shape)}; "
+                    f"was the model compacted?"
+                )
+            if self.Z[key].device != tensor.device:
+                self.Z[key] = self.Z[key].to(tensor.device)
+                self.U[key] = self.U[key].to(tensor.device)
+            yield key, group, tensor, layer
+
+    def penalty(self, model: nn.Module) -> torch.Tensor:
+        """``rho/2 * sum ||W - Z + U||^2`` as a differentiable scalar (gradient ``rho * (W - Z + U)``)."""
+        total = None
+        for key, _, tensor, _ in self._pairs(model):
+            z = self.Z[key]
+            term = (tensor.to(z.dtype) - z + self.U[key]).pow(2).sum()
+            total = term if total is None else total + term
+        return 0.5 * self.rho * total
+
+    def group_norms(self, model: nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Per-layer SQUARED L2 norms of W + U per head and per neuron, summed over all their tensors.
+
+        Squared norms are what the Euclidean projection compares (the distance to a support is the
+        sum of the dropped groups' squared norms), so they are the right scores for select_plan.
+        Returned as float32 tensors on the weights' device, one per layer in order.
+        """
+        layers = find_encoder_layers(model)
+        heads = [None] * len(layers)
+        neurons = [None] * len(layers)
+        for key, group, tensor, layer in self._pairs(model):
+            norms = _unit_norms(tensor.detach().to(self.U[key].dtype) + self.U[key], group)
+            target = heads if group.heads else neurons
+            target[layer.index] = norms if target[layer.index] is None else target[layer.index] + norms
+        return heads, neurons
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, plan: PruningPlan) -> None:
+        """Z-step and U-step on ``plan``'s support, then ``rho *= rho_growth``.
+
+        ``Z = Proj_plan(W + U)`` (W + U with the dropped heads and neurons zeroed), ``U = U + W - Z``.
+        The caller picks ``plan`` (select_plan on combine_scores of importance and group_norms).
+        """
+        plan.validate(model)
+        for key, group, tensor, layer in self._pairs(model):
+            w = tensor.detach().to(self.Z[key].dtype)
+            v = w + self.U[key]
+            z = v * _unit_mask(group, layer, plan, v)
+            self.Z[key] = z
+            self.U[key] = self.U[key] + w - z
+        self.rho *= self.rho_growth
+        self.plan = plan
+        self.step += 1
+
+    @torch.no_grad()
+    def residual(self, model: nn.Module) -> float:
+        """Primal residual ``||W - Z|| / ||W||`` over all constrained tensors (0 when W lies on Z)."""
+        diff = weight = 0.0
+        for key, _, tensor, _ in self._pairs(model):
+            w = tensor.detach().to(self.Z[key].dtype)
+            diff += float((w - self.Z[key]).pow(2).sum())
+            weight += float(w.pow(2).sum())
+        if weight == 0.0:
+            return 0.0 if diff == 0.0 else float("inf")
+        return (diff / weight) ** 0.5
+
+    @staticmethod
+    @torch.no_grad()
+    def hard_prune(model: nn.Module, plan: PruningPlan) -> None:
+        """Zero, in place, the weights of every head and neuron ``plan`` drops (then call apply_plan)."""
+        plan.validate(model)
+        for _, (group, tensor, layer) in prunable_tensors(model).items():
+            tensor.mul_(_unit_mask(group, layer, plan, tensor))
+
+    # ------------------------------------------------------------------ checkpointing
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """A flat dict of tensors for ``safetensors.torch.save_file`` (after ``.cpu()`` if needed).
+
+        Keys: ``Z.<key>``, ``U.<key>``, ``rho`` and ``rho_growth`` (float64 scalars, exact), ``step``
+        (int64) and, when a plan has been set, ``plan_json`` (the plan's JSON as uint8 bytes), so a
+        single safetensors file resumes the state exactly.
+        """
+        state = {f"Z.{k}": v for k, v in self.Z.items()}
+        state.update({f"U.{k}": v for k, v in self.U.items()})
+        state["rho"] = torch.tensor(self.rho, dtype=torch.float64)
+        state["rho_growth"] = torch.tensor(self.rho_growth, dtype=torch.float64)
+        state["step"] = torch.tensor(self.step, dtype=torch.int64)
+        if self.plan is not None:
+            data = self.plan.to_json_string().encode()
+            state[PLAN_KEY] = torch.frombuffer(bytearray(data), dtype=torch.uint8).clone()
+        return state
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore from :meth:`state_dict`; tensors move to the model's device on first use."""
+        for name in ("rho", "rho_growth", "step"):
+            if name not in state:
+                raise ValueError(f"The ADMM state dict has no {name!r}; it was not written by ADMMState.state_dict().")
+        Z = {k[2:]: v for k, v in state.items() if k.startswith("Z.")}
+        U = {k[2:]: v for k, v in state.items() if k.startswith("U.")}
+        if set(Z) != set(U) or not Z:
+            raise ValueError("The ADMM state dict must hold matching, non-empty Z.* and U.* tensors.")
+        plan = None
+        if PLAN_KEY in state:
+            plan = PruningPlan.from_json_string(bytes(state[PLAN_KEY].cpu().tolist()).decode())
+        self.__init__(Z, U, float(state["rho"]), float(state["rho_growth"]), plan, int(state["step"]))
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, torch.Tensor], model: nn.Module | None = None) -> ADMMState:
+        """An ADMMState restored from :meth:`state_dict`; with ``model``, checked against it and moved to its device."""
+        self = cls.__new__(cls)
+        self.load_state_dict(state)
+        if model is not None:
+            for _ in self._pairs(model):
+                pass
+        return self
+
+    def to_json(self) -> str:
+        """The last plan as JSON (``""`` if none): what the trainer may also keep beside the tensors."""
+        return "" if self.plan is None else self.plan.to_json_string()

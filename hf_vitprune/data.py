@@ -1,0 +1,88 @@
+"""Small offline image-classification datasets as ``datasets.DatasetDict`` (train/validation/test).
+
+Online users pass ``--dataset_name`` and get the Hub's loaders; these exist so that the
+quickstart, the tests and the benchmarks run with no network.
+"""
+
+from __future__ import annotations
+
+import gzip
+import struct
+from pathlib import Path
+
+import numpy as np
+from datasets import Array3D, ClassLabel, Dataset, DatasetDict, Features
+
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_LABELS = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                        "Ankle boot")
+
+
+def _split(images: np.ndarray, labels: np.ndarray, fractions: tuple[float, float], seed: int):
+    order = np.random.default_rng(seed).permutation(len(labels))
+    n_val, n_test = (int(round(f * len(labels))) for f in fractions)
+    val, test, train = order[:n_val], order[n_val : n_val + n_test], order[n_val + n_test :]
+    return (images[train], labels[train]), (images[val], labels[val]), (images[test], labels[test])
+
+
+def _dataset(images: np.ndarray, labels: np.ndarray, label_names) -> Dataset:
+    """Images in [0, 1] of shape (n, C, H, W) -> a torch-formatted Dataset normalised to [-1, 1]."""
+    pixels = ((images.astype(np.float32) - 0.5) / 0.5).astype(np.float32)
+    features = Features(
+        {"pixel_values": Array3D(shape=pixels.shape[1:], dtype="float32"), "labels": ClassLabel(names=list(label_names))}
+    )
+    dataset = Dataset.from_dict({"pixel_values": pixels, "labels": labels.astype(np.int64)}, features=features)
+    return dataset.with_format("torch")
+
+
+def load_digits_dataset(seed: int = 0, validation_fraction: float = 0.15, test_fraction: float = 0.15) -> DatasetDict:
+    """scikit-learn's bundled 8x8 digits (1,797 images, 10 classes) as 1x8x8 tensors."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = (digits.images / 16.0)[:, None, :, :]
+    train, val, test = _split(images, digits.target, (validation_fraction, test_fraction), seed)
+    names = [str(i) for i in range(10)]
+    return DatasetDict(
+        train=_dataset(*train, names), validation=_dataset(*val, names), test=_dataset(*test, names)
+    )
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as handle:
+        _, dtype, ndim = struct.unpack(">HBB", handle.read(4))
+        shape = struct.unpack(f">{ndim}I", handle.read(4 * ndim))
+        return np.frombuffer(handle.read(), dtype=np.uint8).reshape(shape)
+
+
+def _find(directory: Path, stem: str) -> Path:
+    for candidate in sorted(directory.glob(f"{stem}*")):
+        return candidate
+    raise FileNotFoundError(
+        f"{stem}* not found in {directory}. Install Fashion-MNIST with "
+        f"`apt-get install -y dataset-fashion-mnist`, or pass its directory."
+    )
+
+
+def load_fashion_mnist(directory: str | Path = FASHION_MNIST_DIR, validation_size: int = 6000, seed: int = 0,
+                       max_train_samples: int | None = None) -> DatasetDict:
+    """Fashion-MNIST (28x28 grey) from the Debian package's IDX files.
+
+    The validation split is carved from the 60,000 training images (for choosing hyperparameters);
+    the test split is the official 10,000 test images.
+    """
+    directory = Path(directory)
+    train_images = _read_idx(_find(directory, "train-images"))[:, None] / 255.0
+    train_labels = _read_idx(_find(directory, "train-labels"))
+    test_images = _read_idx(_find(directory, "t10k-images"))[:, None] / 255.0
+    test_labels = _read_idx(_find(directory, "t10k-labels"))
+    order = np.random.default_rng(seed).permutation(len(train_labels))
+    val, train = order[:validation_size], order[validation_size:]
+    if max_train_samples is not None:
+        train = train[:max_train_samples]
+    return DatasetDict(
+        train=_dataset(train_images[train], train_labels[train], FASHION_MNIST_LABELS),
+        validation=_dataset(train_images[val], train_labels[val], FASHION_MNIST_LABELS),
+        test=_dataset(test_images, test_labels, FASHION_MNIST_LABELS),
+    )

@@ -1,0 +1,57 @@
+"""The pruning state a checkpoint carries, so that ``resume_from_checkpoint`` continues exactly."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .plan import PruningPlan
+
+STATE_JSON = "pruning_state.json"
+STATE_TENSORS = "pruning_state.safetensors"
+PHASES = ("admm", "finetune")
+
+
+@dataclass
+class PruningState:
+    """Phase, unit importances, ADMM tensors (Z, U, rho) and the plan; JSON plus safetensors, no pickles."""
+
+    phase: str = "admm"
+    plan: PruningPlan | None = None
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def save(self, directory: str | os.PathLike) -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        meta = {"phase": self.phase, "plan": self.plan.to_dict() if self.plan is not None else None}
+        tensors = {name: t.detach().cpu().contiguous() for name, t in self.tensors.items()}
+        for name, write in ((STATE_TENSORS, lambda p: save_file(tensors, str(p))),
+                            (STATE_JSON, lambda p: p.write_text(json.dumps(meta, indent=2, sort_keys=True)))):
+            tmp = directory / f".{name}.tmp"
+            write(tmp)
+            os.replace(tmp, directory / name)
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> PruningState:
+        directory = Path(directory)
+        path = directory / STATE_JSON
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{directory} holds no {STATE_JSON}: it is not a PruningTrainer checkpoint. Resume from a "
+                f"checkpoint-N folder that a PruningTrainer wrote."
+            )
+        meta = json.loads(path.read_text())
+        if meta.get("phase") not in PHASES:
+            raise ValueError(f"{path} has unknown phase {meta.get('phase')!r}; expected one of {PHASES}.")
+        plan = PruningPlan.from_dict(meta["plan"]) if meta.get("plan") else None
+        tensors = load_file(str(directory / STATE_TENSORS)) if (directory / STATE_TENSORS).is_file() else {}
+        return cls(meta["phase"], plan, tensors)
+
+    @staticmethod
+    def is_checkpoint(directory: str | os.PathLike) -> bool:
+        return (Path(directory) / STATE_JSON).is_file()
