@@ -320,6 +320,20 @@ class PruningTrainer(Trainer):
             if self.plan is not None:
                 self.plan.save_pretrained(directory)
 
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        """Load checkpoint weights strictly, through ``from_pretrained``'s key conversion.
+
+        transformers 5 saves stock ViT checkpoints under their legacy key names
+        (``save_original_format=True``) while ``Trainer._load_from_checkpoint`` loads them with
+        ``strict=False``: the encoder silently keeps its old weights. Loading through
+        ``from_pretrained`` maps the names back, and ``strict=True`` makes any gap an error.
+        """
+        if self.is_fsdp_enabled or self.is_deepspeed_enabled:
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        target = self.accelerator.unwrap_model(model if model is not None else self.model)
+        loaded = type(target).from_pretrained(resume_from_checkpoint, dtype=next(target.parameters()).dtype)
+        target.load_state_dict(loaded.state_dict(), strict=True)
+
     def pruning_state(self) -> PruningState:
         tensors = {}
         if self.importance is not None:

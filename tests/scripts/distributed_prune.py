@@ -1,0 +1,44 @@
+"""Run by tests/test_trainer.py under `torchrun --nproc_per_node 2`: a short gohsp pruning on CPU.
+
+Each rank writes the plan it derived (rank<k>_plan.json) and its graph head importance, and the
+main process saves the final model, so the test can compare ranks and reload the result.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+from datasets import Dataset
+from transformers import TrainingArguments, ViTConfig, ViTForImageClassification
+
+from hf_vitprune import PruningConfig, PruningTrainer
+
+
+def main(output_dir: str) -> None:
+    torch.manual_seed(0)
+    config = ViTConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=37,
+                       image_size=16, patch_size=4, num_labels=5)
+    model = ViTForImageClassification(config)
+    generator = torch.Generator().manual_seed(0)
+    data = Dataset.from_dict({
+        "pixel_values": torch.randn(64, 3, 16, 16, generator=generator).numpy(),
+        "labels": torch.randint(0, 5, (64,), generator=generator).numpy(),
+    }).with_format("torch")
+    args = TrainingArguments(output_dir, max_steps=6, per_device_train_batch_size=8, per_device_eval_batch_size=8,
+                             learning_rate=1e-3, report_to=[], save_strategy="no", disable_tqdm=True, seed=0,
+                             use_cpu=True)
+    pruning = PruningConfig(target_sparsity=0.4, calibration_samples=32, admm_update_steps=2)
+    trainer = PruningTrainer(model=model, args=args, train_dataset=data, pruning_config=pruning)
+    trainer.train()
+    rank = trainer.accelerator.process_index
+    out = Path(output_dir)
+    (out / f"rank{rank}_plan.json").write_text(trainer.plan.to_json_string())
+    importance = [t.tolist() for t in trainer.importance.heads]
+    (out / f"rank{rank}_importance.json").write_text(json.dumps(
+        {"importance": importance, "world_size": trainer.accelerator.num_processes}))
+    trainer.save_model(str(out / "model"))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
