@@ -1,0 +1,405 @@
+"""GOHSP's graph-based head ranking: the stationary distribution of a Markov chain over all heads.
+
+The paper (Yin et al., AAAI 2023) states only that heads are nodes, that correlations between
+heads of consecutive layers are the edges, and that importance is the chain's converged state.
+The construction implemented here (METHODS.md, "Graph ranking") and its choices:
+
+1. **Statistics** (:func:`collect_head_statistics`). Calibration images run through the model in
+   eval mode under ``no_grad``. For every image and every pair (head i of layer l, head j of layer
+   l+1) the edge weight is the *absolute Pearson correlation* of the two heads' signals:
+
+   - ``"output"`` (default): the head's contribution to the residual stream, i.e. its context
+     slice times its o_proj columns (``context_h @ W_o[:, h]^T``, shape tokens x hidden, the
+     o_proj bias excluded, measured before any layer scale/dropout), flattened over tokens and
+     channels. This is what the next layer actually reads, and it is comparable across layers
+     because every head writes into the same residual space.
+   - ``"attention"``: the head's attention map ``softmax(q k^T * scale)`` (tokens x tokens,
+     flattened), recomputed from the q_proj/k_proj outputs. Additive terms inside the softmax
+     (BEiT's relative position bias, attention masks) are *not* included.
+
+   A head whose signal is constant on an image (e.g. zeroed o_proj columns or a masked head) has
+   no defined correlation; it is given correlation 0 (no edge) for that image. Correlations are
+   computed in float32 (at least) and summed in float64. Only *sums* and the image count are
+   kept, so statistics from several processes (or chunks of a calibration set) add up exactly:
+   :meth:`HeadGraphStatistics.all_reduce`, :meth:`~HeadGraphStatistics.reduce`,
+   :meth:`~HeadGraphStatistics.merge`.
+
+2. **Chain** (:func:`transition_matrix`). The mean edge weights (sums / images) form a symmetric
+   adjacency matrix over all heads of all layers (edges only between consecutive layers; a layer
+   without heads breaks the chain). Rows are normalised into a random walk P; a head with no
+   edge at all (a one-layer model, a dead head) teleports uniformly instead. With damping d the
+   chain is ``G = d * P + (1 - d) / n`` (PageRank), which is irreducible and aperiodic for d < 1,
+   so its stationary distribution exists, is unique, and power iteration converges to it at rate d.
+
+3. **Importance** (:func:`stationary_importance`). Power iteration ``pi <- pi G`` from the uniform
+   distribution until the L1 change is below ``tolerance``; :class:`ConvergenceError` if that does
+   not happen within ``max_iterations`` (possible only with d = 1, e.g. on the periodic layered
+   graph). ``pi`` sums to 1 over all heads of all layers, so heads are ranked *globally*, which is
+   what lets budgets differ per layer. Keeping at least one head per layer is the planner's job.
+   Note the structural bias this construction inherits: heads of the first and last layer have
+   neighbours on one side only, so at equal correlations they receive about half the stationary
+   mass of a middle-layer head (a walk's stationary mass follows the weighted degree).
+
+The ``"gohsp"`` criterion (:func:`score_gohsp`) scores heads by this importance and MLP neurons
+by group L2 magnitude (the graph covers heads only).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..architectures import EncoderLayer, find_encoder_layers
+from . import (
+    ImportanceOptions,
+    UnitScores,
+    all_reduce_sum,
+    batch_inputs,
+    check_edge_statistic,
+    empty_calibration_error,
+    missing_batches_error,
+    model_device,
+)
+from .magnitude import neuron_magnitude
+
+LABEL_KEYS = ("labels", "label")
+
+
+class ConvergenceError(RuntimeError):
+    """Power iteration did not reach the requested tolerance."""
+
+
+@dataclass
+class HeadGraphStatistics:
+    """Summed edge weights between the heads of consecutive layers, and the number of images summed.
+
+    ``edge_sums[l]`` is a float64 CPU tensor of shape ``(num_heads[l], num_heads[l + 1])`` holding
+    the sum over images of |corr(head i of layer l, head j of layer l+1)|. Sums (not means) so that
+    the statistics of disjoint calibration shards add up to those of the whole set.
+    """
+
+    num_heads: list[int]
+    edge_sums: list[torch.Tensor]
+    num_images: int = 0
+    edge_statistic: str = "output"
+
+    def __post_init__(self):
+        check_edge_statistic(self.edge_statistic)
+        self.num_heads = [int(h) for h in self.num_heads]
+        if len(self.edge_sums) != max(len(self.num_heads) - 1, 0):
+            raise ValueError(
+                f"HeadGraphStatistics has {len(self.num_heads)} layers but {len(self.edge_sums)} edge matrices; "
+                "give one (H_l, H_l+1) matrix per pair of consecutive layers."
+            )
+        self.edge_sums = [torch.as_tensor(e, dtype=torch.float64).cpu() for e in self.edge_sums]
+        for index, edges in enumerate(self.edge_sums):
+            expected = (self.num_heads[index], self.num_heads[index + 1])
+            if tuple(edges.shape) != expected:
+                raise ValueError(
+                    f"HeadGraphStatistics.edge_sums[{index}] has shape {tuple(edges.shape)}, expected {expected}."
+                )
+
+    @classmethod
+    def empty(cls, num_heads: list[int], edge_statistic: str = "output") -> HeadGraphStatistics:
+        """Zero statistics for layers with ``num_heads`` heads (what an empty calibration shard gives)."""
+        edges = [torch.zeros(a, b, dtype=torch.float64) for a, b in zip(num_heads[:-1], num_heads[1:])]
+        return cls(list(num_heads), edges, 0, edge_statistic)
+
+    def mean_edges(self) -> list[torch.Tensor]:
+        """Edge weights averaged over the images: the weights of the graph."""
+        if self.num_images <= 0:
+            raise ValueError(
+                "HeadGraphStatistics hold no image; collect statistics on a non-empty calibration set first."
+            )
+        return [edges / self.num_images for edges in self.edge_sums]
+
+    def merge(self, other: HeadGraphStatistics) -> HeadGraphStatistics:
+        """The statistics of both calibration sets together (a new object)."""
+        if self.num_heads != other.num_heads or self.edge_statistic != other.edge_statistic:
+            raise ValueError(
+                f"Cannot merge statistics of different graphs: heads {self.num_heads} ({self.edge_statistic!r}) vs "
+                f"{other.num_heads} ({other.edge_statistic!r}). Collect both on the same model with the same statistic."
+            )
+        return HeadGraphStatistics(
+            list(self.num_heads),
+            [a + b for a, b in zip(self.edge_sums, other.edge_sums)],
+            self.num_images + other.num_images,
+            self.edge_statistic,
+        )
+
+    def reduce(self, reduce_sum: Callable[[torch.Tensor], torch.Tensor]) -> HeadGraphStatistics:
+        """Sum the statistics across processes with ``reduce_sum`` and keep the result (in place).
+
+        ``reduce_sum`` receives one flat float64 CPU tensor (all edge sums, then the image count) and
+        returns the elementwise sum over processes, on any device; for example
+        ``lambda t: accelerator.reduce(t.to(accelerator.device), "sum")``.
+        """
+        sizes = [edges.numel() for edges in self.edge_sums]
+        count = torch.tensor([float(self.num_images)], dtype=torch.float64)
+        flat = torch.cat([*(edges.reshape(-1) for edges in self.edge_sums), count])
+        summed = reduce_sum(flat).detach().to(device="cpu", dtype=torch.float64).reshape(-1)
+        if summed.numel() != flat.numel():
+            raise ValueError(
+                f"reduce_sum returned {summed.numel()} values for {flat.numel()}; it must sum elementwise."
+            )
+        parts = summed[:-1].split(sizes)
+        self.edge_sums = [part.reshape(edges.shape).clone() for part, edges in zip(parts, self.edge_sums)]
+        self.num_images = int(round(summed[-1].item()))
+        return self
+
+    def all_reduce(self, group: Any = None) -> HeadGraphStatistics:
+        """Sum over all torch.distributed processes (in place); a no-op when torch.distributed is not initialised.
+
+        Works with gloo (CPU) and NCCL (through the current CUDA device).
+        """
+        return self.reduce(lambda flat: all_reduce_sum(flat, group))
+
+
+# --------------------------------------------------------------------------- collecting statistics
+
+
+def _standardise(signal: torch.Tensor) -> torch.Tensor:
+    """Centre and L2-normalise the last dimension, so that a dot product is a Pearson correlation.
+
+    A (numerically) constant signal becomes all zeros, i.e. correlation 0 with everything. The
+    threshold is relative to the signal's own norm and well above float rounding of the mean.
+    """
+    signal = signal.to(torch.promote_types(signal.dtype, torch.float32))
+    scale = signal.norm(dim=-1, keepdim=True)
+    centred = signal - signal.mean(dim=-1, keepdim=True)
+    norm = centred.norm(dim=-1, keepdim=True)
+    constant = norm <= 100 * torch.finfo(signal.dtype).eps * scale
+    return torch.where(constant, torch.zeros_like(centred), centred / norm.clamp_min(torch.finfo(signal.dtype).tiny))
+
+
+def _head_outputs(layer: EncoderLayer, context: torch.Tensor) -> torch.Tensor:
+    """Per-head residual contributions (batch, heads, tokens*hidden) from o_proj's input (batch, tokens, heads*d_h)."""
+    heads, head_dim = layer.num_heads, layer.head_dim
+    weight = layer.attention.o_proj.weight  # (hidden, heads * head_dim)
+    batch, tokens = context.shape[0], context.shape[1]
+    context = context.reshape(batch, tokens, heads, head_dim)
+    weight = weight.reshape(weight.shape[0], heads, head_dim).to(context.dtype)
+    per_head = torch.einsum("bnhk,dhk->bhnd", context, weight)
+    return per_head.reshape(batch, heads, -1)
+
+
+def _attention_maps(layer: EncoderLayer, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    """Per-head attention maps (batch, heads, tokens * tokens) from q_proj/k_proj outputs (batch, tokens, heads*d_h)."""
+    heads, head_dim = layer.num_heads, layer.head_dim
+    batch, tokens = query.shape[0], query.shape[1]
+    scale = getattr(layer.attention, "scaling", None) or head_dim**-0.5
+    query = query.reshape(batch, tokens, heads, head_dim).transpose(1, 2).float()
+    key = key.reshape(batch, tokens, heads, head_dim).transpose(1, 2).float()
+    maps = torch.softmax(query @ key.transpose(-1, -2) * scale, dim=-1)
+    return maps.reshape(batch, heads, -1)
+
+
+class _Recorder:
+    """Forward hooks that turn each layer's head signals into edge sums as the forward pass goes."""
+
+    def __init__(self, layers: list[EncoderLayer], edge_statistic: str):
+        self.layers = layers
+        self.edge_statistic = edge_statistic
+        self.stats = HeadGraphStatistics.empty([layer.num_heads for layer in layers], edge_statistic)
+        self.previous: dict[int, torch.Tensor] = {}
+        self.seen: list[int] = []
+        self.batch_size: int | None = None
+        self.pending: dict[tuple[int, str], torch.Tensor] = {}
+        self.handles: list[Any] = []
+
+    def attach(self) -> None:
+        for layer in self.layers:
+            attention = layer.attention
+            self.handles.append(attention.o_proj.register_forward_pre_hook(self._on_context(layer)))
+            if self.edge_statistic == "attention":
+                for name in ("q_proj", "k_proj"):
+                    projection = getattr(attention, name, None)
+                    if projection is not None:  # an AttentionRemoved block has neither
+                        self.handles.append(projection.register_forward_hook(self._keep(layer.index, name)))
+
+    def detach(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+        self.previous.clear()
+        self.pending.clear()
+
+    def _keep(self, index: int, name: str):
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            self.pending[(index, name)] = output.detach()
+
+        return hook
+
+    def _on_context(self, layer: EncoderLayer):
+        def hook(module: nn.Module, args: tuple) -> None:
+            context = args[0].detach()
+            if self.edge_statistic == "output":
+                signal = _head_outputs(layer, context)
+            elif layer.num_heads == 0:
+                signal = context.new_zeros(context.shape[0], 0, 1)
+            else:
+                query = self.pending.pop((layer.index, "q_proj"))
+                key = self.pending.pop((layer.index, "k_proj"))
+                signal = _attention_maps(layer, query, key)
+            self._record(layer.index, _standardise(signal))
+
+        return hook
+
+    def _record(self, index: int, signal: torch.Tensor) -> None:
+        if index in self.seen:
+            raise RuntimeError(
+                f"Encoder layer {index} ran twice in one forward pass; graph statistics need each layer once per image."
+            )
+        self.seen.append(index)
+        if index > 0:
+            previous = self.previous.pop(index - 1, None)
+            if previous is None:
+                raise RuntimeError(f"Encoder layer {index} ran before layer {index - 1}; layers must run in order.")
+            correlation = torch.bmm(previous, signal.transpose(1, 2)).abs()  # (batch, H_{l-1}, H_l)
+            self.stats.edge_sums[index - 1] += correlation.sum(0).to(device="cpu", dtype=torch.float64)
+        if index < len(self.layers) - 1:
+            self.previous[index] = signal
+        if self.batch_size is None:
+            self.batch_size = signal.shape[0]
+
+    def finish_batch(self) -> None:
+        if self.seen != list(range(len(self.layers))):
+            raise RuntimeError(
+                f"Only encoder layers {self.seen} of {len(self.layers)} ran during the forward pass; graph statistics "
+                "need every layer to see every image."
+            )
+        self.stats.num_images += int(self.batch_size or 0)
+        self.seen, self.batch_size = [], None
+        self.previous.clear()
+        self.pending.clear()
+
+
+def collect_head_statistics(
+    model: nn.Module,
+    batches: Iterable[Mapping[str, Any]],
+    edge_statistic: str = "output",
+) -> HeadGraphStatistics:
+    """Run ``batches`` through ``model`` and sum the head-correlation edge weights (this process only).
+
+    The model runs in eval mode (no dropout) under ``no_grad``; every module's training flag is
+    restored and every hook removed afterwards, even on error. Label entries of the batches
+    (``labels``/``label``) are not passed to the model. An empty ``batches`` gives statistics with
+    ``num_images == 0`` (so that an empty shard on one process still takes part in an all-reduce).
+    Call :meth:`HeadGraphStatistics.all_reduce` to sum over processes.
+    """
+    check_edge_statistic(edge_statistic)
+    layers = find_encoder_layers(model)
+    device = model_device(model)
+    recorder = _Recorder(layers, edge_statistic)
+    modes = [(module, module.training) for module in model.modules()]
+    try:
+        model.eval()
+        recorder.attach()
+        with torch.no_grad():
+            for batch in batches:
+                model(**batch_inputs(batch, device, drop=LABEL_KEYS))
+                recorder.finish_batch()
+    finally:
+        recorder.detach()
+        for module, training in modes:
+            module.training = training
+    return recorder.stats
+
+
+# --------------------------------------------------------------------------- the Markov chain
+
+
+def adjacency_matrix(stats: HeadGraphStatistics) -> torch.Tensor:
+    """Symmetric (n, n) float64 matrix of mean edge weights over all n heads, layer-major order."""
+    offsets = [0]
+    for heads in stats.num_heads:
+        offsets.append(offsets[-1] + heads)
+    adjacency = torch.zeros(offsets[-1], offsets[-1], dtype=torch.float64)
+    for index, edges in enumerate(stats.mean_edges()):
+        rows = slice(offsets[index], offsets[index + 1])
+        cols = slice(offsets[index + 1], offsets[index + 2])
+        adjacency[rows, cols] = edges
+        adjacency[cols, rows] = edges.T
+    return adjacency
+
+
+def transition_matrix(stats: HeadGraphStatistics, damping: float = 0.85) -> torch.Tensor:
+    """Row-stochastic (n, n) float64 matrix ``d * P + (1 - d) / n`` of the chain over all heads.
+
+    P is the row-normalised :func:`adjacency_matrix`; a row without any edge weight is replaced
+    by the uniform distribution (the walker teleports), so every row of the result sums to 1.
+    """
+    if isinstance(damping, bool) or not 0 <= damping <= 1:
+        raise ValueError(f"damping={damping!r} is invalid: use a probability in [0, 1] such as 0.85.")
+    adjacency = adjacency_matrix(stats)
+    n = adjacency.shape[0]
+    if n == 0:
+        return adjacency
+    degree = adjacency.sum(1, keepdim=True)
+    uniform = torch.full_like(adjacency, 1.0 / n)
+    walk = torch.where(degree > 0, adjacency / degree.clamp_min(torch.finfo(torch.float64).tiny), uniform)
+    return damping * walk + (1.0 - damping) * uniform
+
+
+def stationary_importance(
+    stats: HeadGraphStatistics,
+    damping: float = 0.85,
+    tolerance: float = 1e-8,
+    max_iterations: int = 1000,
+) -> list[torch.Tensor]:
+    """Stationary distribution of the head chain, split per layer (float64 tensors summing to 1 overall).
+
+    Power iteration ``pi <- pi G`` from the uniform distribution; stops when ``||pi_new - pi||_1 <
+    tolerance`` and raises :class:`ConvergenceError` after ``max_iterations`` steps without that.
+    """
+    if not tolerance > 0:
+        raise ValueError(f"tolerance={tolerance!r} is invalid: use a positive number such as 1e-8.")
+    if max_iterations < 1:
+        raise ValueError(f"max_iterations={max_iterations!r} is invalid: use a positive integer such as 1000.")
+    chain = transition_matrix(stats, damping)
+    n = chain.shape[0]
+    if n == 0:
+        return [torch.zeros(0, dtype=torch.float64) for _ in stats.num_heads]
+    pi = torch.full((n,), 1.0 / n, dtype=torch.float64)
+    change = float("inf")
+    for _ in range(max_iterations):
+        updated = pi @ chain
+        updated = updated / updated.sum()  # guard against drift of the total mass
+        change = (updated - pi).abs().sum().item()
+        pi = updated
+        if change < tolerance:
+            return [part.clone() for part in pi.split(stats.num_heads)]
+    raise ConvergenceError(
+        f"The head-importance power iteration did not converge: L1 change {change:.3g} after {max_iterations} "
+        f"iterations (tolerance {tolerance:g}, damping {damping:g}). Use damping < 1 (0.85 is usual; with damping 1 "
+        "the layered graph is periodic), or raise max_iterations / tolerance."
+    )
+
+
+def score_gohsp(
+    model: nn.Module,
+    batches: Iterable[Mapping[str, Any]] | None,
+    *,
+    options: ImportanceOptions | None = None,
+) -> UnitScores:
+    """GOHSP importance: graph stationary probability for heads, group L2 magnitude for MLP neurons.
+
+    ``batches`` (dicts with ``pixel_values``) are this process's calibration shard; with
+    ``options.all_reduce`` the statistics are summed over all torch.distributed processes before
+    ranking, so every rank returns the same scores. Raises ValueError when the whole calibration set
+    (over all processes) is empty.
+    """
+    options = options or ImportanceOptions()
+    if batches is None:
+        raise missing_batches_error("gohsp")
+    stats = collect_head_statistics(model, batches, options.edge_statistic)
+    if options.all_reduce:
+        stats.all_reduce()
+    if stats.num_images == 0:
+        raise empty_calibration_error("gohsp")
+    heads = stationary_importance(stats, options.damping, options.tolerance, options.max_iterations)
+    return UnitScores(heads=heads, neurons=neuron_magnitude(model))
