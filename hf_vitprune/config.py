@@ -75,7 +75,7 @@ class PruningConfig:
     use_distillation_token: bool = field(
         default=True, **_help("For DeiT with a distillation head, distil through that head (DeiT-style).")
     )
-    seed: int = field(default=0, **_help("Seed of the random baseline (identical on every process)."))
+    random_seed: int = field(default=0, **_help("Seed of the random baseline's scores (identical on every process)."))
 
     def __post_init__(self):
         if self.method not in METHODS:

@@ -30,10 +30,12 @@ from transformers.trainer_utils import get_last_checkpoint, set_seed
 from .admm import ADMMState, combine_scores
 from .architectures import family_of, find_encoder_layers, num_tokens
 from .budget import select_plan
+from .card import push_model_directory, rerender_model_card, write_trainer_card
 from .config import PruningConfig
 from .distillation import classification_logits, distillation_loss
 from .importance import ImportanceOptions, UnitScores, get_criterion
 from .plan import PruningPlan
+from .report import REPORT_FILE
 from .state import PruningState
 from .stats import layer_cost, model_stats
 from .surgery import apply_plan
@@ -90,6 +92,9 @@ class PruningTrainer(Trainer):
         self.importance: UnitScores | None = None
         self.admm: ADMMState | None = None
         self.dense_stats = model_stats(self.model)
+        self.base_model_name = getattr(self.model.config, "name_or_path", None) or None
+        self.dense_metrics: dict[str, float] | None = None  # set by callers that evaluate the dense model
+        self.measured_speed: dict | None = None  # set by callers that time the models; else save_model does
         self.teacher = None
         if pruning_config.distillation_weight > 0:
             self.teacher = copy.deepcopy(self.accelerator.unwrap_model(self.model)).eval().requires_grad_(False)
@@ -181,7 +186,7 @@ class PruningTrainer(Trainer):
             tolerance=config.ranking_tolerance,
             max_iterations=config.ranking_max_iterations,
             edge_statistic=config.edge_statistic,
-            seed=config.seed,
+            seed=config.random_seed,
         )
         model = self.accelerator.unwrap_model(self.model)
         return criterion(model, self._calibration_batches(), options=options)
@@ -319,6 +324,41 @@ class PruningTrainer(Trainer):
             self.pruning_config.save_pretrained(directory)
             if self.plan is not None:
                 self.plan.save_pretrained(directory)
+            fields = {"speed": self.measured_speed} if self.measured_speed is not None else {}
+            write_trainer_card(self, directory, **fields)
+
+    def create_model_card(self, language=None, license=None, tags=None, model_name=None, finetuned_from=None,
+                          tasks=None, dataset_tags=None, dataset=None, dataset_args=None, **kwargs) -> None:
+        """Our card (compression table, per-layer widths, recipe), not transformers' generic one."""
+        if not self.is_world_process_zero():
+            return
+        datasets = dataset_tags or dataset
+        changes = {"license": license, "model_name": model_name, "base_model": finetuned_from,
+                   "dataset": datasets[0] if isinstance(datasets, (list, tuple)) else datasets,
+                   "repo_id": self.hub_model_id}
+        changes = {key: value for key, value in changes.items() if value is not None}
+        if os.path.isfile(os.path.join(self.args.output_dir, REPORT_FILE)):
+            rerender_model_card(self.args.output_dir, **changes)
+        else:
+            write_trainer_card(self, self.args.output_dir, speed=None, **changes)
+
+    def push_to_hub(self, commit_message: str | None = "End of training", blocking: bool = True,
+                    token: str | None = None, revision: str | None = None, **kwargs):
+        """Upload the compacted model, its configs, card and remote code, and nothing else.
+
+        Trainer's own push uploads the whole output directory, including the ``admm/`` and
+        ``finetune/`` checkpoint trees; this one uploads only the files a user of the model needs.
+        """
+        token = token if token is not None else self.args.hub_token
+        if self.hub_model_id is None:
+            self.init_hf_repo(token=token)
+        self.save_model(_internal_call=True)
+        if not self.is_world_process_zero():
+            return None
+        self.create_model_card(**kwargs)
+        return push_model_directory(self.args.output_dir, self.hub_model_id, token=token,
+                                    revision=revision or self.args.hub_revision, commit_message=commit_message,
+                                    private=self.args.hub_private_repo)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         """Load checkpoint weights strictly, through ``from_pretrained``'s key conversion.

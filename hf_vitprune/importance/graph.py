@@ -402,4 +402,21 @@ def score_gohsp(
     if stats.num_images == 0:
         raise empty_calibration_error("gohsp")
     heads = stationary_importance(stats, options.damping, options.tolerance, options.max_iterations)
-    return UnitScores(heads=heads, neurons=neuron_magnitude(model))
+    return UnitScores(heads=per_neighbour_layer(heads), neurons=neuron_magnitude(model))
+
+
+def per_neighbour_layer(importance: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Divide each head's stationary mass by its number of neighbouring layers, then renormalise to sum 1.
+
+    On an undirected graph the stationary mass of a node grows with its total edge weight. Heads of
+    the first and last layer have neighbours on one side only, so they would get about half the
+    mass of equally correlated middle-layer heads and be pruned first for a reason unrelated to
+    their importance; normalising per neighbouring layer removes that boundary bias.
+    """
+    count = len(importance)
+    scaled = [
+        scores / max((index > 0) + (index < count - 1), 1) for index, scores in enumerate(importance)
+    ]
+    total = float(sum(s.sum() for s in scaled))
+    return [s / total for s in scaled] if total > 0 else scaled
+

@@ -1,0 +1,306 @@
+"""The ``hf-vitprune`` command line: ``report MODEL``, ``card MODEL_DIR`` and ``prune ...``.
+
+    hf-vitprune report out/deit-small-gohsp-35        # per-layer table, totals, measured speed, ratios
+    hf-vitprune card out/deit-small-gohsp-35          # re-render README.md from pruning_report.json
+    hf-vitprune prune --config recipe.yaml            # run a pruning recipe (hf_vitprune.recipe)
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+PROG = "hf-vitprune"
+
+
+class CommandError(Exception):
+    """A user error: printed as ``hf-vitprune <command>: error: <message>``, exit status 1."""
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def _int_at_least(low: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} must be >= {low}")
+        return value
+
+    return parse
+
+
+_positive_int, _non_negative_int = _int_at_least(1), _int_at_least(0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description="Structured pruning of Hugging Face vision transformers.")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands.required = True
+
+    report = commands.add_parser(
+        "report",
+        help="parameters, FLOPs and measured speed of a saved model, and the ratios against its dense base",
+        description="Print per-layer and total parameters and FLOPs of a saved (pruned or dense) model, its "
+        "measured latency at batch 1 and throughput at a larger batch on this machine, and, for a pruned "
+        "model, the ratios against the dense architecture it was pruned from.",
+    )
+    report.add_argument("model", metavar="MODEL", help="a model directory (save_pretrained output) or a Hub repo id")
+    report.add_argument("--batch-size", type=_positive_int, default=64, help="batch size of the throughput run (64)")
+    report.add_argument("--repeats", type=_positive_int, default=5, help="timed runs; the median is reported (5)")
+    report.add_argument("--warmup", type=_non_negative_int, default=2, help="untimed runs before timing (2)")
+    report.add_argument(
+        "--device", default=None, help="device to time on, e.g. cpu or cuda:0 (default: cuda if available)"
+    )
+    report.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's)")
+    report.add_argument("--no-speed", action="store_true", help="skip the timing runs")
+
+    card = commands.add_parser(
+        "card",
+        help="re-render README.md of a pruned model directory from its pruning_report.json",
+        description="Re-render the model card (README.md) of a model directory from its pruning_report.json.",
+    )
+    card.add_argument("model_dir", metavar="MODEL_DIR", help="directory written by PruningTrainer.save_model()")
+    card.add_argument("--repo-id", default=None, help="Hub repo id to show in the card's loading examples")
+
+    commands.add_parser(
+        "prune",
+        add_help=False,  # `hf-vitprune prune --help` is the recipe's help
+        help="run a pruning recipe; the arguments go to hf_vitprune.recipe (see `hf-vitprune prune --help`)",
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``hf-vitprune``; returns the exit status (0 ok, 1 failed, 2 bad arguments)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    try:
+        args, rest = parser.parse_known_args(argv)
+        if args.command != "prune" and rest:
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    except SystemExit as exit_:  # argparse: --help (0) or a usage error (2, message already printed)
+        return int(exit_.code or 0)
+    try:
+        if args.command == "report":
+            return command_report(args)
+        if args.command == "card":
+            return command_card(args)
+        return command_prune(rest)
+    except CommandError as error:
+        print(f"{PROG} {args.command}: error: {error}", file=sys.stderr)
+        return 1
+
+
+# --------------------------------------------------------------------------- prune
+
+
+def command_prune(argv: list[str]) -> int:
+    """Forward ``argv`` untouched to ``hf_vitprune.recipe.main`` (imported only now: it pulls in datasets)."""
+    import importlib
+    import importlib.util
+
+    if "hf_vitprune.recipe" not in sys.modules and importlib.util.find_spec("hf_vitprune.recipe") is None:
+        raise CommandError("this installation of hf_vitprune has no recipe module (hf_vitprune.recipe); reinstall it.")
+    recipe = importlib.import_module("hf_vitprune.recipe")
+    return int(recipe.main(argv) or 0)
+
+
+# --------------------------------------------------------------------------- card
+
+
+def command_card(args) -> int:
+    from .card import CARD_FILE, rerender_model_card
+    from .report import REPORT_FILE
+
+    directory = Path(args.model_dir)
+    if not directory.exists():
+        raise CommandError(f"{directory} does not exist. Pass the directory written by PruningTrainer.save_model().")
+    if not directory.is_dir():
+        raise CommandError(f"{directory} is not a directory. Pass the model directory, not a file in it.")
+    if not (directory / REPORT_FILE).is_file():
+        raise CommandError(
+            f"{directory} has no {REPORT_FILE}, so there is nothing to render the card from. "
+            f"PruningTrainer.save_model() writes it; for a model pruned by hand, write one with "
+            f"hf_vitprune.card.write_model_card(dir, PruningReport.from_models(dense, pruned, pruning_config=...))."
+        )
+    try:
+        card = rerender_model_card(directory, repo_id=args.repo_id)
+    except (ValueError, TypeError, KeyError) as error:
+        raise CommandError(f"{directory / REPORT_FILE} is not a valid pruning report: {error}") from None
+    print(f"Wrote {directory / CARD_FILE} ({len(str(card).splitlines())} lines) from {directory / REPORT_FILE}.")
+    return 0
+
+
+# --------------------------------------------------------------------------- report
+
+
+def _looks_like_repo_id(text: str) -> bool:
+    return re.fullmatch(r"[\w.-]+/[\w.-]+", text) is not None and not text.startswith(".")
+
+
+def load_model(name_or_path: str):
+    """Load a saved model with the Auto classes (after registering the pruned architectures)."""
+    import hf_vitprune  # noqa: F401  (registers the pruned architectures)
+    from transformers import AutoConfig, AutoModel, AutoModelForImageClassification
+    from transformers.utils import logging as hf_logging
+
+    path = Path(name_or_path)
+    if path.exists():
+        if not path.is_dir():
+            raise CommandError(f"{path} is a file; pass the model directory that holds config.json.")
+        if not (path / "config.json").is_file():
+            raise CommandError(
+                f"{path} has no config.json, so it is not a saved model directory. Pass the directory written by "
+                f"save_pretrained() or PruningTrainer.save_model()."
+            )
+    elif not _looks_like_repo_id(name_or_path):
+        raise CommandError(f"{path} does not exist. Pass a saved model directory or a Hub repo id (org/name).")
+    hf_logging.disable_progress_bar()
+    try:
+        config = AutoConfig.from_pretrained(name_or_path)
+        architectures = config.architectures or []
+        classifier = any("ForImageClassification" in name for name in architectures)
+        auto = AutoModelForImageClassification if classifier else AutoModel
+        return auto.from_pretrained(name_or_path)
+    except Exception as error:  # OSError (not found / offline), ValueError (bad config or weights)
+        where = "the directory" if path.exists() else "the Hub repo (it is not a local path either)"
+        raise CommandError(f"could not load {name_or_path} from {where}: {error}") from None
+
+
+def _table(rows: list[list[str]], header: list[str]) -> str:
+    """Plain text table: the first column left-aligned, numbers right-aligned."""
+    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
+
+    def line(cells: list[str]) -> str:
+        aligned = (str(cell).ljust(width) if i == 0 else str(cell).rjust(width)
+                   for i, (cell, width) in enumerate(zip(cells, widths)))
+        return "  ".join(aligned).rstrip()
+
+    return "\n".join([line(header), "  ".join("-" * width for width in widths), *map(line, rows)])
+
+
+def _ratio(pruned: float, dense: float) -> str:
+    return f"{pruned / dense:.3f}x" if dense else "n/a"
+
+
+def command_report(args) -> int:
+    import torch
+
+    from .report import REPORT_FILE, PruningReport, stats_from_dict
+    from .speed import dense_counterpart, measure_speed
+    from .stats import model_stats
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = load_model(args.model)
+    try:
+        stats = model_stats(model)
+    except ValueError as error:
+        raise CommandError(str(error)) from None
+    config = model.config
+    pruned = bool(getattr(config, "is_heterogeneous", False)) or config.model_type.startswith("pruned_")
+
+    recorded = None
+    report_path = Path(args.model) / REPORT_FILE
+    if report_path.is_file():
+        try:
+            recorded = PruningReport.from_pretrained(report_path)
+        except (ValueError, TypeError, KeyError) as error:
+            raise CommandError(f"{report_path} is not a valid pruning report: {error}") from None
+    reference = None
+    dense_stats, dense_source = None, None
+    if recorded is not None:
+        dense_stats = stats_from_dict(recorded.dense)
+        dense_source = f"recorded in {REPORT_FILE}"
+        if recorded.base_model:
+            dense_source += f" (base model {recorded.base_model})"
+    if pruned:
+        reference = dense_counterpart(model)
+        if dense_stats is None:
+            dense_stats = model_stats(reference)
+            dense_source = "the dense architecture in config.json"
+    if dense_stats is not None and len(dense_stats.layers) != len(stats.layers):
+        raise CommandError(
+            f"{report_path} describes {len(dense_stats.layers)} layers but the model has {len(stats.layers)}; "
+            f"the report belongs to another model. Remove it or re-save the model."
+        )
+
+    architecture = (config.architectures or [type(model).__name__])[0]
+    print(f"Model: {args.model}  ({architecture}, model_type={config.model_type})")
+    if dense_source:
+        print(f"Dense reference: {dense_source}")
+    print()
+    rows = []
+    for index, layer in enumerate(stats.layers):
+        row = [str(layer.index), str(layer.heads), f"{layer.neurons:,}", f"{layer.params:,}", f"{layer.flops:,}"]
+        if dense_stats is not None:
+            before = dense_stats.layers[index]
+            row[1] = f"{layer.heads}/{before.heads}"
+            row[2] = f"{layer.neurons:,}/{before.neurons:,}"
+            row.append(_ratio(layer.params, before.params))
+        rows.append(row)
+    header = ["layer", "heads", "MLP width", "params", "FLOPs"]
+    if dense_stats is not None:
+        header[1:3] = ["heads (kept/dense)", "MLP width (kept/dense)"]
+        header.append("params ratio")
+    print(_table(rows, header))
+    print()
+
+    totals = [["params", f"{stats.params:,}"], ["FLOPs per image", f"{stats.flops:,}"],
+              ["attention heads", str(sum(l.heads for l in stats.layers))],
+              ["MLP neurons", f"{sum(l.neurons for l in stats.layers):,}"]]
+    dense_totals = None
+    if dense_stats is not None:
+        dense_totals = [dense_stats.params, dense_stats.flops, sum(l.heads for l in dense_stats.layers),
+                        sum(l.neurons for l in dense_stats.layers)]
+    speed = None
+    if not args.no_speed:
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        try:
+            speed = measure_speed(
+                model, reference, batch_size_throughput=args.batch_size, repeats=args.repeats, warmup=args.warmup,
+                device=device,
+            )
+        except (RuntimeError, ValueError) as error:
+            raise CommandError(f"timing on {device} failed: {error}") from None
+    header = ["total", "this model"]
+    if dense_totals is not None:
+        header += ["dense", "ratio"]
+        for row, dense_value, value in zip(totals, dense_totals, (stats.params, stats.flops,
+                                                                   sum(l.heads for l in stats.layers),
+                                                                   sum(l.neurons for l in stats.layers))):
+            row += [f"{dense_value:,}", _ratio(value, dense_value)]
+    if speed is not None:
+        latency = ["latency, batch 1 (ms)", f"{speed['pruned']['latency_ms']:.3f}"]
+        throughput = [f"throughput, batch {args.batch_size} (images/s)", f"{speed['pruned']['throughput']:.1f}"]
+        if dense_totals is not None:
+            if "dense" in speed:
+                latency += [f"{speed['dense']['latency_ms']:.3f}",
+                            f"{1 / speed['latency_speedup']:.3f}x ({speed['latency_speedup']:.2f}x faster)"]
+                throughput += [f"{speed['dense']['throughput']:.1f}", f"{speed['throughput_speedup']:.3f}x"]
+            else:
+                latency += ["-", "-"]
+                throughput += ["-", "-"]
+        totals += [latency, throughput]
+    print(_table(totals, header))
+    if speed is not None:
+        count = speed.get("torch_threads")
+        threads = f", {count} torch thread{'s' if count != 1 else ''}" if count else ""
+        paired = ""
+        if reference is not None:
+            paired = ", interleaved with the dense architecture (same config, fresh weights)"
+        print(
+            f"\nSpeed measured on {speed['hardware']} ({speed['device']}{threads}, {speed['dtype']}): median of "
+            f"{speed['repeats']} runs after {speed['warmup']} warm-up runs{paired}."
+        )
+    return 0
+
+
+if __name__ == "__main__":  # python -m hf_vitprune.cli
+    sys.exit(main())

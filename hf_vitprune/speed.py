@@ -1,0 +1,169 @@
+"""Measured inference speed of a pruned model beside its dense reference, on this machine.
+
+Both models run in the same process, interleaved (pruned, dense, dense, pruned, ...), in eval mode
+under ``torch.no_grad()``, on random images of the configured size; each figure is the median of
+``repeats`` timed runs after ``warmup`` untimed ones, so a background job slows both alike.
+Speed does not depend on the weight values, so a dense reference rebuilt from the pruned config
+(:func:`dense_counterpart`) times exactly like the original dense model.
+"""
+
+from __future__ import annotations
+
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+def hardware_name(device: torch.device | str | None = None) -> str:
+    """The accelerator's name, or the CPU model from /proc/cpuinfo (platform's guess elsewhere)."""
+    device = torch.device(device or "cpu")
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    if device.type != "cpu":
+        return device.type
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text(errors="replace").splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() in ("model name", "Model", "cpu model") and value.strip():
+                return value.strip()
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def input_shape(model: nn.Module) -> tuple[int, int, int]:
+    """(channels, height, width) of one image, from ``model.config`` (num_channels, image_size)."""
+    config = model.config
+    size = config.image_size
+    height, width = (size, size) if isinstance(size, int) else tuple(size)
+    return int(getattr(config, "num_channels", 3)), int(height), int(width)
+
+
+def dense_counterpart(model: nn.Module) -> nn.Module:
+    """A freshly initialised model of the architecture ``model`` was pruned from (its dense widths).
+
+    Reads only the config (``per_layer_config`` removed), so it needs neither the Hub nor the
+    original weights; use it as the dense reference for timing, not for accuracy.
+    """
+    from .modeling import dense_view
+
+    config = dense_view(model.config)
+    reference = type(model)(config)
+    parameter = next(model.parameters(), None)
+    if parameter is not None:
+        reference = reference.to(device=parameter.device, dtype=parameter.dtype)
+    return reference.eval()
+
+
+@contextmanager
+def _inference_on(model: nn.Module, device: torch.device):
+    """Eval mode on ``device`` for the duration; the model's mode and device are restored after."""
+    parameter = next(model.parameters(), None)
+    old_device = parameter.device if parameter is not None else device
+    was_training = model.training
+    model.eval().to(device)
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+        model.to(old_device)
+
+
+def _timer(model: nn.Module, images: torch.Tensor, device: torch.device) -> Callable[[], float]:
+    def run() -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        model(pixel_values=images)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - start
+
+    return run
+
+
+def measure_speed(
+    pruned: nn.Module,
+    dense: nn.Module | None = None,
+    *,
+    batch_size_latency: int = 1,
+    batch_size_throughput: int = 64,
+    repeats: int = 5,
+    warmup: int = 2,
+    device: torch.device | str | None = None,
+    seed: int = 0,
+) -> dict:
+    """Latency (ms per batch of ``batch_size_latency``) and throughput (images/s at ``batch_size_throughput``).
+
+    Returns a JSON-ready dict: ``pruned`` and (when ``dense`` is given) ``dense`` each with
+    ``latency_ms`` and ``throughput``; ``latency_speedup`` and ``throughput_speedup`` (dense
+    latency / pruned latency and pruned throughput / dense throughput, both > 1 when the pruned model
+    is faster); ``hardware``, ``device``, ``torch_threads``, ``dtype``, the batch sizes, ``repeats``
+    and ``warmup``. Models are timed on ``device`` (default: the pruned model's) and put back where
+    they were afterwards.
+    """
+    for name, value, low in (
+        ("batch_size_latency", batch_size_latency, 1),
+        ("batch_size_throughput", batch_size_throughput, 1),
+        ("repeats", repeats, 1),
+        ("warmup", warmup, 0),
+    ):
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise ValueError(f"measure_speed: {name}={value!r} must be an integer >= {low}.")
+    parameter = next(pruned.parameters())
+    device = torch.device(device) if device is not None else parameter.device
+    dtype = parameter.dtype
+    shape = input_shape(pruned)
+    if dense is not None and input_shape(dense) != shape:
+        raise ValueError(f"The dense model takes images of shape {input_shape(dense)}, the pruned one {shape}.")
+    generator = torch.Generator().manual_seed(seed)
+    batches = {
+        "latency": torch.randn(batch_size_latency, *shape, generator=generator).to(device=device, dtype=dtype),
+        "throughput": torch.randn(batch_size_throughput, *shape, generator=generator).to(device=device, dtype=dtype),
+    }
+    models = {"pruned": pruned} if dense is None else {"pruned": pruned, "dense": dense}
+    times: dict[tuple[str, str], list[float]] = {(m, b): [] for m in models for b in batches}
+    with torch.no_grad(), _inference_on(pruned, device), (
+        _inference_on(dense, device) if dense is not None else _nothing()
+    ):
+        timers = {(m, b): _timer(models[m], batches[b], device) for m in models for b in batches}
+        order = list(models)
+        for step in range(warmup + repeats):
+            # alternate which model goes first, so drift (thermal, other jobs) hits both alike
+            for kind in batches:
+                for name in order if step % 2 == 0 else reversed(order):
+                    elapsed = timers[name, kind]()
+                    if step >= warmup:
+                        times[name, kind].append(elapsed)
+    result: dict = {}
+    for name in models:
+        latency = statistics.median(times[name, "latency"])
+        throughput_time = statistics.median(times[name, "throughput"])
+        result[name] = {
+            "latency_ms": latency * 1000.0,
+            "throughput": batch_size_throughput / throughput_time,
+        }
+    if dense is not None:
+        result["latency_speedup"] = result["dense"]["latency_ms"] / result["pruned"]["latency_ms"]
+        result["throughput_speedup"] = result["pruned"]["throughput"] / result["dense"]["throughput"]
+    result.update(
+        hardware=hardware_name(device),
+        device=device.type,
+        torch_threads=torch.get_num_threads() if device.type == "cpu" else None,
+        dtype=str(dtype).removeprefix("torch."),
+        batch_size_latency=batch_size_latency,
+        batch_size_throughput=batch_size_throughput,
+        repeats=repeats,
+        warmup=warmup,
+    )
+    return result
+
+
+@contextmanager
+def _nothing():
+    yield None

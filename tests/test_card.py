@@ -1,0 +1,356 @@
+"""PruningReport, measure_speed and the model card: JSON round trip, Hub metadata, numbers equal the measured ones."""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from huggingface_hub import ModelCard
+from huggingface_hub.repocard_data import eval_results_to_model_index, model_index_to_eval_results
+from transformers import TrainingArguments, ViTConfig, ViTForImageClassification, ViTModel
+
+import hf_vitprune
+from hf_vitprune import PruningConfig, PruningPlan, apply_plan, model_stats
+from hf_vitprune.architectures import find_encoder_layers
+from hf_vitprune.card import eval_results, render_model_card, template_path, write_model_card
+from hf_vitprune.report import REPORT_FILE, PruningReport, metrics_from_logs
+from hf_vitprune.speed import dense_counterpart, measure_speed
+
+TINY = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=37, image_size=16,
+            patch_size=4)
+PLAN = PruningPlan(heads={0: [0, 2]}, neurons={1: [0, 1, 2]})
+TOKEN = "hf_fake_secret_token"
+
+
+def tiny_models(cls=ViTForImageClassification):
+    torch.manual_seed(0)
+    extra = {"num_labels": 5} if cls is ViTForImageClassification else {}
+    dense = cls(ViTConfig(**TINY, **extra))
+    pruned = apply_plan(copy.deepcopy(dense), PLAN)
+    return dense, pruned
+
+
+def make_report(speed=None, **fields) -> PruningReport:
+    dense, pruned = tiny_models()
+    fields = {
+        "base_model": "google/vit-base-patch16-224",
+        "dataset": "fashion_mnist",
+        "dataset_split": "test",
+        "metrics_dense": {"accuracy": 0.9375},
+        "metrics_pruned": {"accuracy": 0.90625, "f1": 0.5},
+        "created": "2025-01-02T03:04:05+00:00",
+        **fields,
+    }
+    return PruningReport.from_models(
+        dense, pruned, pruning_config=PruningConfig(target_sparsity=0.4), plan=PLAN, speed=speed, **fields
+    )
+
+
+def table(text: str, heading: str) -> list[list[str]]:
+    """The rows (cells stripped) of the first Markdown table after ``heading``."""
+    lines = text[text.index(heading):].splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("|"))
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        rows.append([cell.strip() for cell in line.strip().strip("|").split("|")])
+    return rows
+
+
+def number(cell: str) -> float:
+    return float(re.match(r"[-\d,.]+", cell).group(0).replace(",", ""))
+
+
+# --------------------------------------------------------------------------- the report
+
+
+def test_report_json_round_trip(tmp_path):
+    report = make_report(speed={"pruned": {"latency_ms": 1.5, "throughput": 99.0}})
+    path = report.save_pretrained(tmp_path)
+    assert path == tmp_path / REPORT_FILE
+    loaded = PruningReport.from_pretrained(tmp_path)
+    assert loaded == report
+    assert loaded.to_dict() == json.loads(path.read_text())
+    assert loaded.to_json_string() == report.to_json_string()
+    assert loaded.pruned_stats == model_stats(tiny_models()[1])
+    assert loaded.dense_stats == model_stats(tiny_models()[0])
+    assert PruningPlan.from_dict(loaded.plan) == PLAN
+    assert not list(tmp_path.glob("*.partial")), "the atomic write left its staging directory behind"
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"metrics_pruned": {"accuracy": float("nan")}}, "finite"),
+        ({"method": "magnitude"}, "disagrees"),
+        ({"stage": "halfway"}, "stage"),
+        ({"pruned": {"params": 1}}, "ModelStats"),
+    ],
+)
+def test_report_rejects_bad_fields(change, message):
+    data = {**make_report().to_dict(), **change}
+    with pytest.raises(ValueError, match=message):
+        PruningReport.from_dict(data)
+
+
+def test_report_rejects_unknown_fields_and_missing_file(tmp_path):
+    with pytest.raises(ValueError, match="Unknown PruningReport fields"):
+        PruningReport.from_dict({**make_report().to_dict(), "hub_token": TOKEN})
+    with pytest.raises(FileNotFoundError, match=REPORT_FILE):
+        PruningReport.from_pretrained(tmp_path)
+
+
+def test_local_paths_are_not_base_models(tmp_path):
+    dense, pruned = tiny_models()
+    dense.config._name_or_path = str(tmp_path)
+    report = PruningReport.from_models(dense, pruned, pruning_config=PruningConfig(target_sparsity=0.4))
+    assert report.base_model is None  # the Hub rejects a base_model that is not a repo id
+    assert "base_model" not in render_model_card(report).data.to_dict()
+
+
+def test_metrics_from_trainer_logs():
+    history = [
+        {"loss": 1.0, "step": 1},
+        {"eval_loss": 0.9, "eval_accuracy": 0.5, "eval_runtime": 1.0, "epoch": 1.0, "params": 5},
+        {"eval_loss": 0.7, "eval_accuracy": 0.75, "eval_samples_per_second": 3.0, "kept_heads": 4},
+        {"train_runtime": 3.0},
+    ]
+    assert metrics_from_logs(history) == {"accuracy": 0.75}
+    assert metrics_from_logs([{"loss": 1.0}]) is None
+
+
+def test_report_from_trainer(tmp_path):
+    """from_trainer reads what PruningTrainer holds after train(); a stand-in trainer keeps this fast."""
+    dense, pruned = tiny_models()
+    dense.config._name_or_path = "facebook/deit-tiny-patch16-224"
+    args = TrainingArguments(str(tmp_path / "deit-tiny-gohsp"), learning_rate=3e-4, max_steps=7, report_to=[])
+    trainer = SimpleNamespace(
+        model=pruned,
+        accelerator=SimpleNamespace(unwrap_model=lambda model: model),
+        args=args,
+        state=SimpleNamespace(log_history=[{"eval_accuracy": 0.8, "eval_loss": 0.3}]),
+        dense_stats=model_stats(dense),
+        pruning_config=PruningConfig(target_sparsity=0.4, method="magnitude"),
+        plan=PLAN,
+        teacher=dense,
+        train_dataset=None,
+        eval_dataset=None,
+    )
+    report = PruningReport.from_trainer(trainer, dataset="beans")
+    assert report.method == "magnitude"
+    assert report.base_model == "facebook/deit-tiny-patch16-224"
+    assert report.metrics_pruned == {"accuracy": 0.8}
+    assert report.dense == model_stats(dense).to_dict() and report.pruned == model_stats(pruned).to_dict()
+    assert report.model_name == "deit-tiny-gohsp"
+    assert report.training["learning_rate"] == 3e-4 and report.training["max_steps"] == 7
+    assert report.architecture == "PrunedViTForImageClassification"
+    assert TOKEN not in report.to_json_string()
+
+
+# --------------------------------------------------------------------------- speed
+
+
+def test_measure_speed_interleaves_and_restores_models():
+    dense, pruned = tiny_models()
+    dense.train()
+    pruned.eval()
+    speed = measure_speed(pruned, dense, batch_size_throughput=4, repeats=5, warmup=1)
+    assert dense.training and not pruned.training  # each model's mode is restored
+    for name in ("pruned", "dense"):
+        assert speed[name]["latency_ms"] > 0 and speed[name]["throughput"] > 0
+    assert speed["latency_speedup"] == pytest.approx(speed["dense"]["latency_ms"] / speed["pruned"]["latency_ms"])
+    assert speed["throughput_speedup"] == pytest.approx(speed["pruned"]["throughput"] / speed["dense"]["throughput"])
+    assert (speed["batch_size_latency"], speed["batch_size_throughput"], speed["repeats"]) == (1, 4, 5)
+    assert speed["device"] == "cpu" and speed["torch_threads"] == torch.get_num_threads()
+    assert speed["hardware"] and speed["dtype"] == "float32"
+    json.dumps(speed, allow_nan=False)  # JSON-ready
+
+
+def test_measure_speed_rejects_bad_arguments():
+    _, pruned = tiny_models()
+    with pytest.raises(ValueError, match="repeats"):
+        measure_speed(pruned, repeats=0)
+    with pytest.raises(ValueError, match="batch_size_throughput"):
+        measure_speed(pruned, batch_size_throughput=2.5)
+
+
+def test_dense_counterpart_has_the_dense_architecture():
+    dense, pruned = tiny_models()
+    reference = dense_counterpart(pruned)
+    assert model_stats(reference) == model_stats(dense)
+    assert not reference.config.is_heterogeneous
+
+
+# --------------------------------------------------------------------------- the card
+
+
+def test_card_metadata_and_model_index_round_trip(tmp_path):
+    report = make_report()
+    write_model_card(tmp_path, report)
+    card = ModelCard.load(tmp_path / "README.md")
+    data = card.data.to_dict()
+    assert data["library_name"] == "hf_vitprune"
+    assert data["pipeline_tag"] == "image-classification"
+    assert data["base_model"] == "google/vit-base-patch16-224"
+    assert data["tags"] == ["pruned", "vision-transformer", "hf_vitprune", "gohsp"]
+    assert data["datasets"] == ["fashion_mnist"]
+    assert data["metrics"] == ["accuracy", "f1"]
+
+    model_index = data["model-index"]
+    name, results = model_index_to_eval_results(model_index)
+    assert name == report.display_name
+    assert results == eval_results(report)
+    assert eval_results_to_model_index(name, results) == model_index
+    values = {r.metric_type: r.metric_value for r in results}
+    assert values == report.metrics_pruned  # exactly the evaluated numbers, not rounded
+    assert {(r.task_type, r.dataset_type, r.dataset_split) for r in results} == {
+        ("image-classification", "fashion_mnist", "test")
+    }
+    assert PruningReport.from_pretrained(tmp_path) == report
+
+
+def test_card_numbers_equal_the_measured_ones(tmp_path):
+    dense, pruned = tiny_models()
+    speed = measure_speed(pruned, dense, batch_size_throughput=8, repeats=5, warmup=1)
+    report = make_report(speed=speed)
+    write_model_card(tmp_path, report)
+    text = ModelCard.load(tmp_path / "README.md").text
+
+    rows = {row[0]: row[1:] for row in table(text, "## Compression")}
+    # independent counts: parameters of the modules, heads and widths from the weight shapes
+    assert number(rows["Parameters"][0]) == sum(p.numel() for p in dense.parameters())
+    assert number(rows["Parameters"][1]) == sum(p.numel() for p in pruned.parameters())
+    assert number(rows["FLOPs per image"][0]) == model_stats(dense).flops
+    assert number(rows["FLOPs per image"][1]) == model_stats(pruned).flops
+    assert number(rows["Attention heads"][1]) == 10 and number(rows["Attention heads"][0]) == 12
+    assert number(rows["MLP neurons"][1]) == 37 + 3 + 37
+    ratio = sum(p.numel() for p in pruned.parameters()) / sum(p.numel() for p in dense.parameters())
+    assert number(rows["Parameters"][2]) == pytest.approx(ratio, abs=5e-4)
+
+    latency = rows["Latency, batch 1 (ms)"]
+    assert number(latency[0]) == pytest.approx(speed["dense"]["latency_ms"], abs=5e-4)
+    assert number(latency[1]) == pytest.approx(speed["pruned"]["latency_ms"], abs=5e-4)
+    throughput = rows["Throughput, batch 8 (images/s)"]
+    assert number(throughput[0]) == pytest.approx(speed["dense"]["throughput"], abs=0.05)
+    assert number(throughput[1]) == pytest.approx(speed["pruned"]["throughput"], abs=0.05)
+    assert number(throughput[2]) == pytest.approx(speed["throughput_speedup"], abs=5e-4)
+    assert speed["hardware"] in text and "batch size 8" in text
+
+    layers = table(text, "### Per layer")
+    for row, layer, reference in zip(layers, find_encoder_layers(pruned), find_encoder_layers(dense)):
+        heads = layer.attention.q_proj.out_features // layer.head_dim
+        assert row[1] == f"{heads} / {reference.num_heads}"
+        assert number(row[2].split("/")[0]) == layer.mlp_out.in_features
+        assert number(row[3].split("/")[0]) == sum(p.numel() for p in layer.module.parameters())
+    assert [row[1] for row in layers] == ["2 / 4", "4 / 4", "4 / 4"]
+
+    metrics = {row[0]: row[1:] for row in table(text, "### Evaluation")}
+    assert number(metrics["accuracy"][0]) == pytest.approx(0.9375, abs=5e-5)
+    assert number(metrics["accuracy"][1]) == pytest.approx(0.90625, abs=5e-5)
+    assert number(metrics["accuracy"][2]) == pytest.approx(0.90625 - 0.9375, abs=6e-5)
+
+
+def test_card_body_sections():
+    text = str(render_model_card(make_report()))
+    assert 'AutoModelForImageClassification.from_pretrained("<your-username>/' in text
+    assert "import hf_vitprune" in text and "trust_remote_code=True" in text
+    assert "2301.05345" in text and "Alternating Direction Method of Multipliers" in text
+    assert f"transformers {hf_vitprune.report.library_versions()['transformers']}" in text
+    assert "Speed was not measured" in text
+    assert "`target_sparsity=0.4`" in text and "Distillation: from the frozen dense model" in text
+    recipe = render_model_card(make_report(repo_id="me/tiny-pruned")).text
+    assert 'from_pretrained("me/tiny-pruned", trust_remote_code=True)' in recipe
+
+
+def test_card_is_deterministic_and_has_no_token(tmp_path):
+    report = make_report(speed={"pruned": {"latency_ms": 1.25, "throughput": 10.0}, "batch_size_latency": 1,
+                                "batch_size_throughput": 4, "hardware": "Test CPU", "device": "cpu",
+                                "torch_threads": 1, "dtype": "float32", "repeats": 5, "warmup": 2})
+    first = str(render_model_card(report))
+    assert str(render_model_card(report)) == first
+    assert str(render_model_card(PruningReport.from_json_string(report.to_json_string()))) == first
+    write_model_card(tmp_path, report)
+    assert (tmp_path / "README.md").read_text() == first
+    assert TOKEN not in first and "hf_" + "fake" not in (tmp_path / REPORT_FILE).read_text()
+
+
+def test_card_without_metrics_or_dataset_and_for_a_backbone():
+    dense, pruned = tiny_models(ViTModel)
+    report = PruningReport.from_models(
+        dense, pruned, pruning_config=PruningConfig(target_flops_reduction=0.3, distillation_weight=0.0),
+        stage="admm-checkpoint",
+    )
+    card = ModelCard(str(render_model_card(report)))
+    data = card.data.to_dict()
+    assert data["pipeline_tag"] == "image-feature-extraction"
+    assert "model-index" not in data and "datasets" not in data and "base_model" not in data
+    assert "AutoModel.from_pretrained(" in card.text and "Distillation: none" in card.text
+    assert "ADMM phase" in card.text and "Hinton" not in card.text
+    assert "`target_flops_reduction=0.3`" in card.text
+
+
+def test_metrics_without_dataset_still_give_a_valid_model_index():
+    report = make_report(dataset=None, dataset_split=None)
+    data = ModelCard(str(render_model_card(report))).data.to_dict()
+    _, results = model_index_to_eval_results(data["model-index"])
+    assert {r.dataset_type for r in results} == {"custom"}
+
+
+def test_template_ships_with_the_package():
+    path = template_path()
+    assert path.name == "pruned_vit.md" and path.read_text().startswith("---\n{{ card_data }}\n---")
+    # the source checkout's copy is the one the wheel packs (pyproject data-files)
+    repo_template = Path(__file__).resolve().parent.parent / "model_cards" / "pruned_vit.md"
+    assert path.read_bytes() == repo_template.read_bytes()
+
+
+# --------------------------------------------------------------------------- PruningTrainer
+
+
+def test_write_trainer_card_after_a_real_run(tmp_path):
+    from datasets import Dataset
+
+    from hf_vitprune import PruningTrainer
+    from hf_vitprune.card import write_trainer_card
+
+    torch.manual_seed(0)
+    model = ViTForImageClassification(ViTConfig(**TINY, num_labels=5))
+    model.config._name_or_path = "google/vit-tiny-test"
+    generator = torch.Generator().manual_seed(0)
+    data = Dataset.from_dict({
+        "pixel_values": torch.randn(32, 3, 16, 16, generator=generator).numpy(),
+        "labels": torch.randint(0, 5, (32,), generator=generator).numpy(),
+    }).with_format("torch")
+
+    def accuracy(prediction):
+        logits = prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
+        return {"accuracy": float((logits.argmax(-1) == prediction.label_ids).mean())}
+
+    args = TrainingArguments(str(tmp_path / "run"), max_steps=4, per_device_train_batch_size=8, learning_rate=1e-3,
+                             report_to=[], save_strategy="no", disable_tqdm=True, use_cpu=True, hub_token=TOKEN)
+    trainer = PruningTrainer(model=model, args=args, train_dataset=data, eval_dataset=data, compute_metrics=accuracy,
+                             pruning_config=PruningConfig(target_sparsity=0.4, calibration_samples=8,
+                                                          admm_update_steps=1))
+    trainer.train()
+    card = write_trainer_card(trainer, tmp_path / "final", dataset="random-images")
+    report = PruningReport.from_pretrained(tmp_path / "final")
+    pruned = trainer.model
+    assert report.pruned == model_stats(pruned).to_dict() and report.dense == trainer.dense_stats.to_dict()
+    assert PruningPlan.from_dict(report.plan) == trainer.plan
+    assert report.base_model == "google/vit-tiny-test" and report.stage == "final"
+    assert report.metrics_pruned["accuracy"] == trainer.evaluate()["eval_accuracy"]
+    assert report.speed["dense"]["latency_ms"] > 0 and report.speed["batch_size_throughput"] == 64
+    (metric,) = card.data.to_dict()["model-index"][0]["results"][0]["metrics"]
+    assert metric == {"type": "accuracy", "value": report.metrics_pruned["accuracy"]}
+    assert TOKEN not in (tmp_path / "final" / "README.md").read_text()
+    assert TOKEN not in (tmp_path / "final" / REPORT_FILE).read_text()
+
+    checkpoint = write_trainer_card(trainer, tmp_path / "run" / "checkpoint-4")
+    assert checkpoint is not None and "Speed was not measured" in checkpoint.text
+    assert PruningReport.from_pretrained(tmp_path / "run" / "checkpoint-4").stage == "finetune-checkpoint"

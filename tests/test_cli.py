@@ -1,0 +1,172 @@
+"""The hf-vitprune command line: report, card, prune forwarding, and clear errors."""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+import shutil
+import subprocess
+import sys
+import types
+
+import pytest
+import torch
+from transformers import ViTConfig, ViTForImageClassification
+
+import hf_vitprune
+from hf_vitprune import PruningConfig, PruningPlan, apply_plan, model_stats
+from hf_vitprune.card import render_model_card, write_model_card
+from hf_vitprune.cli import main
+from hf_vitprune.report import REPORT_FILE, PruningReport
+
+TINY = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=37, image_size=16,
+            patch_size=4, num_labels=5)
+PLAN = PruningPlan(heads={0: [0, 2]}, neurons={1: [0, 1, 2]})
+FAST = ["--batch-size", "4", "--repeats", "1", "--warmup", "0"]
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """A dense model directory and a pruned one (with pruning_config.json, README.md and pruning_report.json)."""
+    root = tmp_path_factory.mktemp("models")
+    torch.manual_seed(0)
+    dense = ViTForImageClassification(ViTConfig(**TINY))
+    dense.save_pretrained(root / "dense")
+    pruned = apply_plan(copy.deepcopy(dense), PLAN)
+    pruned.save_pretrained(root / "pruned")
+    config = PruningConfig(target_sparsity=0.4)
+    config.save_pretrained(root / "pruned")
+    report = PruningReport.from_models(dense, pruned, pruning_config=config, plan=PLAN, dataset="beans",
+                                       metrics_pruned={"accuracy": 0.5}, created="2025-01-01T00:00:00+00:00")
+    write_model_card(root / "pruned", report)
+    return types.SimpleNamespace(root=root, dense=root / "dense", pruned=root / "pruned", report=report,
+                                 dense_stats=model_stats(dense), pruned_stats=model_stats(pruned))
+
+
+def rows_of(output: str, first_cell: str) -> list[str]:
+    """Whitespace-split cells of the lines of ``output`` whose first cell is ``first_cell``."""
+    return [line.split() for line in output.splitlines() if line.split()[:1] == [first_cell]]
+
+
+def test_report_on_a_pruned_directory(saved, capsys):
+    assert main(["report", str(saved.pruned), *FAST]) == 0
+    out = capsys.readouterr().out
+    assert f"Dense reference: recorded in {REPORT_FILE}" in out
+    for layer, dense in zip(saved.pruned_stats.layers, saved.dense_stats.layers):
+        (row,) = rows_of(out, str(layer.index))
+        assert row[1:5] == [f"{layer.heads}/{dense.heads}", f"{layer.neurons:,}/{dense.neurons:,}",
+                            f"{layer.params:,}", f"{layer.flops:,}"]
+        assert row[5] == f"{layer.params / dense.params:.3f}x"
+    (params,) = rows_of(out, "params")
+    assert params[1:] == [f"{saved.pruned_stats.params:,}", f"{saved.dense_stats.params:,}",
+                          f"{saved.pruned_stats.params / saved.dense_stats.params:.3f}x"]
+    flops = next(line for line in out.splitlines() if line.lstrip().startswith("FLOPs per image"))
+    assert f"{saved.pruned_stats.flops:,}" in flops and f"{saved.dense_stats.flops:,}" in flops
+    latency = next(line for line in out.splitlines() if line.lstrip().startswith("latency, batch 1 (ms)"))
+    throughput = next(line for line in out.splitlines() if line.lstrip().startswith("throughput, batch 4"))
+    # this model, dense, ratio: all measured, all positive
+    assert len(re.findall(r"\d+\.\d+", latency)) >= 3 and "faster" in latency
+    assert len(re.findall(r"\d+\.\d+", throughput)) >= 3
+    assert "Speed measured on" in out and "interleaved with the dense architecture" in out
+
+
+def test_report_on_a_dense_directory(saved, capsys):
+    assert main(["report", str(saved.dense), *FAST]) == 0
+    out = capsys.readouterr().out
+    assert "Dense reference" not in out and "ratio" not in out
+    for layer in saved.dense_stats.layers:
+        (row,) = rows_of(out, str(layer.index))
+        assert row[1:] == [str(layer.heads), f"{layer.neurons:,}", f"{layer.params:,}", f"{layer.flops:,}"]
+    (params,) = rows_of(out, "params")
+    assert params[1:] == [f"{saved.dense_stats.params:,}"]
+    assert "latency, batch 1 (ms)" in out and "throughput, batch 4 (images/s)" in out
+
+
+def test_report_without_a_recorded_base_uses_the_dense_architecture(saved, tmp_path, capsys):
+    directory = tmp_path / "pruned"
+    shutil.copytree(saved.pruned, directory)
+    (directory / REPORT_FILE).unlink()
+    assert main(["report", str(directory), "--no-speed"]) == 0
+    out = capsys.readouterr().out
+    assert "Dense reference: the dense architecture in config.json" in out
+    (params,) = rows_of(out, "params")
+    assert params[2] == f"{saved.dense_stats.params:,}"
+    assert "latency" not in out
+
+
+def test_missing_path_and_non_model_directory(tmp_path, capsys):
+    missing = tmp_path / "nope"
+    assert main(["report", str(missing)]) == 1
+    err = capsys.readouterr().err
+    assert str(missing) in err and "does not exist" in err and err.startswith("hf-vitprune report: error:")
+    assert main(["report", str(tmp_path)]) == 1
+    assert "no config.json" in capsys.readouterr().err
+    (tmp_path / "file.txt").write_text("x")
+    assert main(["report", str(tmp_path / "file.txt")]) == 1
+    assert "is a file" in capsys.readouterr().err
+    assert main(["card", str(missing)]) == 1
+    assert "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        ([], "COMMAND"),
+        (["frobnicate"], "invalid choice"),
+        (["report"], "MODEL"),
+        (["report", "x", "--batch-size", "0"], "must be >= 1"),
+        (["report", "x", "--repeats", "two"], "not an integer"),
+        (["report", "x", "--warmup", "-1"], "must be >= 0"),
+        (["card", "x", "--bogus"], "unrecognized arguments: --bogus"),
+    ],
+)
+def test_bad_arguments_exit_2(argv, message, capsys):
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_card_rerenders_readme(saved, tmp_path, capsys):
+    directory = tmp_path / "pruned"
+    shutil.copytree(saved.pruned, directory)
+    (directory / "README.md").unlink()
+    assert main(["card", str(directory)]) == 0
+    assert "Wrote" in capsys.readouterr().out
+    assert (directory / "README.md").read_text() == str(render_model_card(saved.report))
+    assert (saved.pruned / "README.md").read_text() == (directory / "README.md").read_text()
+    assert main(["card", str(directory), "--repo-id", "me/tiny"]) == 0
+    assert 'from_pretrained("me/tiny")' in (directory / "README.md").read_text()
+    assert PruningReport.from_pretrained(directory).repo_id == "me/tiny"
+
+
+def test_card_without_report_or_with_a_broken_one(saved, tmp_path, capsys):
+    assert main(["card", str(saved.dense)]) == 1
+    err = capsys.readouterr().err
+    assert REPORT_FILE in err and "save_model" in err
+    directory = tmp_path / "broken"
+    directory.mkdir()
+    (directory / REPORT_FILE).write_text('{"method": "gohsp"')
+    assert main(["card", str(directory)]) == 1
+    assert "not a valid pruning report" in capsys.readouterr().err
+
+
+def test_prune_forwards_its_arguments(monkeypatch):
+    seen = []
+    recipe = types.ModuleType("hf_vitprune.recipe")
+    recipe.main = lambda argv: seen.append(argv) or 3
+    monkeypatch.setitem(sys.modules, "hf_vitprune.recipe", recipe)
+    monkeypatch.setattr(hf_vitprune, "recipe", recipe, raising=False)
+    argv = ["--config", "x.yaml", "--help", "positional", "--output_dir=out"]
+    assert main(["prune", *argv]) == 3
+    assert seen == [argv]
+
+
+def test_console_script(saved, tmp_path):
+    """The installed `hf-vitprune` entry point (python -m hf_vitprune.cli where it is not on PATH)."""
+    script = shutil.which("hf-vitprune")
+    command = [script] if script else [sys.executable, "-m", "hf_vitprune.cli"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    missing = tmp_path / "missing-model"
+    result = subprocess.run([*command, "report", str(missing)], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 1
+    assert f"hf-vitprune report: error: {missing} does not exist" in result.stderr
