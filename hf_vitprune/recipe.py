@@ -270,9 +270,7 @@ def run(model_args, data_args, pruning_config: PruningConfig, training_args: Tra
     }
     if trainer.is_world_process_zero():
         print(format_table(figures))
-    trainer.save_model(training_args.output_dir)
-    if training_args.push_to_hub:
-        trainer.push_to_hub(commit_message=f"Pruned with hf_vitprune ({pruning_config.method})")
+    trainer.save_model(training_args.output_dir)  # with --push_to_hub, Trainer.save_model also pushes
     return figures
 
 

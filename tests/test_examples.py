@@ -1,0 +1,155 @@
+"""The example script and the README's quickstart, run as a user runs them (subprocesses)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoModelForImageClassification, ViTConfig, ViTForImageClassification, ViTImageProcessor
+
+import hf_vitprune  # noqa: F401  (registers the pruned classes for the reload checks)
+from hf_vitprune import PruningPlan, model_stats
+
+from hub_server import FakeHub
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLE = REPO / "examples" / "prune_imagenet.py"
+CLASSES = ("circle", "square", "stripes")
+TOKEN = "hf_example_secret_token_42"
+
+
+def _write_imagefolder(root: Path, per_class: int, seed: int) -> Path:
+    rng = np.random.default_rng(seed)
+    for label, name in enumerate(CLASSES):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            pixels = rng.integers(0, 60, (20, 20, 3), dtype=np.uint8)
+            pixels[..., label] += 150  # a class-dependent colour, so the task is learnable
+            Image.fromarray(pixels).save(root / name / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def imagefolder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("imagefolder")
+    train = _write_imagefolder(root / "train", per_class=8, seed=0)
+    validation = _write_imagefolder(root / "validation", per_class=4, seed=1)
+    torch.manual_seed(0)
+    model_dir = root / "tiny-vit"
+    config = ViTConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=37,
+                       image_size=16, patch_size=4, num_labels=len(CLASSES))
+    ViTForImageClassification(config).save_pretrained(model_dir)
+    ViTImageProcessor(size={"height": 16, "width": 16}).save_pretrained(model_dir)
+    return train, validation, model_dir
+
+
+def _example_arguments(imagefolder, output_dir: Path) -> list[str]:
+    train, validation, model_dir = imagefolder
+    return ["--model_name_or_path", str(model_dir), "--train_dir", str(train), "--validation_dir", str(validation),
+            "--output_dir", str(output_dir), "--max_steps", "6", "--per_device_train_batch_size", "4",
+            "--per_device_eval_batch_size", "8", "--calibration_samples", "8", "--admm_update_steps", "2",
+            "--target_sparsity", "0.4", "--use_cpu", "true", "--logging_steps", "2", "--disable_tqdm", "true"]
+
+
+def _env(**extra) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")}
+    env.update({"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1", **extra})
+    return env
+
+
+def _assert_saved_model_matches_its_plan(output_dir: Path) -> None:
+    plan = PruningPlan.from_pretrained(output_dir)
+    model = AutoModelForImageClassification.from_pretrained(output_dir)
+    widths = [(layer.heads, layer.neurons) for layer in model_stats(model).layers]
+    assert widths == [(len(plan.kept_heads(i, 4)), len(plan.kept_neurons(i, 37))) for i in range(3)]
+    assert widths != [(4, 37)] * 3, "the plan must actually prune"
+    assert (output_dir / "README.md").is_file() and (output_dir / "pruning_config.json").is_file()
+
+
+def test_example_on_an_imagefolder_in_one_process(imagefolder, tmp_path):
+    output_dir = tmp_path / "out"
+    result = subprocess.run([sys.executable, str(EXAMPLE), *_example_arguments(imagefolder, output_dir)],
+                            capture_output=True, text=True, timeout=600, env=_env(), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "pruned/dense" in result.stdout
+    _assert_saved_model_matches_its_plan(output_dir)
+
+
+def test_example_under_torchrun_with_two_processes(imagefolder, tmp_path):
+    output_dir = tmp_path / "out"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(EXAMPLE), *_example_arguments(imagefolder, output_dir)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=_env(), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert result.stdout.count("pruned/dense") == 1, "only the main process prints the table"
+    _assert_saved_model_matches_its_plan(output_dir)
+
+
+def test_example_pushes_the_pruned_model_and_card_without_the_token(imagefolder, tmp_path):
+    output_dir = tmp_path / "out"
+    arguments = [*_example_arguments(imagefolder, output_dir), "--push_to_hub", "true",
+                 "--hub_model_id", "user/tiny-vit-pruned", "--hub_token", TOKEN]
+    with FakeHub(lifetime=300) as hub:
+        env = _env(HF_ENDPOINT=hub.url, HF_HUB_OFFLINE="0", HF_HOME=str(tmp_path / "hf_home"))
+        result = subprocess.run([sys.executable, str(EXAMPLE), *arguments], capture_output=True, text=True,
+                                timeout=600, env=env, cwd=tmp_path)
+    assert result.returncode == 0, f"{result.stderr[-4000:]}\nunhandled: {hub.unhandled}"
+    (commit,) = [c for c in hub.commits if c.repo_id == "user/tiny-vit-pruned"]
+    uploaded = set(commit.files) | set(commit.lfs_files)
+    assert {"config.json", "model.safetensors", "modeling.py", "architectures.py", "fileio.py", "README.md",
+            "pruning_config.json", "pruning_plan.json"} <= uploaded
+    assert not any(name.startswith(("admm/", "finetune/")) for name in uploaded), "checkpoints stay local"
+    card = commit.files["README.md"].decode()
+    assert "library_name: hf_vitprune" in card and "pipeline_tag: image-classification" in card
+    for content in commit.files.values():
+        assert TOKEN.encode() not in content
+    for path in output_dir.rglob("*"):
+        if path.is_file():
+            assert TOKEN.encode() not in path.read_bytes(), f"the token leaked into {path}"
+    assert TOKEN not in result.stdout and TOKEN not in result.stderr
+
+
+def _readme_quickstart_command() -> list[str]:
+    """The part of the README's first command that runs the job (the install steps are CI's)."""
+    readme = (REPO / "README.md").read_text()
+    block = re.search(r"```bash\n(.*?)```", readme, re.S).group(1)
+    first = next(line for line in block.splitlines() if line.strip() and not line.startswith("#"))
+    run = first.split("&&")[-1].split()
+    assert run[:2] == ["python", "examples/prune_imagenet.py"], first
+    return [sys.executable, str(REPO / run[1]), *run[2:]]
+
+
+def test_readme_quickstart_card_reports_the_printed_figures(tmp_path):
+    result = subprocess.run(_readme_quickstart_command(), capture_output=True, text=True, timeout=900,
+                            env=_env(), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-4000:]
+    printed = {}
+    for line in result.stdout.splitlines():
+        match = re.match(r"^(top-1 accuracy|parameters|GFLOPs / image|latency ms \(batch 1\)|images/s \(batch 64\))"
+                         r"\s+(\S+)\s+(\S+)\s+\S+$", line)
+        if match:
+            printed[match.group(1)] = (match.group(2), match.group(3))
+    assert len(printed) == 5, result.stdout[-3000:]
+    output_dir = tmp_path / "outputs" / "vit-digits-gohsp"
+    report = json.loads((output_dir / "pruning_report.json").read_text())
+    card = (output_dir / "README.md").read_text()
+    assert printed["parameters"] == (f"{report['dense']['params']:,}", f"{report['pruned']['params']:,}")
+    assert printed["top-1 accuracy"] == (f"{report['metrics_dense']['accuracy']:.4f}",
+                                         f"{report['metrics_pruned']['accuracy']:.4f}")
+    speed = report["speed"]
+    assert printed["latency ms (batch 1)"] == (f"{speed['dense']['latency_ms']:.3f}",
+                                               f"{speed['pruned']['latency_ms']:.3f}")
+    assert printed["images/s (batch 64)"] == (f"{speed['dense']['throughput']:.1f}",
+                                              f"{speed['pruned']['throughput']:.1f}")
+    for dense, pruned in printed.values():
+        if not dense.startswith("0.00"):  # GFLOPs print with more digits than the card's raw FLOP counts
+            assert dense in card and pruned in card, (dense, pruned)
+    assert abs(1 - report["pruned"]["params"] / report["dense"]["params"] - 0.4) <= 0.005
