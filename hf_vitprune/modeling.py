@@ -18,6 +18,7 @@ import os
 import re
 from pathlib import Path
 
+import torch
 from torch import nn
 from transformers import (
     AutoConfig,
@@ -104,7 +105,21 @@ class PrunedModelMixin:
                 f"per_layer_config does not describe these weights: re-save the model with save_pretrained, or "
                 f"correct per_layer_config."
             )
+        _own_aligned_memory(model)
         return (model, info) if output_loading_info else model
+
+
+def _own_aligned_memory(model: nn.Module) -> None:
+    """Copy tensors that are unaligned views into the checkpoint's memory map into fresh memory.
+
+    Pruned widths (26 neurons, say) put many tensors at offsets in model.safetensors that are not
+    64-byte aligned; the CPU BLAS then takes other kernels than for the in-memory model's freshly
+    allocated weights, and logits differ in the last bit. Fresh (aligned) copies keep them identical.
+    """
+    with torch.no_grad():
+        for tensor in (*model.parameters(), *model.buffers()):
+            if tensor.data_ptr() % 64:
+                tensor.data = tensor.data.clone()
 
 
 def adopt_config(model: nn.Module, old: PreTrainedConfig, new: PreTrainedConfig) -> None:

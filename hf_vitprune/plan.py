@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import operator
 import os
+import re
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,23 +17,39 @@ from .architectures import find_encoder_layers
 PLAN_FILE = "pruning_plan.json"
 
 
+def _as_int(value: object) -> int | None:
+    """``value`` as an int if it is one (or a JSON object key spelling one), else None: no silent 1.5 -> 1."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, str):
+        return int(value) if re.fullmatch(r"-?\d+", value.strip()) else None
+    try:
+        return operator.index(value)  # int, numpy/torch integers
+    except TypeError:
+        return None
+
+
 def _index_map(name: str, value: object) -> dict[int, list[int]]:
     if not isinstance(value, dict):
         raise ValueError(f"PruningPlan.{name} must map layer index -> list of kept indices, got {type(value).__name__}.")
     result = {}
     for layer, kept in value.items():
-        try:
-            layer_index = int(layer)
-        except (TypeError, ValueError):
-            raise ValueError(f"PruningPlan.{name} has layer key {layer!r}; layer keys must be integers.") from None
+        layer_index = _as_int(layer)
+        if layer_index is None:
+            raise ValueError(f"PruningPlan.{name} has layer key {layer!r}; layer keys must be integers.")
         if layer_index < 0:
             raise ValueError(f"PruningPlan.{name} has negative layer index {layer_index}; use 0-based indices.")
         if isinstance(kept, (str, bytes)) or not hasattr(kept, "__iter__"):
             raise ValueError(f"PruningPlan.{name}[{layer_index}] must be a list of integers, got {kept!r}.")
-        indices = [int(i) for i in kept]
+        indices = [_as_int(i) for i in kept]
+        if any(i is None for i in indices):
+            bad = [i for i, parsed in zip(kept, indices) if parsed is None]
+            raise ValueError(
+                f"PruningPlan.{name}[{layer_index}] has non-integer indices {bad}; indices must be integers."
+            )
         if any(i < 0 for i in indices):
             raise ValueError(f"PruningPlan.{name}[{layer_index}] has a negative index: {sorted(indices)}.")
-        duplicates = sorted({i for i in indices if indices.count(i) > 1})
+        duplicates = sorted(i for i, n in Counter(indices).items() if n > 1)
         if duplicates:
             raise ValueError(
                 f"PruningPlan.{name}[{layer_index}] lists {duplicates} more than once; each kept index must appear once."

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 
 from torch import nn
 
-from .architectures import EncoderLayer, find_encoder_layers, find_shared_position_bias, num_tokens
+from .architectures import EncoderLayer, family_of, find_encoder_layers, find_shared_position_bias, num_tokens
 from .plan import PruningPlan
 
 
@@ -107,6 +107,9 @@ def _flops_outside_encoder(modules: list[nn.Module]) -> int:
 
 def model_stats(model: nn.Module, plan: PruningPlan | None = None) -> ModelStats:
     """Total and per-layer parameters and FLOPs per image; with ``plan``, those the plan would leave."""
+    family_of(model)  # other architectures (Swin, masked-image heads) would get silently wrong numbers
+    if plan is not None:
+        plan.validate(model)
     layers = find_encoder_layers(model)
     tokens = num_tokens(model)
     outside, outside_params = _outside_encoder(model, layers)

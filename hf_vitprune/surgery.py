@@ -94,8 +94,9 @@ class UnitMasks:
 def attach_masks(model: nn.Module, plan: PruningPlan | None = None) -> UnitMasks:
     """Attach gates to every head and MLP neuron of ``model``; with ``plan``, close the dropped ones."""
     family_of(model)
+    if plan is not None:
+        plan.validate(model)  # before hooking anything: a bad plan must not leave gates attached
     masks = UnitMasks(model)
     if plan is not None:
-        plan.validate(model)
         masks.set_plan(plan)
     return masks
