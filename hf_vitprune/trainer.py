@@ -116,13 +116,17 @@ class PruningTrainer(Trainer):
                 f"Raise num_train_epochs or max_steps."
             )
         admm_steps = min(max(1, round(total * self.pruning_config.admm_fraction)), total - 1)
+        admm_history: list[dict] = []
         try:
             if saved is None or saved.phase == "admm":
                 self._run_admm(admm_steps, base_output_dir, checkpoint if saved else None, saved, trial, **kwargs)
+                admm_history = list(self.state.log_history)
                 checkpoint = None
             else:
                 self._restore_compacted(saved)
             output = self._run_finetune(total - admm_steps, base_output_dir, checkpoint, trial, **kwargs)
+            # each phase is its own Trainer run with a fresh state: keep the ADMM phase's logs too
+            self.state.log_history = admm_history + self.state.log_history
         finally:
             self.args.output_dir, self.args.max_steps = base_output_dir, base_max_steps
         if self.eval_dataset is not None:

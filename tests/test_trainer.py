@@ -273,3 +273,39 @@ def test_nan_loss_during_admm_stops_and_keeps_the_last_checkpoint(tmp_path):
     assert all(torch.isfinite(t).all() for t in weights.values())
     assert json.loads((checkpoint / "pruning_state.json").read_text())["phase"] == "admm"
     assert not (tmp_path / "admm" / "checkpoint-6").exists()
+
+
+# --------------------------------------------------------------------------- TrainingArguments keep working
+
+
+def test_gradient_accumulation_matches_the_larger_batch(tmp_path):
+    """2 x 4 accumulated equals 1 x 8: label loss, ADMM penalty and distillation are all scaled per step.
+
+    Plain SGD, so that the comparison is about the gradients: Adam turns the rounding noise of
+    near-zero gradients (k_proj's bias) into full-size updates.
+    """
+    runs = []
+    for batch, accumulation in ((8, 1), (4, 2)):
+        args = arguments(tmp_path / f"b{batch}", per_device_train_batch_size=batch,
+                         gradient_accumulation_steps=accumulation, train_sampling_strategy="sequential",
+                         optim="sgd", learning_rate=0.05)
+        trainer = PruningTrainer(model=tiny_vit(), args=args, train_dataset=random_images(),
+                                 pruning_config=pruning())
+        trainer.train()
+        runs.append(trainer)
+    assert runs[0].plan == runs[1].plan
+    for name, tensor in runs[0].model.state_dict().items():
+        torch.testing.assert_close(runs[1].model.state_dict()[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_each_phase_logs_its_pruning_metrics(tmp_path):
+    trainer = PruningTrainer(model=tiny_vit(), args=arguments(tmp_path, logging_steps=1), train_dataset=random_images(),
+                             pruning_config=pruning())
+    trainer.train()
+    admm = [log for log in trainer.state.log_history if log.get("phase_admm") == 1.0 and "loss" in log]
+    finetune = [log for log in trainer.state.log_history if log.get("phase_admm") == 0.0 and "loss" in log]
+    assert admm and finetune
+    for key in ("admm_penalty", "admm_residual", "kept_heads", "kept_neurons", "params", "flops", "label_loss"):
+        assert key in admm[-1], key
+    assert admm[-1]["admm_penalty"] > 0 and 0 < admm[-1]["admm_residual"]
+    assert "distillation_loss" in finetune[-1] and finetune[-1]["params"] == model_stats(trainer.model).params
