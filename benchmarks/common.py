@@ -1,0 +1,267 @@
+"""What every part of the benchmark shares: the settings, the data, the dense model, the argument builders."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForImageClassification, Trainer, TrainingArguments, ViTConfig, ViTForImageClassification
+
+from hf_vitprune import PruningConfig
+from hf_vitprune.metrics import make_compute_metrics
+
+DENSE_INFO_FILE = "benchmark_dense.json"
+
+
+@dataclass
+class Settings:
+    """Everything that decides the figures; saved in the results JSON so a run can be reproduced."""
+
+    dataset: str  # "fashion_mnist" or "digits"
+    model: dict  # ViTConfig keyword arguments of the dense reference
+    dense_epochs: float
+    dense_learning_rate: float
+    prune_epochs: float  # the same epoch budget for every method: ADMM + fine-tuning together
+    prune_learning_rate: float
+    batch_size: int
+    eval_batch_size: int
+    calibration_samples: int
+    admm_update_steps: int
+    logging_steps: int
+    methods: list[str]
+    sparsities: list[float]
+    seeds: list[int]
+    threads: int  # torch threads for training and evaluation, per process
+    workers: int  # pruning runs in parallel, one process each
+    speed_threads: int  # torch threads while timing inference and training steps
+    speed_repeats: int
+    step_repeats: int
+    memory_steps: int
+    cache_dir: str
+    output_dir: str
+    markdown_file: str
+    results_name: str
+    weight_decay: float = 0.05
+    warmup: float = 0.05  # fraction of each phase's steps (TrainingArguments.warmup_steps < 1)
+    admm_fraction: float = 0.5
+    distillation_weight: float = 0.5
+    max_train_samples: int | None = None
+    augment: bool = False  # random flips and shifts of the training images (dense training and pruning runs)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @property
+    def results_path(self) -> Path:
+        return Path(self.output_dir) / f"{self.results_name}.json"
+
+    @property
+    def plot_path(self) -> Path:
+        return Path(self.output_dir) / f"{self.results_name}_accuracy.png"
+
+
+# Fashion-MNIST: 28x28 grey images in 4x4 patches (49 tokens + CLS). Chosen on the validation split
+# (see BENCHMARKS.md, "How the dense model was chosen") for >= 90% accuracy within the time budget.
+FASHION_MNIST = dict(
+    dataset="fashion_mnist",
+    model=dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, intermediate_size=128,
+               image_size=28, patch_size=4, num_channels=1),
+    dense_epochs=15,
+    dense_learning_rate=2e-3,
+    prune_epochs=1.5,
+    prune_learning_rate=1e-3,
+    batch_size=128,
+    eval_batch_size=500,
+    calibration_samples=256,
+    admm_update_steps=20,
+    logging_steps=50,
+    methods=["gohsp", "magnitude", "taylor", "random"],
+    sparsities=[0.4, 0.6],
+    seeds=[0, 1],
+    threads=1,
+    workers=2,
+    speed_threads=1,
+    speed_repeats=7,
+    step_repeats=15,
+    memory_steps=20,
+    cache_dir="outputs/benchmark-dense-fashion-mnist",
+    output_dir="benchmarks/results",
+    markdown_file="BENCHMARKS.md",
+    results_name="fashion_mnist",
+)
+
+# Smoke run on scikit-learn's digits: the quickstart's architecture, few epochs, few repeats.
+DIGITS_QUICK = dict(
+    FASHION_MNIST,
+    dataset="digits",
+    model=dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, intermediate_size=128,
+               image_size=8, patch_size=2, num_channels=1),
+    dense_epochs=15,
+    dense_learning_rate=3e-3,
+    prune_epochs=3,
+    prune_learning_rate=2e-3,
+    batch_size=64,
+    eval_batch_size=512,
+    calibration_samples=64,
+    admm_update_steps=5,
+    logging_steps=10,
+    workers=1,
+    speed_repeats=5,
+    step_repeats=5,
+    memory_steps=5,
+    cache_dir="outputs/benchmark-dense-digits",
+    output_dir="outputs/benchmarks-quick",
+    markdown_file="outputs/benchmarks-quick/BENCHMARKS.md",
+    results_name="digits_quick",
+)
+
+
+class InMemoryImages(torch.utils.data.Dataset):
+    """A split held as two tensors; items are ``{"pixel_values", "labels"}`` dicts, like the datasets' rows.
+
+    Reading rows one by one from an Arrow-backed ``datasets.Dataset`` costs about a quarter of a
+    millisecond per image, a noticeable share of a small model's training step; indexing tensors does not.
+    """
+
+    def __init__(self, pixel_values: torch.Tensor, labels: torch.Tensor, names: list[str], augment: bool = False):
+        self.pixel_values, self.labels, self.names = pixel_values, labels, list(names)
+        self.augment = augment  # random horizontal flip and shift by up to 2 pixels, per image
+
+    @classmethod
+    def from_dataset(cls, dataset) -> InMemoryImages:
+        rows = dataset[:]
+        return cls(rows["pixel_values"].contiguous(), rows["labels"].long(), dataset.features["labels"].names)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index):
+        pixels = self.pixel_values[index]
+        if self.augment and isinstance(index, int):
+            pixels = _augment(pixels)
+        return {"pixel_values": pixels, "labels": self.labels[index]}
+
+    def head(self, count: int) -> InMemoryImages:
+        return InMemoryImages(self.pixel_values[:count], self.labels[:count], self.names, self.augment)
+
+
+def _augment(image: torch.Tensor, shift: int = 2) -> torch.Tensor:
+    """Random horizontal flip and random translation by up to ``shift`` pixels (background -1 fills the gap)."""
+    if torch.rand(()) < 0.5:
+        image = image.flip(-1)
+    padded = torch.nn.functional.pad(image, (shift, shift, shift, shift), value=-1.0)
+    top, left = torch.randint(0, 2 * shift + 1, (2,)).tolist()
+    return padded[..., top : top + image.shape[-2], left : left + image.shape[-1]]
+
+
+def load_data(settings: Settings) -> dict[str, InMemoryImages]:
+    """train/validation/test (validation carved from the training images, test held out), in memory."""
+    from hf_vitprune.data import load_digits_dataset, load_fashion_mnist
+
+    if settings.dataset == "fashion_mnist":
+        data = load_fashion_mnist()
+    elif settings.dataset == "digits":
+        data = load_digits_dataset(seed=0)
+    else:
+        raise ValueError(f"Unknown benchmark dataset {settings.dataset!r}; choose fashion_mnist or digits.")
+    splits = {name: InMemoryImages.from_dataset(split) for name, split in data.items()}
+    splits["train"].augment = settings.augment
+    if settings.max_train_samples is not None:
+        splits["train"] = splits["train"].head(settings.max_train_samples)
+    return splits
+
+
+def training_arguments(settings: Settings, output_dir: str | Path, *, epochs: float, learning_rate: float, seed: int,
+                       **overrides) -> TrainingArguments:
+    values = dict(num_train_epochs=epochs, per_device_train_batch_size=settings.batch_size,
+                  per_device_eval_batch_size=settings.eval_batch_size, learning_rate=learning_rate,
+                  weight_decay=settings.weight_decay, warmup_steps=settings.warmup, lr_scheduler_type="cosine",
+                  eval_strategy="no", save_strategy="no", logging_steps=settings.logging_steps, report_to=[],
+                  disable_tqdm=True, use_cpu=True, seed=seed, dataloader_num_workers=0)
+    values.update(overrides)
+    return TrainingArguments(str(output_dir), **values)
+
+
+def pruning_config(settings: Settings, method: str, sparsity: float, seed: int) -> PruningConfig:
+    return PruningConfig(method=method, target_sparsity=sparsity, calibration_samples=settings.calibration_samples,
+                         admm_update_steps=settings.admm_update_steps, admm_fraction=settings.admm_fraction,
+                         distillation_weight=settings.distillation_weight, random_seed=seed)
+
+
+def dense_identity(settings: Settings) -> dict:
+    """What the cached dense model must have been trained with to be reused."""
+    keys = ("dataset", "model", "dense_epochs", "dense_learning_rate", "batch_size", "weight_decay", "warmup",
+            "max_train_samples", "augment")
+    return {key: getattr(settings, key) for key in keys}
+
+
+def load_dense(settings: Settings):
+    """The cached dense reference, freshly loaded (each pruning run compacts its own copy in place)."""
+    return AutoModelForImageClassification.from_pretrained(settings.cache_dir)
+
+
+def train_or_reuse_dense(settings: Settings, data) -> dict:
+    """Train the dense ViT once (evaluating on the validation split every epoch) or reuse the cache.
+
+    Returns the training record (validation curve, seconds); a cache trained with other settings is
+    an error rather than a silent reuse.
+    """
+    cache = Path(settings.cache_dir)
+    info_path = cache / DENSE_INFO_FILE
+    if info_path.is_file():
+        info = json.loads(info_path.read_text())
+        if info["identity"] != dense_identity(settings):
+            raise SystemExit(
+                f"The dense model cached in {cache} was trained with other settings ({info['identity']}); "
+                f"delete the directory or pass another --cache_dir."
+            )
+        info["reused_from_cache"] = True
+        return info
+    labels = data["train"].names
+    torch.manual_seed(0)
+    config = ViTConfig(**settings.model, num_labels=len(labels), id2label=dict(enumerate(labels)),
+                       label2id={name: i for i, name in enumerate(labels)})
+    model = ViTForImageClassification(config)
+    args = training_arguments(settings, cache / "trainer", epochs=settings.dense_epochs,
+                              learning_rate=settings.dense_learning_rate, seed=0, eval_strategy="epoch")
+    trainer = Trainer(model=model, args=args, train_dataset=data["train"], eval_dataset=data["validation"],
+                      compute_metrics=make_compute_metrics())
+    started = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - started
+    curve = [{"epoch": e["epoch"], "validation_accuracy": e["eval_accuracy"]}
+             for e in trainer.state.log_history if "eval_accuracy" in e]
+    model.save_pretrained(cache)
+    info = {"identity": dense_identity(settings), "train_seconds": seconds, "validation_curve": curve,
+            "reused_from_cache": False}
+    info_path.write_text(json.dumps(info, indent=2) + "\n")
+    return info
+
+
+def batch_of(dataset, size: int) -> dict[str, torch.Tensor]:
+    """The first ``size`` examples as one batch dict of tensors."""
+    return dataset[: min(size, len(dataset))]
+
+
+def peak_rss_bytes() -> int:
+    """VmHWM of this process (peak resident set since start or the last :func:`reset_peak_rss`)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("/proc/self/status has no VmHWM line; peak memory is measured on Linux only.")
+
+
+def current_rss_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("/proc/self/status has no VmRSS line; peak memory is measured on Linux only.")
+
+
+def reset_peak_rss() -> None:
+    """Reset VmHWM to the current RSS (Linux >= 4.0: write 5 to /proc/self/clear_refs)."""
+    Path("/proc/self/clear_refs").write_text("5")

@@ -1,0 +1,72 @@
+"""The benchmark's quick mode end to end: every run is in the JSON, the numbers are sane, the reports exist."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+METHODS = ["gohsp", "magnitude", "taylor", "random"]
+SPARSITIES = [0.4, 0.6]
+SEEDS = [0, 1]
+
+import matplotlib  # noqa: E402,F401  (in the test extra: a missing plotting library must fail, not skip)
+import sklearn  # noqa: E402,F401
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    # The quick mode with the shortest schedule that still trains: this checks the pipeline, not the targets.
+    command = [sys.executable, "-m", "benchmarks.run", "--quick", "--output_dir", str(out / "results"),
+               "--markdown_file", str(out / "BENCHMARKS.md"), "--cache_dir", str(out / "dense"),
+               "--dense_epochs", "4", "--prune_epochs", "1", "--max_train_samples", "512"]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    completed = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    return out
+
+
+def test_every_method_sparsity_and_seed_is_in_the_json(quick_run):
+    results = json.loads((quick_run / "results" / "digits_quick.json").read_text())
+    runs = {(r["method"], r["sparsity"], r["seed"]) for r in results["runs"]}
+    assert runs == {(m, s, seed) for m in METHODS for s in SPARSITIES for seed in SEEDS}
+    rows = {(r["method"], r["sparsity"]) for r in results["summary"]["rows"]}
+    assert rows == {(m, s) for m in METHODS for s in SPARSITIES}
+    assert {t["id"] for t in results["summary"]["targets"]} >= {"accuracy_40", "gohsp_best_at_60", "admm_step", "memory"}
+
+
+def test_the_numbers_are_plausible(quick_run):
+    results = json.loads((quick_run / "results" / "digits_quick.json").read_text())
+    dense = results["dense"]
+    assert dense["split_sizes"]["test"] == 270
+    assert 0.1 <= dense["test"]["accuracy"] <= 1
+    for run in results["runs"]:
+        assert 0 <= run["test_accuracy"] <= 1
+        assert abs(run["achieved_sparsity"] - run["sparsity"]) <= 0.01, run
+        assert run["flops"] < dense["flops"] and run["params"] < dense["params"]
+        assert run["flops_speedup"] > 1
+        speed = run["speed"]
+        assert speed["repeats"] >= 5 and speed["batch_size_latency"] == 1 and speed["batch_size_throughput"] == 64
+        assert speed["pruned"]["latency_ms"] > 0 and speed["dense"]["throughput"] > 0
+        assert run["throughput_speedup_over_flops_speedup"] > 0
+        assert 0 <= run["ranking_share"] < 1
+    step = results["training_step"]
+    assert 0 < step["plain_step_seconds"] and step["ratio"] > 0.2
+    memory = results["memory"]
+    assert memory["plain"]["peak_delta_bytes"] > 0 and memory["admm"]["peak_delta_bytes"] > 0
+    assert results["total_seconds"] > 0
+
+
+def test_table_and_plot_are_written(quick_run):
+    markdown = (quick_run / "BENCHMARKS.md").read_text()
+    for method in METHODS:
+        assert f"| {method} |" in markdown
+    assert "## Targets" in markdown and "digits_quick_accuracy.png" in markdown
+    plot = quick_run / "results" / "digits_quick_accuracy.png"
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
