@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import statistics
 from pathlib import Path
@@ -185,41 +186,82 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+def _why_accuracy(target: dict, results: dict) -> str:
+    settings = results["settings"]
+    drops = ", ".join(f"{method} {drop:+.2f}" for method, drop in target["detail"]["drop_points_by_method"].items())
+    residuals = [r["admm_residual_last_logged"] for r in results["runs"]
+                 if r["method"] == "gohsp" and abs(r["sparsity"] - 0.4) < 1e-9 and r.get("admm_residual_last_logged")]
+    residual = (f" (||W - Z|| / ||W|| was still {_mean(residuals):.2f} at the end of ADMM)" if residuals else "")
+    per_epoch = math.ceil(results["dense"]["split_sizes"]["train"] / settings["batch_size"])
+    admm_steps = round(math.ceil(settings["prune_epochs"] * per_epoch) * settings["admm_fraction"])
+    final_rho = 1e-3 * 1.3 ** (admm_steps // settings["admm_update_steps"])
+    return (
+        f"Drops at 40% (points, mean over seeds): {drops}. What limits it is the training budget: each pruning run "
+        f"gets {settings['prune_epochs']:g} epochs in all ({settings['admm_fraction']:.0%} of them ADMM on the "
+        f"full-width model, the rest distilled fine-tuning of the compacted model with a fresh optimizer), against "
+        f"{settings['dense_epochs']:g} epochs for the dense model, and the hard prune at the end of ADMM removes "
+        f"units whose weights ADMM has only pulled part of the way to zero{residual}: rho grows from 1e-3 by x1.3 "
+        f"every {settings['admm_update_steps']} steps, to {final_rho:.2g} by the end of the phase "
+        f"({admm_steps} steps). What would close it: a fine-tuning budget closer to the original "
+        f"training (GOHSP fine-tunes for as long again), a longer ADMM phase or a faster rho schedule so that W "
+        f"already lies on Z when it is pruned; both cost run time this 60-minute benchmark does not have."
+    )
+
+
+def _why_ranking(target: dict, results: dict) -> str:
+    detail = target["detail"]
+    model = results["settings"]["model"]
+    noise = "smaller than" if abs(detail["margin_points"]) <= detail["largest_seed_std_points"] else "larger than"
+    return (
+        f"The gap is {noise} the spread between seeds ({detail['largest_seed_std_points']:.2f} points, "
+        f"{len(results['settings']['seeds'])} seeds), so this run cannot tell the two apart. The graph ranking "
+        f"only decides the heads ({model['num_hidden_layers'] * model['num_attention_heads']} of them here); the "
+        "MLP neurons, which hold about as many of the prunable parameters, are ranked by gohsp with the same group "
+        "norm as magnitude, while taylor scores both kinds by first-order importance. What would close it: more "
+        "seeds to resolve differences this small, a model with more heads per layer (where the head ranking "
+        "decides more of the budget), and tuning importance_alpha on the validation split."
+    )
+
+
+def _why_speed(target: dict, results: dict) -> str:
+    widths = next((r["neurons_per_layer"] for r in results["runs"] if r["method"] == "gohsp"), None)
+    example = f" (e.g. {', '.join(map(str, widths))} MLP neurons per layer)" if widths else ""
+    return (
+        "Pruning shrinks the matrix products of the heads and the MLP neurons, which is all that the FLOPs count; "
+        "it does not shrink the work on the residual stream (LayerNorms, residual adds, the patch embedding and the "
+        "classifier act on the full embedding width, which head/neuron pruning keeps), nor the fixed cost of "
+        "launching every operator, so the measured speedup falls short of the FLOPs ratio, more so the more is "
+        "pruned; the latency at batch 1, where those fixed costs dominate, gains least. Heterogeneous widths"
+        f"{example} also fall off the GEMM kernels' block sizes. What would close it: `round_neurons_to=16` and "
+        "`round_heads_to` in PruningConfig, pruning the embedding width too (the OFB search space), larger models "
+        "or batches where the matrix products dominate, and torch.compile to fuse the element-wise work."
+    )
+
+
+def _why_admm_step(target: dict, results: dict) -> str:
+    return (
+        "The penalty rho/2 ||W - Z + U||^2 adds a few element-wise operators per prunable tensor (forward and "
+        "backward) and the Z/U update re-ranks every unit; on a small model most of that is per-operator overhead, "
+        "not arithmetic. What would close it: adding rho (W - Z + U) to the gradients in one fused pass instead of "
+        "through autograd (torch._foreach ops), fewer Z/U updates (a larger admm_update_steps), larger batches."
+    )
+
+
+def _why_memory(target: dict, results: dict) -> str:
+    return (
+        "ADMM holds Z and U (two float32 copies of every prunable weight) and the distillation teacher (a frozen copy "
+        "of the dense model) on top of what plain fine-tuning holds, and the ranking runs its own calibration pass. "
+        "What would close it: creating the teacher only for the fine-tuning phase, keeping Z as a mask over W + U "
+        "instead of a copy, and U in bfloat16."
+    )
+
+
 WHY = {
-    "accuracy_40": (
-        "The budget: each pruning run gets {prune_epochs} epochs in all (half ADMM on the dense shapes, half "
-        "distilled fine-tuning of the compacted model), against {dense_epochs} epochs for the dense model, and the "
-        "hard prune at the end of ADMM removes weights that are not yet zero (the ADMM residual does not reach 0 "
-        "with rho growing from {rho} by x{growth} every {update} steps). What would close it: a longer fine-tuning "
-        "(GOHSP fine-tunes for as long as the original training), more ADMM rounds or a faster rho schedule so W "
-        "already lies on Z when it is pruned, and more seeds to resolve differences this small."
-    ),
-    "gohsp_best_at_60": (
-        "At this size (4 layers x 4 heads) the graph ranking has 16 heads to order and the budget is mostly "
-        "taken from MLP neurons, where gohsp uses the same group norm as magnitude; with {seeds} seeds the "
-        "difference is within the seed spread. What would close it: a model with more heads per layer (where the "
-        "head ranking decides more of the budget), a longer ADMM phase, and more seeds."
-    ),
-    "speedup_efficiency": (
-        "The model is small: per layer, fixed costs that pruning does not shrink (LayerNorm, softmax, GELU, "
-        "residual adds, the patch embedding, the classifier and the Python/dispatch overhead of every module) are a "
-        "large share of the time, and heterogeneous widths (e.g. 173 neurons) fall off the fast GEMM block sizes. "
-        "What would close it: `round_neurons_to=16`/`round_heads_to` in PruningConfig, larger models or batches "
-        "where the matrix products dominate, and torch.compile to fuse the element-wise work."
-    ),
-    "admm_step": (
-        "The penalty rho/2 ||W - Z + U||^2 is element-wise work over every prunable weight (forward and backward), "
-        "and the Z/U update re-ranks every unit; on a small model with few tokens per batch the matrix products "
-        "that dominate a plain step are cheap, so this fixed per-parameter cost weighs more. What would close it: "
-        "fusing the penalty gradient into the optimizer step (add rho (W - Z + U) to the gradient in one pass "
-        "instead of through autograd), fewer Z/U updates (a larger admm_update_steps), larger batches."
-    ),
-    "memory": (
-        "ADMM holds Z and U (two float32 copies of every prunable weight) and the distillation teacher (a frozen "
-        "copy of the dense model) on top of what plain fine-tuning holds; the ranking's calibration pass adds "
-        "activations of its own. What would close it: creating the teacher only for the fine-tuning phase, "
-        "storing Z as a mask (Z = (W + U) on the kept units) instead of a full copy, and U in bfloat16."
-    ),
+    "accuracy_40": _why_accuracy,
+    "gohsp_best_at_60": _why_ranking,
+    "speedup_efficiency": _why_speed,
+    "admm_step": _why_admm_step,
+    "memory": _why_memory,
 }
 
 
@@ -231,13 +273,19 @@ def write_markdown(results: dict, path: Path, plot: Path) -> None:
     dense_name = "Fashion-MNIST" if settings["dataset"] == "fashion_mnist" else "scikit-learn digits"
     model = settings["model"]
     minutes = results.get("total_seconds", 0) / 60
+    if dense["training"].get("reused_from_cache"):
+        dense_minutes = dense["training"]["train_seconds"] / 60
+        runtime = (f"{minutes:.1f} minutes, reusing the dense model that the same command trained and cached in "
+                   f"{dense_minutes:.1f} minutes: {minutes + dense_minutes:.1f} minutes from scratch")
+    else:
+        runtime = f"{minutes:.1f} minutes in all, dense training included"
     out = [
         "# Benchmarks",
         "",
         f"Structured pruning of a small ViT on {dense_name}: GOHSP against magnitude, Taylor and random "
         "importance, same pipeline and the same epoch budget for each. Every figure below was measured by "
         f"`{results['command']}` on {results.get('finished', results.get('started'))[:10]} "
-        f"({minutes:.1f} minutes in all) on {env['hardware']} ({env['cpu_count']} cores, "
+        f"({runtime}) on {env['hardware']} ({env['cpu_count']} cores, "
         f"{env['workers']} pruning runs in parallel with {env['torch_threads']} torch thread(s) each, "
         f"{env['speed_threads']} thread(s) for timing, after all training); the raw "
         f"figures are in `{_rel(Path(settings['output_dir']) / (settings['results_name'] + '.json'), path)}`.",
@@ -247,7 +295,7 @@ def write_markdown(results: dict, path: Path, plot: Path) -> None:
         "```bash",
         "apt-get update && apt-get install -y dataset-fashion-mnist   # the data, in /usr/share/datasets/fashion-mnist",
         'pip install -e ".[bench]"',
-        "python -m benchmarks.run           # full run, ~40 min on 2 CPU cores; the dense ViT is cached in "
+        "python -m benchmarks.run           # full run, ~30 min on 2 CPU cores; the dense ViT is cached in "
         f"{FASHION_DEFAULT_CACHE}",
         "python -m benchmarks.run --quick   # smoke run on scikit-learn's digits, < 3 min, writes outputs/benchmarks-quick/",
         "python -m benchmarks.run --report_only   # rebuild this file and the plot from the JSON",
@@ -265,9 +313,12 @@ def write_markdown(results: dict, path: Path, plot: Path) -> None:
         f"tokens + CLS); {dense['params']:,} parameters, {dense['flops'] / 1e6:.2f} MFLOPs per image. Trained "
         f"{settings['dense_epochs']:g} epochs, AdamW lr {settings['dense_learning_rate']:g}, weight decay "
         f"{settings['weight_decay']:g}, cosine schedule, batch {settings['batch_size']}: validation "
-        f"{100 * dense['validation']['accuracy']:.2f}%, **test {100 * dense_acc:.2f}%** (training took "
+        f"{100 * dense['validation']['accuracy']:.2f}%, **test {100 * dense_acc:.2f}%**"
+        + (f", {100 * (0.9 - dense_acc):.2f} points under the 90% asked for (see \"How the dense model was chosen\")"
+           if settings["dataset"] == "fashion_mnist" and dense_acc < 0.9 else "")
+        + f". Training took "
         f"{dense['training']['train_seconds'] / 60:.1f} min; this run "
-        f"{'reused the cached model' if dense['training'].get('reused_from_cache') else 'trained it'}).",
+        f"{'reused the cached model' if dense['training'].get('reused_from_cache') else 'trained it'}.",
         f"- **Pruning**: `PruningTrainer` with methods {', '.join(settings['methods'])}; parameter sparsity "
         f"{', '.join(f'{s:.0%}' for s in settings['sparsities'])}; seeds {settings['seeds']} (training order and "
         f"the random baseline's scores). Each run: {settings['prune_epochs']:g} epochs in all "
@@ -313,19 +364,19 @@ def write_markdown(results: dict, path: Path, plot: Path) -> None:
     missed = [t for t in summary["targets"] if not t["met"]]
     if missed:
         out += ["### Where a target is missed", ""]
-        values = dict(prune_epochs=f"{settings['prune_epochs']:g}", dense_epochs=f"{settings['dense_epochs']:g}",
-                      rho="1e-3", growth="1.3", update=settings["admm_update_steps"], seeds=len(settings["seeds"]))
+        explained = set()
         for t in missed:
             key = "speedup_efficiency" if t["id"].startswith("speedup_efficiency") else t["id"]
-            out += [f"- **{t['target']}**: {t['measured']}, missed by {t['miss_by']}. "
-                    + WHY[key].format(**values), ""]
+            why = WHY[key](t, results) if key not in explained else "Same limits as above."
+            explained.add(key)
+            out += [f"- **{t['target']}**: {t['measured']}, missed by {t['miss_by']}. " + why, ""]
 
     step, memory = results.get("training_step"), results.get("memory")
     out += ["## Cost of the pipeline", ""]
     if step:
         out += [
             f"**One ADMM step against one plain step** (dense-shaped model, the same batch of {step['batch_size']}, "
-            f"{step['torch_threads']} torch threads, interleaved, median of {step['repeats']}; see "
+            f"{step['torch_threads']} torch thread(s), interleaved, median of {step['repeats']}; see "
             "`benchmarks/measure.py`): both run `PruningTrainer.compute_loss` + backward + AdamW step, the ADMM one "
             "with the penalty rho/2 ||W - Z + U||^2; the Z/U update (projection onto the budget) runs every "
             f"{step['admm_update_steps']} steps and is charged to each step pro rata.",
@@ -390,24 +441,30 @@ FASHION_DEFAULT_CACHE = "outputs/benchmark-dense-fashion-mnist"
 
 SIZING_NOTE = {
     "fashion_mnist": """\
-The model was chosen on the validation split only (the test split was not looked at), with short runs of
-`python -m benchmarks.sizing` (one torch thread, two candidates at a time on the 2 cores). Requirements: at
-least 90% accuracy, and the whole benchmark (dense training, 16 pruning runs, timings) within 60 minutes on
-2 CPU cores, which leaves the dense model about 15 minutes and each pruning run a few minutes.
+The model was chosen on the validation split (the accuracy figures in this section are all validation
+accuracy), with runs of `python -m benchmarks.sizing` (one torch thread, two candidates at a time on the 2
+cores) and two runs of this benchmark that were stopped after (or during) the dense model's training.
+Requirements: at least 90% accuracy, and the whole benchmark (dense training, 16 pruning runs, timings) within
+60 minutes on 2 CPU cores.
 
 | candidate (4 layers unless said) | params | s / epoch | validation accuracy (epoch: %) | outcome |
 |---|---|---|---|---|
-| hidden 96, 4 heads, MLP 192, 7x7 patches, 8 epochs | 306,826 | 47 | 1: 80.3, 4: 85.9, 7: 88.7, 8: 88.5 | too few epochs |
-| hidden 96, 6 heads, MLP 192, 7x7 patches, 10 epochs | 306,826 | 44 | 1: 80.6, 5: 86.8, 9: 89.2, 10: 89.1 | **chosen**, with 20 epochs |
-| the same with random flips and 2-pixel shifts | 306,826 | 44 | 1: 73.8, 5: 82.2 | slower to learn; stopped |
+| hidden 96, 4 heads, MLP 192, 7x7 patches, 8 epochs | 306,826 | 47 | 1: 80.3, 4: 85.9, 7: 88.7, 8: 88.5 | too short |
+| hidden 96, 6 heads, MLP 192, 7x7 patches, 10 epochs | 306,826 | 44 | 1: 80.6, 5: 86.8, 9: 89.2, 10: 89.1 | too short |
+| **the same, 20 epochs** (benchmark run; this model) | 306,826 | 42 | 10: 88.7, 12: 89.6, 16: 89.5, 19: 89.9, 20: 89.8 | **chosen**: the best found |
+| the same with random flips and 2-pixel shifts, 10 epochs | 306,826 | 44 | 1: 73.8, 5: 82.2 | slower to learn; stopped |
 | hidden 128, 4 heads, MLP 256, 7x7 patches, 8 epochs | ~0.54 M | ~100 | 1: 76.1, 4: 85.6, 7: 88.3 | no better, twice the cost; stopped |
-| hidden 64, 4 heads, MLP 128 / 256, 4x4 patches | 0.14 / 0.21 M | 130-150 | 1: 79.1 / 75.8 (lr 3e-3) | 3x the cost per epoch; stopped |
-| hidden 64, 3 layers, 4 heads, MLP 128, 4x4 patches | ~0.1 M | ~65 | 1: 79.1, 2: 82.7, 3: 84.4 | no faster to learn per epoch; stopped |
+| hidden 64, 4 heads, MLP 256, 4x4 patches, lr 3e-3 | ~0.21 M | 130-150 | 1: 75.8 | too slow for the budget; stopped |
+| hidden 64, 3 layers, 4 heads, MLP 128, 4x4 patches, 6 epochs | ~0.10 M | ~65 | 1: 79.1, 2: 82.7, 3: 84.4 | stopped |
+| hidden 64, 4 heads, MLP 128, 4x4 patches, 15 epochs (benchmark run) | 139,018 | ~70 | 1: 77.9, 8: 87.3, 12: 88.9, 14: 88.9 | below the chosen one at 1.7x the cost; stopped |
 
-Six heads rather than four: the same cost and accuracy, and more heads for the graph ranking to order. The
-validation curve was still rising by about 0.3 points per epoch at epoch 10, hence 20 epochs (its curve is
-above). The pruning runs' learning rate (half the dense one) and the rest of the pruning recipe (library
-defaults) were not tuned.""",
+Six heads rather than four: the same cost and accuracy, and more heads for the graph ranking to order. No
+candidate that fits the 60-minute budget reached 90% on validation: 7x7 patches level off just under 90%,
+and 4x4 patches (49 tokens instead of 16) cost about twice as much per image, so within the budget they got
+fewer epochs and ended lower. The dense model therefore misses the 90% requirement (see its test accuracy
+above); what would likely reach it is more training than the budget allows (4x4 patches for 30+ epochs, or
+augmentation with a longer schedule), or a machine with more cores. The pruning runs' learning rate (half
+the dense one) and the rest of the pruning recipe (library defaults) were not tuned.""",
     "digits": "The quick mode uses the quickstart's architecture with few epochs; it checks the pipeline, not the targets.",
 }
 
