@@ -31,15 +31,12 @@ What is measured (every figure on the full test set, on this machine, in this pr
 
 from __future__ import annotations
 
-import dataclasses
-import gc
 import json
 import logging
 import multiprocessing
 import os
 import platform
 import shlex
-import statistics
 import sys
 import tempfile
 import time
