@@ -164,13 +164,17 @@ class PruningTrainer(Trainer):
         apply_plan(model, plan)
         self.model = self.model_wrapped = model
         stats = model_stats(model)
+        self._record_size(stats)
+        self._latest.update(params_ratio=stats.params / self.dense_stats.params,
+                            flops_ratio=stats.flops / self.dense_stats.flops)
+
+    def _record_size(self, stats) -> None:
+        """Log what a model (or a plan's prediction) keeps: heads, neurons, params, FLOPs."""
         self._latest.update(
-            params=stats.params,
-            flops=stats.flops,
-            params_ratio=stats.params / self.dense_stats.params,
-            flops_ratio=stats.flops / self.dense_stats.flops,
             kept_heads=sum(layer.heads for layer in stats.layers),
             kept_neurons=sum(layer.neurons for layer in stats.layers),
+            params=stats.params,
+            flops=stats.flops,
         )
 
     def _restore_compacted(self, saved: PruningState) -> None:
@@ -202,10 +206,11 @@ class PruningTrainer(Trainer):
             raise ValueError("The calibration set is empty: PruningTrainer needs a non-empty train_dataset.")
         count = min(self.pruning_config.calibration_samples, len(dataset))
         rank, world = self.accelerator.process_index, self.accelerator.num_processes
-        subset = torch.utils.data.Subset(dataset, list(range(rank, count, world)))
-        if hasattr(dataset, "column_names"):
-            subset = dataset.select(range(rank, count, world))
-            subset = self._remove_unused_columns(subset, description="calibration")
+        indices = range(rank, count, world)
+        if hasattr(dataset, "column_names"):  # a datasets.Dataset: select, and drop what the model does not take
+            subset = self._remove_unused_columns(dataset.select(indices), description="calibration")
+        else:
+            subset = torch.utils.data.Subset(dataset, list(indices))
         loader = torch.utils.data.DataLoader(
             subset, batch_size=self.args.per_device_eval_batch_size, collate_fn=self.data_collator
         )
@@ -248,15 +253,8 @@ class PruningTrainer(Trainer):
         self._log_plan(model, plan)
 
     def _log_plan(self, model, plan: PruningPlan) -> None:
-        stats = model_stats(model, plan)
-        self._latest.update(
-            admm_residual=float(self.admm.residual(model)),
-            admm_rho=float(self.admm.rho),
-            kept_heads=sum(layer.heads for layer in stats.layers),
-            kept_neurons=sum(layer.neurons for layer in stats.layers),
-            params=stats.params,
-            flops=stats.flops,
-        )
+        self._record_size(model_stats(model, plan))
+        self._latest.update(admm_residual=float(self.admm.residual(model)), admm_rho=float(self.admm.rho))
 
     # ------------------------------------------------------------------ loss and logging
 
