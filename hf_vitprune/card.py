@@ -284,11 +284,15 @@ def _recipe(report: PruningReport) -> list[str]:
             f"importance exponent {config['importance_alpha']}"
         )
     lines.append(ranking + ".")
+    if config.get("admm_rho_final") is not None:
+        growth = f"growing geometrically to {config['admm_rho_final']} at the last update"
+    else:
+        growth = f"growing ×{config['admm_rho_growth']} per update"
     lines.append(
         f"Schedule: ADMM for the first {config['admm_fraction']:.0%} of the optimizer steps (Z/U update every "
-        f"{config['admm_update_steps']} steps, rho from {config['admm_rho']} growing ×{config['admm_rho_growth']} per "
-        "update), then a hard prune to the ADMM solution, physical compaction, and fine-tuning of the compacted "
-        "model with a fresh optimizer for the remaining steps."
+        f"{config['admm_update_steps']} steps, rho from {config['admm_rho']} {growth}), then a hard prune to the "
+        "ADMM solution, physical compaction, and fine-tuning of the compacted model with a fresh optimizer for the "
+        "remaining steps."
     )
     if config["distillation_weight"] > 0:
         token = " (through the distillation token where the model has one)" if config["use_distillation_token"] else ""

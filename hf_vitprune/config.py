@@ -64,6 +64,12 @@ class PruningConfig:
     )
     admm_rho: float = field(default=1e-3, **_help("Initial ADMM penalty weight rho."))
     admm_rho_growth: float = field(default=1.3, **_help("rho is multiplied by this at every Z/U update."))
+    admm_rho_final: float | None = field(
+        default=None,
+        **_help("If set, rho grows geometrically from admm_rho to this value at the ADMM phase's last Z/U update, "
+                "whatever the phase's length (admm_rho_growth is then ignored). Use it for short runs, where a "
+                "fixed growth leaves rho too small for W to reach the sparse support before the hard prune."),
+    )
     admm_update_steps: int = field(default=20, **_help("Optimizer steps between ADMM Z/U updates."))
     admm_fraction: float = field(
         default=0.5, **_help("Share of the training steps spent in ADMM; the rest fine-tunes the compacted model.")
@@ -111,6 +117,11 @@ class PruningConfig:
                 raise ValueError(f"PruningConfig.{name}={getattr(self, name)} must be > 0.")
         if self.admm_rho_growth < 1:
             raise ValueError(f"PruningConfig.admm_rho_growth={self.admm_rho_growth} must be >= 1 (rho never shrinks).")
+        if self.admm_rho_final is not None and not self.admm_rho_final >= self.admm_rho:
+            raise ValueError(
+                f"PruningConfig.admm_rho_final={self.admm_rho_final} must be >= admm_rho={self.admm_rho} "
+                f"(rho never shrinks); leave it unset to grow by admm_rho_growth."
+            )
         if not 0 <= self.distillation_weight <= 1:
             raise ValueError(f"PruningConfig.distillation_weight={self.distillation_weight} must lie in [0, 1].")
         if self.importance_alpha < 0:

@@ -142,7 +142,7 @@ class PruningTrainer(Trainer):
             started = time.perf_counter()
             self.importance = self._rank_units()
             self._latest["ranking_seconds"] = time.perf_counter() - started
-            self._start_admm()
+            self._start_admm(steps)
         self.args.output_dir, self.args.max_steps = os.path.join(base_output_dir, "admm"), steps
         super().train(resume_from_checkpoint=checkpoint, trial=trial, **kwargs)
         model = self.accelerator.unwrap_model(self.model)
@@ -236,14 +236,25 @@ class PruningTrainer(Trainer):
             prune_neurons=config.prune_neurons,
         )
 
-    def _start_admm(self) -> None:
+    def _start_admm(self, steps: int) -> None:
         """Standard ADMM start: U = 0 and Z = the projection of the dense W onto the budget."""
         model = self.accelerator.unwrap_model(self.model)
         config = self.pruning_config
-        self.admm = ADMMState.initialize(model, config.admm_rho, rho_growth=config.admm_rho_growth)
+        growth = self._rho_growth(steps)
+        self.admm = ADMMState.initialize(model, config.admm_rho, rho_growth=growth)
         plan = self._project(model)
-        self.admm = ADMMState.initialize(model, config.admm_rho, rho_growth=config.admm_rho_growth, plan=plan)
+        self.admm = ADMMState.initialize(model, config.admm_rho, rho_growth=growth, plan=plan)
         self._log_plan(model, plan)
+
+    def _rho_growth(self, steps: int) -> float:
+        """admm_rho_growth, or the growth that takes rho to admm_rho_final at the phase's last Z/U update."""
+        config = self.pruning_config
+        updates = steps // config.admm_update_steps
+        if config.admm_rho_final is None:
+            return config.admm_rho_growth
+        if updates == 0:
+            return 1.0
+        return (config.admm_rho_final / config.admm_rho) ** (1.0 / updates)
 
     def admm_update(self) -> None:
         """Z = projection of W + U onto the budget, U += W - Z, rho grows; logs the residual and the plan."""

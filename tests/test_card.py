@@ -354,3 +354,13 @@ def test_write_trainer_card_after_a_real_run(tmp_path):
     checkpoint = write_trainer_card(trainer, tmp_path / "run" / "checkpoint-4")
     assert checkpoint is not None and "Speed was not measured" in checkpoint.text
     assert PruningReport.from_pretrained(tmp_path / "run" / "checkpoint-4").stage == "finetune-checkpoint"
+
+
+def test_recipe_states_the_rho_schedule_that_ran():
+    dense, pruned = tiny_models()
+    fixed = render_model_card(make_report()).text
+    assert "rho from 0.001 growing ×1.3 per update" in fixed
+    report = PruningReport.from_models(dense, pruned, plan=PLAN, created="2025-01-02T03:04:05+00:00",
+                                       pruning_config=PruningConfig(target_sparsity=0.4, admm_rho_final=0.5))
+    scheduled = render_model_card(report).text
+    assert "rho from 0.001 growing geometrically to 0.5 at the last update" in scheduled and "×1.3" not in scheduled

@@ -309,3 +309,20 @@ def test_each_phase_logs_its_pruning_metrics(tmp_path):
         assert key in admm[-1], key
     assert admm[-1]["admm_penalty"] > 0 and 0 < admm[-1]["admm_residual"]
     assert "distillation_loss" in finetune[-1] and finetune[-1]["params"] == model_stats(trainer.model).params
+
+
+@pytest.mark.parametrize("admm_steps, update_steps", [(6, 2), (7, 3)])
+def test_rho_final_is_reached_at_the_last_admm_update(tmp_path, admm_steps, update_steps):
+    config = pruning(admm_rho=1e-3, admm_rho_final=0.5, admm_update_steps=update_steps, admm_fraction=0.5)
+    trainer = PruningTrainer(model=tiny_vit(), args=arguments(tmp_path, max_steps=2 * admm_steps, logging_steps=1),
+                             train_dataset=random_images(), pruning_config=config)
+    trainer.train()
+    rhos = [log["admm_rho"] for log in trainer.state.log_history if log.get("phase_admm") == 1.0 and "admm_rho" in log]
+    assert trainer.admm.step == admm_steps // update_steps
+    assert trainer.admm.rho == pytest.approx(0.5, rel=1e-9)
+    assert rhos[0] < rhos[-1] == pytest.approx(0.5, rel=1e-3)
+
+
+def test_rho_final_below_the_initial_rho_is_rejected():
+    with pytest.raises(ValueError, match="admm_rho_final=0.0001 must be >= admm_rho=0.001"):
+        pruning(admm_rho=1e-3, admm_rho_final=1e-4)
