@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import subprocess
+import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,9 +52,12 @@ class Settings:
     weight_decay: float = 0.05
     warmup: float = 0.05  # fraction of each phase's steps (TrainingArguments.warmup_steps < 1)
     admm_fraction: float = 0.5
+    admm_rho_final: float | None = None  # PruningConfig.admm_rho_final (None: the default fixed growth)
     distillation_weight: float = 0.5
     max_train_samples: int | None = None
     augment: bool = False  # random flips and shifts of the training images (dense training and pruning runs)
+    label_smoothing: float = 0.0  # of the dense model's cross-entropy (TrainingArguments.label_smoothing_factor)
+    dense_processes: int = 1  # processes training the dense model together (torchrun, DDP); same global batch
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -70,8 +77,10 @@ FASHION_MNIST = dict(
     dataset="fashion_mnist",
     model=dict(hidden_size=96, num_hidden_layers=4, num_attention_heads=6, intermediate_size=192,
                image_size=28, patch_size=7, num_channels=1),
-    dense_epochs=20,
+    dense_epochs=60,
     dense_learning_rate=2e-3,
+    augment=True,
+    dense_processes=2,
     prune_epochs=2,
     prune_learning_rate=1e-3,
     batch_size=128,
@@ -102,6 +111,8 @@ DIGITS_QUICK = dict(
                image_size=8, patch_size=2, num_channels=1),
     dense_epochs=15,
     dense_learning_rate=3e-3,
+    augment=False,
+    dense_processes=1,
     prune_epochs=3,
     prune_learning_rate=2e-3,
     batch_size=64,
@@ -189,13 +200,14 @@ def training_arguments(settings: Settings, output_dir: str | Path, *, epochs: fl
 def pruning_config(settings: Settings, method: str, sparsity: float, seed: int) -> PruningConfig:
     return PruningConfig(method=method, target_sparsity=sparsity, calibration_samples=settings.calibration_samples,
                          admm_update_steps=settings.admm_update_steps, admm_fraction=settings.admm_fraction,
-                         distillation_weight=settings.distillation_weight, random_seed=seed)
+                         distillation_weight=settings.distillation_weight, admm_rho_final=settings.admm_rho_final,
+                         random_seed=seed)
 
 
 def dense_identity(settings: Settings) -> dict:
     """What the cached dense model must have been trained with to be reused."""
     keys = ("dataset", "model", "dense_epochs", "dense_learning_rate", "batch_size", "weight_decay", "warmup",
-            "max_train_samples", "augment")
+            "max_train_samples", "augment", "label_smoothing")
     return {key: getattr(settings, key) for key in keys}
 
 
@@ -208,7 +220,8 @@ def train_or_reuse_dense(settings: Settings, data) -> dict:
     """Train the dense ViT once (evaluating on the validation split every epoch) or reuse the cache.
 
     Returns the training record (validation curve, seconds); a cache trained with other settings is
-    an error rather than a silent reuse.
+    an error rather than a silent reuse. With ``dense_processes > 1`` the training runs under
+    ``torchrun`` (DDP over gloo, one torch thread per process, the same global batch).
     """
     cache = Path(settings.cache_dir)
     info_path = cache / DENSE_INFO_FILE
@@ -221,25 +234,65 @@ def train_or_reuse_dense(settings: Settings, data) -> dict:
             )
         info["reused_from_cache"] = True
         return info
+    if settings.dense_processes > 1:
+        _train_dense_distributed(settings)
+    else:
+        train_dense(settings, data)
+    return json.loads(info_path.read_text())
+
+
+def train_dense(settings: Settings, data) -> None:
+    """Train the dense reference and write it with its record to the cache (the main process writes).
+
+    Under ``torchrun`` every process runs this; the Trainer shards the batches (DDP), so each process
+    takes ``batch_size / world size`` images per step.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if settings.batch_size % world_size:
+        raise SystemExit(f"batch_size {settings.batch_size} does not split over {world_size} processes; "
+                         f"choose a multiple of the process count.")
     labels = data["train"].names
     torch.manual_seed(0)
     config = ViTConfig(**settings.model, num_labels=len(labels), id2label=dict(enumerate(labels)),
                        label2id={name: i for i, name in enumerate(labels)})
     model = ViTForImageClassification(config)
+    cache = Path(settings.cache_dir)
     args = training_arguments(settings, cache / "trainer", epochs=settings.dense_epochs,
-                              learning_rate=settings.dense_learning_rate, seed=0, eval_strategy="epoch")
+                              learning_rate=settings.dense_learning_rate, seed=0, eval_strategy="epoch",
+                              label_smoothing_factor=settings.label_smoothing,
+                              per_device_train_batch_size=settings.batch_size // world_size,
+                              ddp_find_unused_parameters=False)
     trainer = Trainer(model=model, args=args, train_dataset=data["train"], eval_dataset=data["validation"],
                       compute_metrics=make_compute_metrics())
     started = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - started
+    if not trainer.is_world_process_zero():
+        return
     curve = [{"epoch": e["epoch"], "validation_accuracy": e["eval_accuracy"]}
              for e in trainer.state.log_history if "eval_accuracy" in e]
     model.save_pretrained(cache)
-    info = {"identity": dense_identity(settings), "train_seconds": seconds, "validation_curve": curve,
-            "reused_from_cache": False}
-    info_path.write_text(json.dumps(info, indent=2) + "\n")
-    return info
+    info = {"identity": dense_identity(settings), "train_seconds": seconds, "processes": world_size,
+            "validation_curve": curve, "reused_from_cache": False}
+    # the record is what marks the cache complete: written last, atomically
+    tmp = cache / (DENSE_INFO_FILE + ".tmp")
+    tmp.write_text(json.dumps(info, indent=2) + "\n")
+    tmp.replace(cache / DENSE_INFO_FILE)
+
+
+def _train_dense_distributed(settings: Settings) -> None:
+    """``torchrun --standalone --nproc_per_node dense_processes -m benchmarks.train_dense settings.json``."""
+    root = Path(__file__).resolve().parent.parent
+    with tempfile.TemporaryDirectory() as tmp:
+        settings_file = Path(tmp) / "settings.json"
+        settings_file.write_text(json.dumps(settings.to_dict()))
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                   f"--nproc_per_node={settings.dense_processes}", "-m", "benchmarks.train_dense", str(settings_file)]
+        environment = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])))
+        result = subprocess.run(command, cwd=root, env=environment)
+    if result.returncode != 0:
+        raise SystemExit(f"Training the dense model under torchrun failed (exit {result.returncode}); see the log "
+                         f"above, or pass --dense_processes 1 to train in this process.")
 
 
 def batch_of(dataset, size: int) -> dict[str, torch.Tensor]:

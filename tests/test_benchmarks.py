@@ -70,3 +70,37 @@ def test_table_and_plot_are_written(quick_run):
     assert "## Targets" in markdown and "digits_quick_accuracy.png" in markdown
     plot = quick_run / "results" / "digits_quick_accuracy.png"
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_dense_model_trained_by_two_processes_is_cached_once_and_is_the_trained_one(tmp_path):
+    """dense_processes=2 trains under torchrun; rank 0 writes the cache, whose model scores what training logged."""
+    from transformers import Trainer
+
+    from benchmarks.common import DIGITS_QUICK, Settings, load_data, load_dense, train_or_reuse_dense, training_arguments
+    from hf_vitprune.metrics import make_compute_metrics
+
+    settings = Settings(**dict(DIGITS_QUICK, dense_processes=2, dense_epochs=2, max_train_samples=256,
+                               cache_dir=str(tmp_path / "dense")))
+    data = load_data(settings)
+    info = train_or_reuse_dense(settings, data)
+    assert info["processes"] == 2 and not info["reused_from_cache"]
+    assert [point["epoch"] for point in info["validation_curve"]] == [1, 2]
+    assert sorted(p.name for p in (tmp_path / "dense").iterdir()) == ["benchmark_dense.json", "config.json",
+                                                                       "model.safetensors", "trainer"]
+    model = load_dense(settings)
+    args = training_arguments(settings, tmp_path / "eval", epochs=1, learning_rate=1e-3, seed=0)
+    metrics = Trainer(model=model, args=args, compute_metrics=make_compute_metrics()).evaluate(data["validation"])
+    assert metrics["eval_accuracy"] == pytest.approx(info["validation_curve"][-1]["validation_accuracy"], abs=1e-9)
+    assert train_or_reuse_dense(settings, data)["reused_from_cache"] is True
+
+
+def test_a_cache_trained_with_other_settings_is_refused(tmp_path):
+    from benchmarks.common import DIGITS_QUICK, Settings, load_data, train_or_reuse_dense
+
+    settings = Settings(**dict(DIGITS_QUICK, dense_epochs=1, max_train_samples=128, cache_dir=str(tmp_path / "dense")))
+    data = load_data(settings)
+    train_or_reuse_dense(settings, data)
+    changed = Settings(**dict(DIGITS_QUICK, dense_epochs=1, max_train_samples=128, augment=True,
+                              cache_dir=str(tmp_path / "dense")))
+    with pytest.raises(SystemExit, match="trained with other settings"):
+        train_or_reuse_dense(changed, data)
