@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import statistics
@@ -205,7 +206,7 @@ def _why_accuracy(target: dict, results: dict) -> str:
         f"{settings['dense_epochs']:g} epochs for the dense model, and the hard prune at the end of ADMM removes "
         f"units whose weights ADMM has only pulled part of the way to zero{residual}: rho {schedule} "
         f"to {final_rho:.2g} by the end of the phase ({admm_steps} steps). Checks on the validation split (one "
-        f"seed each, gohsp): with the support fixed after the first projection (admm_update_steps longer than the phase, so no Z/U updates), 89.43% instead "
+        f"seed each, gohsp; `python -m benchmarks.checks recipe --set FIELD=VALUE`): with the support fixed after the first projection (admm_update_steps longer than the phase, so no Z/U updates), 89.43% instead "
         f"of 89.03% at 40% and 86.48% instead of 85.82% at 60% (dense 91.05%), so the support moving between "
         f"updates costs a little, not the bulk of the drop; on an earlier 20-epoch dense model (89.78% validation), "
         f"`admm_rho_final=1.0` (residual 0.56 -> 0.48), 4 epochs instead of 2 (residual 0.13) and a quarter "
@@ -245,6 +246,21 @@ def _why_ranking(target: dict, results: dict) -> str:
     )
 
 
+def _width_check(results: dict) -> str:
+    """What ``python -m benchmarks.checks widths`` measured, if it was run on these results."""
+    path = Path(results["settings"]["output_dir"]) / "width_rounding.json"
+    if not path.is_file():
+        return ""
+    rows = json.loads(path.read_text())["rows"]
+    pairs = []
+    for sparsity in sorted({row["sparsity"] for row in rows}):
+        kept, rounded = (next(r for r in rows if r["sparsity"] == sparsity and r["widths"] == name)
+                         for name in ("as kept", "rounded to 16"))
+        pairs.append(f"{kept['efficiency']:.2f} -> {rounded['efficiency']:.2f} at {sparsity:.0%}")
+    return (" Rounding gohsp's MLP widths to multiples of 16 (`python -m benchmarks.checks widths`, same heads) "
+            f"moved the efficiency {', '.join(pairs)}: a small part of the gap.")
+
+
 def _why_speed(target: dict, results: dict) -> str:
     widths = next((r["neurons_per_layer"] for r in results["runs"] if r["method"] == "gohsp"), None)
     example = f" (e.g. {', '.join(map(str, widths))} MLP neurons per layer)" if widths else ""
@@ -254,9 +270,10 @@ def _why_speed(target: dict, results: dict) -> str:
         "classifier act on the full embedding width, which head/neuron pruning keeps), nor the fixed cost of "
         "launching every operator, so the measured speedup falls short of the FLOPs ratio, more so the more is "
         "pruned; the latency at batch 1, where those fixed costs dominate, gains least. Heterogeneous widths"
-        f"{example} also fall off the GEMM kernels' block sizes. What would close it: `round_neurons_to=16` and "
-        "`round_heads_to` in PruningConfig, pruning the embedding width too (the OFB search space), larger models "
-        "or batches where the matrix products dominate, and torch.compile to fuse the element-wise work."
+        f"{example} also fall off the GEMM kernels' block sizes.{_width_check(results)} What would close it: "
+        "pruning the embedding width too (the OFB search space), larger models or batches where the matrix "
+        "products dominate, and torch.compile to fuse the element-wise work; `round_neurons_to` in PruningConfig "
+        "buys a little on top."
     )
 
 

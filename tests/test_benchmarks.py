@@ -104,3 +104,16 @@ def test_a_cache_trained_with_other_settings_is_refused(tmp_path):
                               cache_dir=str(tmp_path / "dense")))
     with pytest.raises(SystemExit, match="trained with other settings"):
         train_or_reuse_dense(changed, data)
+
+
+def test_checks_parse_overrides_and_round_widths():
+    import argparse
+
+    from benchmarks.checks import _override, rounded
+
+    assert rounded([159, 75, 112, 139, 3]) == [160, 80, 112, 144, 16]
+    assert _override("admm_update_steps=1000") == ("admm_update_steps", 1000)
+    assert _override("augment=false") == ("augment", False)
+    assert _override("cache_dir=outputs/other") == ("cache_dir", "outputs/other")
+    with pytest.raises(argparse.ArgumentTypeError, match="FIELD one of Settings' fields"):
+        _override("admm_steps=3")
