@@ -249,9 +249,9 @@ class PruningTrainer(Trainer):
     def _rho_growth(self, steps: int) -> float:
         """admm_rho_growth, or the growth that takes rho to admm_rho_final at the phase's last Z/U update."""
         config = self.pruning_config
-        updates = steps // config.admm_update_steps
         if config.admm_rho_final is None:
             return config.admm_rho_growth
+        updates = steps // config.admm_update_steps
         if updates == 0:
             return 1.0
         return (config.admm_rho_final / config.admm_rho) ** (1.0 / updates)
