@@ -28,6 +28,7 @@ import torch
 import transformers
 
 from hf_vitprune import PruningPlan, model_stats
+from hf_vitprune.fileio import atomic_directory
 from hf_vitprune.speed import measure_speed
 from hf_vitprune.surgery import apply_plan
 
@@ -66,6 +67,7 @@ def check_widths(results_path: Path, repeats: int = 9) -> dict:
     settings = Settings(**results["settings"])
     torch.set_num_threads(settings.speed_threads)
     dense = load_dense(settings).eval()
+    dense_flops = model_stats(dense).flops
     rows = []
     for run in results["runs"]:
         if run["method"] != "gohsp" or run["seed"] != settings.seeds[0]:
@@ -74,7 +76,7 @@ def check_widths(results_path: Path, repeats: int = 9) -> dict:
             plan = PruningPlan(heads={i: list(range(h)) for i, h in enumerate(run["heads_per_layer"])},
                                neurons={i: list(range(n)) for i, n in enumerate(widths)})
             model = apply_plan(copy.deepcopy(dense), plan)
-            flops_speedup = model_stats(dense).flops / model_stats(model).flops
+            flops_speedup = dense_flops / model_stats(model).flops
             speed = measure_speed(model, dense, repeats=repeats)
             rows.append({"sparsity": run["sparsity"], "widths": name, "neurons_per_layer": widths,
                          "flops_speedup": flops_speedup, "throughput_speedup": speed["throughput_speedup"],
@@ -99,9 +101,9 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(check_recipe(args.method, args.sparsity, args.seed, dict(args.overrides))))
     else:
         report = check_widths(args.results)
-        out = args.results.parent / "width_rounding.json"
-        out.write_text(json.dumps(report, indent=2) + "\n")
-        print(f"wrote {out}")
+        with atomic_directory(args.results.parent) as staging:
+            (staging / "width_rounding.json").write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {args.results.parent / 'width_rounding.json'}")
     return 0
 
 

@@ -16,6 +16,7 @@ import torch
 from transformers import AutoModelForImageClassification, Trainer, TrainingArguments, ViTConfig, ViTForImageClassification
 
 from hf_vitprune import PruningConfig
+from hf_vitprune.fileio import atomic_directory
 from hf_vitprune.metrics import make_compute_metrics
 
 DENSE_INFO_FILE = "benchmark_dense.json"
@@ -236,30 +237,30 @@ def train_or_reuse_dense(settings: Settings, data) -> dict:
         return info
     if settings.dense_processes > 1:
         _train_dense_distributed(settings)
-    else:
-        train_dense(settings, data)
-    return json.loads(info_path.read_text())
+        return json.loads(info_path.read_text())
+    return train_dense(settings, data)
 
 
-def train_dense(settings: Settings, data) -> None:
+def train_dense(settings: Settings, data, *, seed: int = 0, use_cpu: bool = True) -> dict | None:
     """Train the dense reference and write it with its record to the cache (the main process writes).
 
     Under ``torchrun`` every process runs this; the Trainer shards the batches (DDP), so each process
-    takes ``batch_size / world size`` images per step.
+    takes ``batch_size / world size`` images per step. Returns the record on the main process.
+    ``benchmarks.sizing`` calls it too, with other seeds or on a GPU.
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if settings.batch_size % world_size:
         raise SystemExit(f"batch_size {settings.batch_size} does not split over {world_size} processes; "
                          f"choose a multiple of the process count.")
     labels = data["train"].names
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     config = ViTConfig(**settings.model, num_labels=len(labels), id2label=dict(enumerate(labels)),
                        label2id={name: i for i, name in enumerate(labels)})
     model = ViTForImageClassification(config)
     cache = Path(settings.cache_dir)
     args = training_arguments(settings, cache / "trainer", epochs=settings.dense_epochs,
-                              learning_rate=settings.dense_learning_rate, seed=0, eval_strategy="epoch",
-                              label_smoothing_factor=settings.label_smoothing,
+                              learning_rate=settings.dense_learning_rate, seed=seed, eval_strategy="epoch",
+                              label_smoothing_factor=settings.label_smoothing, use_cpu=use_cpu,
                               per_device_train_batch_size=settings.batch_size // world_size,
                               ddp_find_unused_parameters=False)
     trainer = Trainer(model=model, args=args, train_dataset=data["train"], eval_dataset=data["validation"],
@@ -268,16 +269,15 @@ def train_dense(settings: Settings, data) -> None:
     trainer.train()
     seconds = time.perf_counter() - started
     if not trainer.is_world_process_zero():
-        return
+        return None
     curve = [{"epoch": e["epoch"], "validation_accuracy": e["eval_accuracy"]}
              for e in trainer.state.log_history if "eval_accuracy" in e]
     model.save_pretrained(cache)
     info = {"identity": dense_identity(settings), "train_seconds": seconds, "processes": world_size,
             "validation_curve": curve, "reused_from_cache": False}
-    # the record is what marks the cache complete: written last, atomically
-    tmp = cache / (DENSE_INFO_FILE + ".tmp")
-    tmp.write_text(json.dumps(info, indent=2) + "\n")
-    tmp.replace(cache / DENSE_INFO_FILE)
+    with atomic_directory(cache) as staging:  # the record marks the cache complete: written last, atomically
+        (staging / DENSE_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
+    return info
 
 
 def _train_dense_distributed(settings: Settings) -> None:
@@ -288,8 +288,7 @@ def _train_dense_distributed(settings: Settings) -> None:
         settings_file.write_text(json.dumps(settings.to_dict()))
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                    f"--nproc_per_node={settings.dense_processes}", "-m", "benchmarks.train_dense", str(settings_file)]
-        environment = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])))
-        result = subprocess.run(command, cwd=root, env=environment)
+        result = subprocess.run(command, cwd=root)  # `-m` puts the repository root on each worker's path
     if result.returncode != 0:
         raise SystemExit(f"Training the dense model under torchrun failed (exit {result.returncode}); see the log "
                          f"above, or pass --dense_processes 1 to train in this process.")

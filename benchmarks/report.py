@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 import statistics
 from pathlib import Path
+
+from hf_vitprune import PruningConfig
 
 # The targets of issue #5.
 MAX_DROP_AT_40_POINTS = 0.3
@@ -195,10 +198,12 @@ def _why_accuracy(target: dict, results: dict) -> str:
     residual = (f" (||W - Z|| / ||W|| was still {_mean(residuals):.2f} at the end of ADMM)" if residuals else "")
     per_epoch = math.ceil(results["dense"]["split_sizes"]["train"] / settings["batch_size"])
     admm_steps = round(math.ceil(settings["prune_epochs"] * per_epoch) * settings["admm_fraction"])
+    defaults = {f.name: f.default for f in dataclasses.fields(PruningConfig)}  # the benchmark leaves these alone
+    rho, growth = defaults["admm_rho"], defaults["admm_rho_growth"]
     rho_final = settings.get("admm_rho_final")
-    final_rho = rho_final or 1e-3 * 1.3 ** (admm_steps // settings["admm_update_steps"])
-    schedule = ("grows geometrically from 1e-3" if rho_final else
-                f"grows from 1e-3 by x1.3 every {settings['admm_update_steps']} steps")
+    final_rho = rho_final or rho * growth ** (admm_steps // settings["admm_update_steps"])
+    schedule = (f"grows geometrically from {rho:g}" if rho_final else
+                f"grows from {rho:g} by x{growth:g} every {settings['admm_update_steps']} steps")
     return (
         f"Drops at 40% (points, mean over seeds): {drops}. What limits it is the training budget: each pruning run "
         f"gets {settings['prune_epochs']:g} epochs in all ({settings['admm_fraction']:.0%} of them ADMM on the "

@@ -51,6 +51,7 @@ from transformers import AutoModelForImageClassification, HfArgumentParser, Trai
 
 import hf_vitprune  # noqa: F401  (registers the pruned classes with the Auto classes)
 from hf_vitprune import PruningTrainer, model_stats
+from hf_vitprune.fileio import atomic_directory
 from hf_vitprune.metrics import make_compute_metrics
 from hf_vitprune.speed import hardware_name, measure_speed
 
@@ -239,10 +240,8 @@ def _load_previous(settings: Settings) -> list[dict]:
 
 
 def _write(settings: Settings, results: dict) -> None:
-    settings.results_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = settings.results_path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(results, indent=2) + "\n")
-    tmp.replace(settings.results_path)
+    with atomic_directory(settings.results_path.parent) as staging:
+        (staging / settings.results_path.name).write_text(json.dumps(results, indent=2) + "\n")
 
 
 def run(settings: Settings, command: str, resume: bool = False) -> dict:

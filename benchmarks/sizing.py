@@ -16,29 +16,27 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
-import time
 
 import torch
 import transformers
-from transformers import Trainer, ViTConfig, ViTForImageClassification
 
-from hf_vitprune.metrics import make_compute_metrics
+from hf_vitprune import model_stats
 
-from .common import FASHION_MNIST, Settings, load_data, training_arguments
+from .common import FASHION_MNIST, Settings, load_data, load_dense, train_dense
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    model, preset = FASHION_MNIST["model"], FASHION_MNIST
-    parser.add_argument("--hidden_size", type=int, default=model["hidden_size"])
-    parser.add_argument("--num_hidden_layers", type=int, default=model["num_hidden_layers"])
-    parser.add_argument("--num_attention_heads", type=int, default=model["num_attention_heads"])
-    parser.add_argument("--intermediate_size", type=int, default=model["intermediate_size"])
-    parser.add_argument("--patch_size", type=int, default=model["patch_size"])
-    parser.add_argument("--epochs", type=float, default=preset["dense_epochs"])
-    parser.add_argument("--learning_rate", type=float, default=preset["dense_learning_rate"])
+    preset_model = FASHION_MNIST["model"]
+    parser.add_argument("--hidden_size", type=int, default=preset_model["hidden_size"])
+    parser.add_argument("--num_hidden_layers", type=int, default=preset_model["num_hidden_layers"])
+    parser.add_argument("--num_attention_heads", type=int, default=preset_model["num_attention_heads"])
+    parser.add_argument("--intermediate_size", type=int, default=preset_model["intermediate_size"])
+    parser.add_argument("--patch_size", type=int, default=preset_model["patch_size"])
+    parser.add_argument("--epochs", type=float, default=FASHION_MNIST["dense_epochs"])
+    parser.add_argument("--learning_rate", type=float, default=FASHION_MNIST["dense_learning_rate"])
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--augment", action=argparse.BooleanOptionalAction, default=preset["augment"],
+    parser.add_argument("--augment", action=argparse.BooleanOptionalAction, default=FASHION_MNIST["augment"],
                         help="Random flips and shifts of the training images.")
     parser.add_argument("--weight_decay", type=float, default=Settings.weight_decay)
     parser.add_argument("--label_smoothing", type=float, default=0.0)
@@ -48,30 +46,22 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     transformers.logging.set_verbosity_warning()
     torch.set_num_threads(args.threads)
-    model_config = dict(FASHION_MNIST["model"], hidden_size=args.hidden_size, num_hidden_layers=args.num_hidden_layers,
+    model_config = dict(preset_model, hidden_size=args.hidden_size, num_hidden_layers=args.num_hidden_layers,
                         num_attention_heads=args.num_attention_heads, intermediate_size=args.intermediate_size,
                         patch_size=args.patch_size)
-    settings = Settings(**dict(FASHION_MNIST, model=model_config, augment=args.augment, weight_decay=args.weight_decay,
-                               label_smoothing=args.label_smoothing))
-    data = load_data(settings)
-    torch.manual_seed(args.seed)
-    model = ViTForImageClassification(ViTConfig(**model_config, num_labels=10))
     with tempfile.TemporaryDirectory() as tmp:
-        training = training_arguments(settings, tmp, epochs=args.epochs, learning_rate=args.learning_rate, seed=args.seed,
-                                      eval_strategy="epoch", logging_steps=10_000, use_cpu=args.device == "cpu",
-                                      label_smoothing_factor=args.label_smoothing)
-        trainer = Trainer(model=model, args=training, train_dataset=data["train"], eval_dataset=data["validation"],
-                          compute_metrics=make_compute_metrics())
-        started = time.perf_counter()
-        trainer.train()
-        seconds = time.perf_counter() - started
-    curve = {round(e["epoch"], 2): round(e["eval_accuracy"], 4) for e in trainer.state.log_history
-             if "eval_accuracy" in e}
-    print(json.dumps({"model": model_config, "params": sum(p.numel() for p in model.parameters()),
-                      "epochs": args.epochs, "learning_rate": args.learning_rate, "augment": args.augment, "threads": args.threads,
+        settings = Settings(**dict(FASHION_MNIST, model=model_config, dense_epochs=args.epochs,
+                                   dense_learning_rate=args.learning_rate, augment=args.augment,
+                                   weight_decay=args.weight_decay, label_smoothing=args.label_smoothing,
+                                   dense_processes=1, cache_dir=tmp))
+        info = train_dense(settings, load_data(settings), seed=args.seed, use_cpu=args.device == "cpu")
+        params = model_stats(load_dense(settings)).params
+    curve = {round(point["epoch"], 2): round(point["validation_accuracy"], 4) for point in info["validation_curve"]}
+    print(json.dumps({"model": model_config, "params": params, "epochs": args.epochs,
+                      "learning_rate": args.learning_rate, "augment": args.augment, "threads": args.threads,
                       "weight_decay": args.weight_decay, "label_smoothing": args.label_smoothing, "seed": args.seed,
-                      "device": args.device,
-                      "seconds_per_epoch": round(seconds / args.epochs, 1), "validation_accuracy": curve}))
+                      "device": args.device, "seconds_per_epoch": round(info["train_seconds"] / args.epochs, 1),
+                      "validation_accuracy": curve}))
     return 0
 
 

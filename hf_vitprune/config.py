@@ -9,7 +9,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .fileio import atomic_directory
+from .fileio import atomic_directory, reject_unknown_fields
 
 CONFIG_FILE = "pruning_config.json"
 METHODS = ("gohsp", "magnitude", "taylor", "random")
@@ -137,10 +137,7 @@ class PruningConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> PruningConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"Unknown PruningConfig fields {unknown}; valid fields are {sorted(known)}.")
+        reject_unknown_fields(cls, data)
         return cls(**data)
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> Path:

@@ -1,4 +1,4 @@
-"""Writing directories so that a failed save leaves nothing half-written.
+"""Writing directories so that a failed save leaves nothing half-written; reading saved JSON strictly.
 
 Imports only the standard library: it is copied next to saved models with modeling.py.
 """
@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import dataclasses
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -50,3 +51,11 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
             shutil.rmtree(destination)
         os.replace(entry, destination)
     staging.rmdir()
+
+
+def reject_unknown_fields(cls: type, data: dict) -> None:
+    """A saved JSON whose keys are not all fields of dataclass ``cls`` is an error, not silently dropped."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"Unknown {cls.__name__} fields {unknown}; valid fields are {sorted(known)}.")

@@ -13,6 +13,7 @@ from pathlib import Path
 from torch import nn
 
 from .architectures import find_encoder_layers
+from .fileio import atomic_directory, reject_unknown_fields
 
 PLAN_FILE = "pruning_plan.json"
 
@@ -125,9 +126,7 @@ class PruningPlan:
 
     @classmethod
     def from_dict(cls, data: dict) -> PruningPlan:
-        unknown = set(data) - {"heads", "neurons", "allow_empty_attention", "allow_empty_mlp"}
-        if unknown:
-            raise ValueError(f"Unknown PruningPlan fields {sorted(unknown)}; expected heads, neurons and the allow_* flags.")
+        reject_unknown_fields(cls, data)
         return cls(**data)
 
     def to_json_string(self) -> str:
@@ -139,12 +138,9 @@ class PruningPlan:
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> Path:
         """Write ``pruning_plan.json`` into ``save_directory`` (atomically)."""
-        path = Path(save_directory) / PLAN_FILE
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(self.to_json_string())
-        os.replace(tmp, path)
-        return path
+        with atomic_directory(save_directory) as staging:
+            (staging / PLAN_FILE).write_text(self.to_json_string())
+        return Path(save_directory) / PLAN_FILE
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike) -> PruningPlan:

@@ -23,7 +23,7 @@ from typing import Any
 from torch import nn
 
 from .config import PruningConfig
-from .fileio import atomic_directory
+from .fileio import atomic_directory, reject_unknown_fields
 from .plan import PruningPlan
 from .stats import LayerStats, ModelStats, model_stats
 
@@ -272,10 +272,7 @@ class PruningReport:
 
     @classmethod
     def from_dict(cls, data: dict) -> PruningReport:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"Unknown PruningReport fields {unknown}; valid fields are {sorted(known)}.")
+        reject_unknown_fields(cls, data)
         return cls(**data)
 
     @classmethod

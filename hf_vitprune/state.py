@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from .fileio import atomic_directory
 from .plan import PruningPlan
 
 STATE_JSON = "pruning_state.json"
@@ -26,15 +27,11 @@ class PruningState:
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def save(self, directory: str | os.PathLike) -> None:
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
         meta = {"phase": self.phase, "plan": self.plan.to_dict() if self.plan is not None else None}
         tensors = {name: t.detach().cpu().contiguous() for name, t in self.tensors.items()}
-        for name, write in ((STATE_TENSORS, lambda p: save_file(tensors, str(p))),
-                            (STATE_JSON, lambda p: p.write_text(json.dumps(meta, indent=2, sort_keys=True)))):
-            tmp = directory / f".{name}.tmp"
-            write(tmp)
-            os.replace(tmp, directory / name)
+        with atomic_directory(directory) as staging:
+            save_file(tensors, str(staging / STATE_TENSORS))
+            (staging / STATE_JSON).write_text(json.dumps(meta, indent=2, sort_keys=True))
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> PruningState:
