@@ -4,6 +4,10 @@ An encoder layer is any module that holds an attention block with ``q_proj``/``k
 ``v_proj``/``o_proj`` and an MLP (``fc1``/``fc2``, or ``gate_proj``/``up_proj``/``down_proj``
 for SwiGLU). Families are registered in :data:`FAMILIES`; adding one is one entry.
 
+What can be pruned inside a layer is registered in :data:`UNIT_KINDS` (heads and MLP neurons):
+each :class:`UnitKind` says which weight slices a unit owns, what it costs and how it is cut
+out, so plans, statistics, budgets, surgery and the pruned config never name a kind themselves.
+
 This module imports only torch and transformers: it is copied next to saved models so that
 ``from_pretrained(..., trust_remote_code=True)`` can rebuild them without hf_vitprune.
 """
@@ -12,7 +16,7 @@ from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -165,10 +169,17 @@ def num_tokens(model: nn.Module) -> int:
     raise ValueError(f"{type(model).__name__} has no patch embeddings; cannot count its tokens.")
 
 
+def layer_tokens(model: nn.Module) -> list[int]:
+    """Tokens each encoder layer sees, in layer order: the cost model is per layer so that token
+    pruning can make later layers cheaper. Every layer sees all :func:`num_tokens` today."""
+    return [num_tokens(model)] * len(find_encoder_layers(model))
+
+
 # --------------------------------------------------------------------------- compaction
 
 
-def _sliced_linear(linear: nn.Linear, rows: torch.Tensor | None, cols: torch.Tensor | None) -> nn.Linear:
+def sliced_linear(linear: nn.Linear, rows: torch.Tensor | None, cols: torch.Tensor | None) -> nn.Linear:
+    """A new Linear holding the ``rows`` (outputs, with their bias) and ``cols`` (inputs) of ``linear``."""
     weight = linear.weight.detach()
     if rows is not None:
         weight = weight.index_select(0, rows.to(weight.device))
@@ -186,8 +197,12 @@ def _sliced_linear(linear: nn.Linear, rows: torch.Tensor | None, cols: torch.Ten
     return new
 
 
+def _index(units: Sequence[int]) -> torch.Tensor:
+    return torch.as_tensor(list(units), dtype=torch.long)
+
+
 def _head_rows(heads: Sequence[int], head_dim: int) -> torch.Tensor:
-    index = torch.as_tensor(list(heads), dtype=torch.long).reshape(-1, 1) * head_dim
+    index = _index(heads).reshape(-1, 1) * head_dim
     return (index + torch.arange(head_dim)).reshape(-1)
 
 
@@ -206,14 +221,142 @@ class AttentionRemoved(nn.Module):
         return self.o_proj(hidden_states[..., :0]), None
 
 
+# --------------------------------------------------------------------------- unit kinds
+
+Slices = Iterator[tuple[torch.Tensor, str]]
+
+
+@dataclass(frozen=True)
+class UnitKind:
+    """One kind of prunable unit of an encoder layer, and everything the package needs to know about it.
+
+    ``parameters`` yields the tensors holding the layer's units with their layout: ``'rows'``
+    (units are consecutive equal row blocks), ``'columns'`` (consecutive equal column blocks)
+    or ``'table'`` (one column per unit); importance criteria reduce over exactly these, and the
+    layer's other parameters are its fixed cost. ``params_per_unit(layer, shared_bias_rows)``
+    must equal what one unit owns there (plus a column of a shared bias table copied into the
+    layer at compaction, for heads). ``flops_per_unit(layer, tokens)`` counts the matrix products
+    a unit takes part in for ``tokens`` tokens. ``compact(layer, kept)`` slices the layer in
+    place to the ``kept`` units. ``gate(layer)``, if given, names the module whose input holds
+    the units' channels (consecutive, ``channels`` each) so that training-time masks can gate them.
+
+    Kinds own disjoint slices: a layer's cost is its fixed part plus, per kind, count times unit
+    cost, which is what lets budgets be exact. A kind cutting into another's slices (q/k dims
+    inside heads) must come with per-unit costs of the other kind that read the shapes it leaves.
+    """
+
+    name: str  # plural; the PruningPlan field / JSON key and the score key, e.g. "heads"
+    singular: str  # "head"
+    label: str  # how error messages name the units, e.g. "MLP neurons"
+    config_key: str  # the per_layer_config attribute recording each layer's count
+    allow_empty: str  # the PruningPlan flag that lets a layer keep none of them
+    count: Callable[[EncoderLayer], int]
+    parameters: Callable[[EncoderLayer], Slices]
+    params_per_unit: Callable[[EncoderLayer, int], int]
+    flops_per_unit: Callable[[EncoderLayer, int], int]
+    compact: Callable[[EncoderLayer, Sequence[int]], None]
+    gate: Callable[[EncoderLayer], tuple[nn.Module, int]] | None = None
+
+
+UNIT_KINDS: dict[str, UnitKind] = {}
+BUILTIN_UNIT_KINDS = ("heads", "neurons")
+
+
+def register_unit_kind(kind: UnitKind) -> UnitKind:
+    """Add ``kind`` after the registered ones (registry order is the budget's tie-break order)."""
+    if not isinstance(kind, UnitKind):
+        raise ValueError(f"register_unit_kind expects a UnitKind, got {type(kind).__name__}.")
+    taken = {}
+    for other in UNIT_KINDS.values():
+        taken.update({other.name: other.name, other.config_key: other.name, other.allow_empty: other.name})
+    for value in (kind.name, kind.config_key, kind.allow_empty):
+        if value in taken:
+            raise ValueError(
+                f"Unit kind {kind.name!r} reuses {value!r}, already used by unit kind {taken[value]!r}; names, "
+                f"config keys and allow-empty flags must all be distinct."
+            )
+    if len({kind.name, kind.config_key, kind.allow_empty}) != 3:
+        raise ValueError(f"Unit kind {kind.name!r} must have a name, config key and allow-empty flag that differ.")
+    UNIT_KINDS[kind.name] = kind
+    return kind
+
+
+def unregister_unit_kind(name: str) -> None:
+    """Remove a kind added with :func:`register_unit_kind` (heads and neurons are built in)."""
+    if name in BUILTIN_UNIT_KINDS:
+        raise ValueError(f"Unit kind {name!r} is built in and cannot be unregistered.")
+    if name not in UNIT_KINDS:
+        raise ValueError(f"No unit kind {name!r} is registered; registered kinds are {list(UNIT_KINDS)}.")
+    del UNIT_KINDS[name]
+
+
+def unit_kind(name: str) -> UnitKind:
+    """The registered kind called ``name``, or a ValueError listing the registered ones."""
+    if name not in UNIT_KINDS:
+        raise ValueError(f"Unknown unit kind {name!r}; registered kinds are {list(UNIT_KINDS)}.")
+    return UNIT_KINDS[name]
+
+
+def compact_units(layer: EncoderLayer, kept: Mapping[str, Sequence[int]]) -> None:
+    """Keep only ``kept[kind]`` (indices into the current layer) of each named kind, in registry order."""
+    unknown = sorted(set(kept) - set(UNIT_KINDS))
+    if unknown:
+        raise ValueError(f"Unknown unit kinds {unknown}; registered kinds are {list(UNIT_KINDS)}.")
+    for kind in UNIT_KINDS.values():
+        if kind.name in kept:
+            kind.compact(layer, kept[kind.name])
+
+
 def compact_layer(layer: EncoderLayer, heads: Sequence[int], neurons: Sequence[int]) -> None:
     """Keep only ``heads`` and ``neurons`` (indices into the current layer) by slicing weights in place."""
+    compact_units(layer, {"heads": heads, "neurons": neurons})
+
+
+# heads: head_dim rows of q/k/v, the same input columns of o_proj, a column of the layer's own
+# relative position bias table (BEiT). o_proj's bias belongs to no head.
+
+
+def _head_parameters(layer: EncoderLayer) -> Slices:
+    attention = layer.attention
+    for name in ATTENTION_PROJECTIONS[:3]:
+        linear = getattr(attention, name, None)  # an AttentionRemoved block has only o_proj
+        if linear is None:
+            continue
+        yield linear.weight, "rows"
+        if linear.bias is not None:
+            yield linear.bias, "rows"
+    yield attention.o_proj.weight, "columns"
+    bias = layer.position_bias
+    table = getattr(bias, "relative_position_bias_table", None) if bias is not None else None
+    if isinstance(table, torch.Tensor):
+        yield table, "table"
+
+
+def _head_params(layer: EncoderLayer, shared_bias_rows: int) -> int:
+    attention, head_dim = layer.attention, layer.head_dim
+    width = attention.o_proj.out_features
+    per_head = width * head_dim
+    for name in ATTENTION_PROJECTIONS[:3]:
+        proj = getattr(attention, name, None)
+        in_features = proj.in_features if proj is not None else width
+        per_head += head_dim * in_features + (head_dim if proj is not None and proj.bias is not None else 0)
+    bias = layer.position_bias
+    return per_head + (bias.relative_position_bias_table.shape[0] if bias is not None else shared_bias_rows)
+
+
+def _head_flops(layer: EncoderLayer, tokens: int) -> int:
+    """q, k, v and o projections of the head's channels, plus its QK^T and AV products."""
+    width, head_dim = layer.attention.o_proj.out_features, layer.head_dim
+    return 2 * tokens * 4 * width * head_dim + 2 * 2 * tokens * tokens * head_dim
+
+
+def _compact_heads(layer: EncoderLayer, heads: Sequence[int]) -> None:
     attention, head_dim = layer.attention, layer.head_dim
     rows = _head_rows(heads, head_dim)
     for name in ATTENTION_PROJECTIONS[:3]:
         if hasattr(attention, name):  # an AttentionRemoved block has only o_proj
-            setattr(attention, name, _sliced_linear(getattr(attention, name), rows, None))
-    attention.o_proj = _sliced_linear(attention.o_proj, None, rows)
+            setattr(attention, name, sliced_linear(getattr(attention, name), rows, None))
+    attention.o_proj = sliced_linear(attention.o_proj, None, rows)
     if hasattr(attention, "num_attention_heads"):
         attention.num_attention_heads = len(heads)
     bias = layer.position_bias
@@ -221,7 +364,7 @@ def compact_layer(layer: EncoderLayer, heads: Sequence[int], neurons: Sequence[i
         if heads:
             table = bias.relative_position_bias_table.detach()
             bias.relative_position_bias_table = nn.Parameter(
-                table.index_select(1, torch.as_tensor(list(heads), dtype=torch.long, device=table.device)).clone()
+                table.index_select(1, _index(heads).to(table.device)).clone()
             )
         else:
             layer.module.relative_position_bias = None
@@ -229,10 +372,65 @@ def compact_layer(layer: EncoderLayer, heads: Sequence[int], neurons: Sequence[i
         layer.module.attention = AttentionRemoved(attention.o_proj, head_dim)
         layer.attention = layer.module.attention
 
-    units = torch.as_tensor(list(neurons), dtype=torch.long)
+
+# neurons: a row of every MLP input projection (with its bias) and a column of the output
+# projection, whose bias belongs to no neuron.
+
+
+def _neuron_parameters(layer: EncoderLayer) -> Slices:
+    for linear in layer.mlp_in:
+        yield linear.weight, "rows"
+        if linear.bias is not None:
+            yield linear.bias, "rows"
+    yield layer.mlp_out.weight, "columns"
+
+
+def _neuron_params(layer: EncoderLayer, shared_bias_rows: int) -> int:
+    return sum(p.in_features + (1 if p.bias is not None else 0) for p in layer.mlp_in) + layer.mlp_out.out_features
+
+
+def _neuron_flops(layer: EncoderLayer, tokens: int) -> int:
+    """One output of each input projection and one input of the output projection, per token."""
+    return 2 * tokens * (len(layer.mlp_in) + 1) * layer.attention.o_proj.out_features
+
+
+def _compact_neurons(layer: EncoderLayer, neurons: Sequence[int]) -> None:
+    units = _index(neurons)
     for name in layer.mlp_in_names:
-        setattr(layer.mlp, name, _sliced_linear(getattr(layer.mlp, name), units, None))
-    setattr(layer.mlp, layer.mlp_out_name, _sliced_linear(layer.mlp_out, None, units))
+        setattr(layer.mlp, name, sliced_linear(getattr(layer.mlp, name), units, None))
+    setattr(layer.mlp, layer.mlp_out_name, sliced_linear(layer.mlp_out, None, units))
+
+
+register_unit_kind(
+    UnitKind(
+        name="heads",
+        singular="head",
+        label="heads",
+        config_key="num_attention_heads",
+        allow_empty="allow_empty_attention",
+        count=lambda layer: layer.num_heads,
+        parameters=_head_parameters,
+        params_per_unit=_head_params,
+        flops_per_unit=_head_flops,
+        compact=_compact_heads,
+        gate=lambda layer: (layer.attention.o_proj, layer.head_dim),
+    )
+)
+register_unit_kind(
+    UnitKind(
+        name="neurons",
+        singular="neuron",
+        label="MLP neurons",
+        config_key="intermediate_size",
+        allow_empty="allow_empty_mlp",
+        count=lambda layer: layer.num_neurons,
+        parameters=_neuron_parameters,
+        params_per_unit=_neuron_params,
+        flops_per_unit=_neuron_flops,
+        compact=_compact_neurons,
+        gate=lambda layer: (layer.mlp_out, 1),
+    )
+)
 
 
 def unshare_position_bias(model: nn.Module) -> bool:

@@ -1,11 +1,12 @@
 """Pruned, heterogeneous versions of the supported families' config and model classes.
 
 A pruned config is the dense config plus transformers' ``per_layer_config`` recording each
-layer's ``num_attention_heads`` and ``intermediate_size`` (explicitly for every layer), and an
-explicit ``head_dim``. The stock classes cannot be built from such a config (reading a
-per-layer attribute from the global config raises), so each pruned class builds the stock
-model at the dense widths and then compacts every layer to its recorded widths; the stock
-forward already infers head counts from tensor shapes.
+layer's unit counts under each unit kind's ``config_key`` (``num_attention_heads``,
+``intermediate_size``; explicitly for every layer), and an explicit ``head_dim``. The stock
+classes cannot be built from such a config (reading a per-layer attribute from the global
+config raises), so each pruned class builds the stock model at the dense widths and then
+compacts every layer to its recorded widths; the stock forward already infers head counts
+from tensor shapes.
 
 Imports only torch, transformers and ``.architectures``: this file and that one are copied
 next to saved models (``custom_object_save``) for ``trust_remote_code=True`` loading.
@@ -43,10 +44,15 @@ from transformers import (
     ViTMSNModel,
 )
 
-from .architectures import compact_layer, family_of, find_encoder_layers, find_shared_position_bias
+from .architectures import (
+    BUILTIN_UNIT_KINDS,
+    UNIT_KINDS,
+    compact_units,
+    family_of,
+    find_encoder_layers,
+    find_shared_position_bias,
+)
 from .fileio import atomic_directory
-
-PER_LAYER_ATTRIBUTES = ("num_attention_heads", "intermediate_size")
 
 
 def dense_view(config: PreTrainedConfig) -> PreTrainedConfig:
@@ -56,11 +62,18 @@ def dense_view(config: PreTrainedConfig) -> PreTrainedConfig:
     return dense
 
 
+def layer_unit_counts(config: PreTrainedConfig) -> list[dict[str, int]]:
+    """Per layer, kind name -> unit count, for every registered kind whose ``config_key`` the config records."""
+    views = config.per_layer_config if config.is_heterogeneous else [config] * config.num_hidden_layers
+    return [
+        {kind.name: getattr(view, kind.config_key) for kind in UNIT_KINDS.values() if hasattr(view, kind.config_key)}
+        for view in views
+    ]
+
+
 def layer_widths(config: PreTrainedConfig) -> list[tuple[int, int]]:
     """(heads, MLP width) of every layer as the config records them."""
-    if not config.is_heterogeneous:
-        return [(config.num_attention_heads, config.intermediate_size)] * config.num_hidden_layers
-    return [(view.num_attention_heads, view.intermediate_size) for view in config.per_layer_config]
+    return [(counts["heads"], counts["neurons"]) for counts in layer_unit_counts(config)]
 
 
 class PrunedModelMixin:
@@ -71,16 +84,18 @@ class PrunedModelMixin:
         super().__init__(dense, *args, **kwargs)
         adopt_config(self, dense, config)
         layers = find_encoder_layers(self)
-        widths = layer_widths(config)
-        if len(layers) != len(widths):
-            raise ValueError(f"The config records {len(widths)} layers but the model has {len(layers)}.")
-        for layer, (heads, neurons) in zip(layers, widths):
-            if heads > layer.num_heads or neurons > layer.num_neurons:
+        recorded = layer_unit_counts(config)
+        if len(layers) != len(recorded):
+            raise ValueError(f"The config records {len(recorded)} layers but the model has {len(layers)}.")
+        for layer, counts in zip(layers, recorded):
+            available = {name: UNIT_KINDS[name].count(layer) for name in counts}
+            if any(counts[name] > available[name] for name in counts):
+                given = " and ".join(f"{n} {UNIT_KINDS[name].label}" for name, n in counts.items())
                 raise ValueError(
-                    f"Layer {layer.index} records {heads} heads and {neurons} MLP neurons, more than the dense "
-                    f"architecture's {layer.num_heads} and {layer.num_neurons}; the config is inconsistent."
+                    f"Layer {layer.index} records {given}, more than the dense architecture's "
+                    f"{' and '.join(str(n) for n in available.values())}; the config is inconsistent."
                 )
-            compact_layer(layer, range(heads), range(neurons))
+            compact_units(layer, {name: range(n) for name, n in counts.items()})
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs):
         """As transformers' ``save_pretrained``, but atomic: a failed save leaves ``save_directory`` as it was."""
@@ -246,7 +261,15 @@ def convert_to_pruned(model: nn.Module) -> nn.Module:
     for key in ("model_type", "per_layer_config", "auto_map", "architectures", "transformers_version"):
         values.pop(key, None)
     values["head_dim"] = layers[0].head_dim
-    values.setdefault("intermediate_size", max(layer.num_neurons for layer in layers))
+    counts = [{kind.config_key: kind.count(layer) for kind in UNIT_KINDS.values()} for layer in layers]
+    # every layer has heads and neurons (maybe none left); another kind is recorded where the model has it
+    keys = [
+        kind.config_key
+        for kind in UNIT_KINDS.values()
+        if kind.name in BUILTIN_UNIT_KINDS or any(c[kind.config_key] for c in counts)
+    ]
+    for key in keys:  # a global value too, for configs that derive it (Dinov2's intermediate_size)
+        values.setdefault(key, max(c[key] for c in counts))
     if values.get("use_shared_relative_position_bias") and find_shared_position_bias(model) is None:
         # the shared table was copied into every layer (architectures.unshare_position_bias)
         values["use_shared_relative_position_bias"] = False
@@ -255,10 +278,7 @@ def convert_to_pruned(model: nn.Module) -> nn.Module:
     new = config_class(
         **values,
         architectures=[PRUNED_CLASSES[stock_name].__name__],
-        per_layer_config={
-            layer.index: {"num_attention_heads": layer.num_heads, "intermediate_size": layer.num_neurons}
-            for layer in layers
-        },
+        per_layer_config={layer.index: {key: c[key] for key in keys} for layer, c in zip(layers, counts)},
     )
     adopt_config(model, old, new)
     model.config = new

@@ -1,4 +1,4 @@
-"""PruningPlan: which attention heads and MLP neurons each encoder layer keeps."""
+"""PruningPlan: which units (attention heads, MLP neurons, other registered kinds) each encoder layer keeps."""
 
 from __future__ import annotations
 
@@ -7,13 +7,14 @@ import operator
 import os
 import re
 from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from torch import nn
 
-from .architectures import find_encoder_layers
-from .fileio import atomic_directory, reject_unknown_fields
+from .architectures import BUILTIN_UNIT_KINDS, UNIT_KINDS, UnitKind, find_encoder_layers, unit_kind
+from .fileio import atomic_directory
 
 PLAN_FILE = "pruning_plan.json"
 
@@ -59,54 +60,109 @@ def _index_map(name: str, value: object) -> dict[int, list[int]]:
     return dict(sorted(result.items()))
 
 
+def _other_kind(name: object, where: str) -> UnitKind:
+    if name in BUILTIN_UNIT_KINDS:
+        raise ValueError(f"PruningPlan.{where} names {name!r}; give {name} with PruningPlan({name}=...) instead.")
+    if name not in UNIT_KINDS:
+        raise ValueError(
+            f"PruningPlan.{where} names unknown unit kind {name!r}; registered kinds are {list(UNIT_KINDS)}."
+        )
+    return UNIT_KINDS[name]
+
+
 @dataclass
 class PruningPlan:
-    """Kept attention heads and MLP neurons per encoder layer; a layer not named keeps everything.
+    """Kept units per encoder layer and kind; a layer not named keeps everything.
 
-    Indices refer to the model the plan is applied to. A layer may lose all its heads (or all
-    its MLP neurons) only when ``allow_empty_attention`` (``allow_empty_mlp``) is set: the branch
-    then reduces to its output bias.
+    Heads and neurons have their own fields; kinds registered with
+    ``architectures.register_unit_kind`` go in ``other_units`` (by kind name). Indices refer
+    to the model the plan is applied to. A layer may keep no unit of a kind only when that is
+    allowed: ``allow_empty_attention`` (heads), ``allow_empty_mlp`` (neurons), or the kind's
+    name in ``other_allow_empty``; the branch then reduces to what its units do not own.
     """
 
     heads: dict[int, list[int]] = field(default_factory=dict)
     neurons: dict[int, list[int]] = field(default_factory=dict)
     allow_empty_attention: bool = False
     allow_empty_mlp: bool = False
+    other_units: dict[str, dict[int, list[int]]] = field(default_factory=dict)
+    other_allow_empty: frozenset[str] = frozenset()
 
     def __post_init__(self):
         self.heads = _index_map("heads", self.heads)
         self.neurons = _index_map("neurons", self.neurons)
-        for name, mapping, allowed, option in (
-            ("heads", self.heads, self.allow_empty_attention, "allow_empty_attention"),
-            ("neurons", self.neurons, self.allow_empty_mlp, "allow_empty_mlp"),
-        ):
-            empty = [layer for layer, kept in mapping.items() if not kept]
-            if empty and not allowed:
+        if not isinstance(self.other_units, Mapping):
+            raise ValueError(
+                f"PruningPlan.other_units must map unit kind name -> layer index -> kept indices, "
+                f"got {type(self.other_units).__name__}."
+            )
+        other = {_other_kind(name, "other_units").name: _index_map(name, m) for name, m in self.other_units.items()}
+        self.other_units = {name: other[name] for name in sorted(other) if other[name]}  # {} keeps all, as absent
+        if isinstance(self.other_allow_empty, str) or not isinstance(self.other_allow_empty, Iterable):
+            raise ValueError(
+                f"PruningPlan.other_allow_empty must be a set of unit kind names, got {self.other_allow_empty!r}."
+            )
+        self.other_allow_empty = frozenset(_other_kind(n, "other_allow_empty").name for n in self.other_allow_empty)
+        for kind in UNIT_KINDS.values():
+            empty = [layer for layer, kept in self.units_of(kind.name).items() if not kept]
+            if empty and not self.allows_empty(kind.name):
+                builtin = kind.name in BUILTIN_UNIT_KINDS
+                option = f"{kind.allow_empty}=True" if builtin else f"other_allow_empty={{{kind.name!r}}}"
                 raise ValueError(
-                    f"PruningPlan.{name} leaves layers {empty} with nothing kept. Keep at least one, or pass "
-                    f"{option}=True to remove that whole branch."
+                    f"PruningPlan.{kind.name} leaves layers {empty} with nothing kept. Keep at least one, or pass "
+                    f"{option} to remove that whole branch."
                 )
 
+    @classmethod
+    def of(cls, kept: Mapping[str, Mapping[int, Sequence[int]]], allow_empty: Iterable[str] = ()) -> PruningPlan:
+        """The plan keeping ``kept[kind][layer]`` for every named kind; ``allow_empty`` names the kinds whose
+        layers may keep none. The generic spelling of ``PruningPlan(heads=..., neurons=..., ...)``."""
+        allow_empty = set(allow_empty)
+        for name in (*kept, *allow_empty):
+            unit_kind(name)
+        return cls(
+            heads=dict(kept.get("heads", {})),
+            neurons=dict(kept.get("neurons", {})),
+            allow_empty_attention="heads" in allow_empty,
+            allow_empty_mlp="neurons" in allow_empty,
+            other_units={name: dict(m) for name, m in kept.items() if name not in BUILTIN_UNIT_KINDS},
+            other_allow_empty={name for name in allow_empty if name not in BUILTIN_UNIT_KINDS},
+        )
+
+    def units_of(self, kind: str) -> dict[int, list[int]]:
+        """Layer index -> kept indices of the kind called ``kind`` (empty: every layer keeps all)."""
+        if kind in BUILTIN_UNIT_KINDS:
+            return getattr(self, kind)
+        return self.other_units.get(unit_kind(kind).name, {})
+
+    def allows_empty(self, kind: str) -> bool:
+        """Whether a layer may keep no unit of the kind called ``kind``."""
+        if kind in BUILTIN_UNIT_KINDS:
+            return bool(getattr(self, unit_kind(kind).allow_empty))
+        return kind in self.other_allow_empty
+
+    def kept(self, kind: str, layer: int, width: int) -> list[int]:
+        """The indices of ``kind`` that ``layer`` keeps, out of its ``width`` units."""
+        return self.units_of(kind).get(layer, list(range(width)))
+
     def kept_heads(self, layer: int, num_heads: int) -> list[int]:
-        return self.heads.get(layer, list(range(num_heads)))
+        return self.kept("heads", layer, num_heads)
 
     def kept_neurons(self, layer: int, num_neurons: int) -> list[int]:
-        return self.neurons.get(layer, list(range(num_neurons)))
+        return self.kept("neurons", layer, num_neurons)
 
     def validate(self, model: nn.Module) -> None:
         """Raise ValueError if the plan names a layer or a unit that ``model`` does not have."""
         layers = find_encoder_layers(model)
-        for name, mapping, size_of in (
-            ("heads", self.heads, lambda layer: layer.num_heads),
-            ("neurons", self.neurons, lambda layer: layer.num_neurons),
-        ):
-            for index, kept in mapping.items():
+        for kind in UNIT_KINDS.values():
+            name = kind.name
+            for index, kept in self.units_of(name).items():
                 if index >= len(layers):
                     raise ValueError(
                         f"PruningPlan.{name} names layer {index}, but the model has {len(layers)} layers "
                         f"(0..{len(layers) - 1})."
                     )
-                size = size_of(layers[index])
+                size = kind.count(layers[index])
                 out_of_range = [i for i in kept if i >= size]
                 if out_of_range:
                     raise ValueError(
@@ -115,19 +171,43 @@ class PruningPlan:
                     )
 
     # ------------------------------------------------------------------ serialisation
+    # Heads and neurons are stored as they always were; another kind adds its name and its
+    # allow-empty flag as top-level keys.
 
     def to_dict(self) -> dict:
-        return {
+        data = {
             "heads": {str(k): v for k, v in self.heads.items()},
             "neurons": {str(k): v for k, v in self.neurons.items()},
             "allow_empty_attention": self.allow_empty_attention,
             "allow_empty_mlp": self.allow_empty_mlp,
         }
+        for name, mapping in self.other_units.items():
+            data[name] = {str(k): v for k, v in mapping.items()}
+        for name in {*self.other_units, *self.other_allow_empty}:
+            data[unit_kind(name).allow_empty] = name in self.other_allow_empty
+        return data
 
     @classmethod
     def from_dict(cls, data: dict) -> PruningPlan:
-        reject_unknown_fields(cls, data)
-        return cls(**data)
+        data = dict(data)
+        fields = ["heads", "neurons", "allow_empty_attention", "allow_empty_mlp"]
+        other, allow_empty = {}, set()
+        for kind in UNIT_KINDS.values():
+            if kind.name in BUILTIN_UNIT_KINDS:
+                continue
+            fields += [kind.name, kind.allow_empty]
+            if kind.name in data:
+                other[kind.name] = data.pop(kind.name)
+            if kind.allow_empty in data:
+                flag = data.pop(kind.allow_empty)
+                if not isinstance(flag, bool):
+                    raise ValueError(f"PruningPlan field {kind.allow_empty!r} must be true or false, got {flag!r}.")
+                if flag:
+                    allow_empty.add(kind.name)
+        unknown = sorted(set(data) - set(fields))
+        if unknown:
+            raise ValueError(f"Unknown PruningPlan fields {unknown}; valid fields are {sorted(fields)}.")
+        return cls(**data, other_units=other, other_allow_empty=allow_empty)
 
     def to_json_string(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"

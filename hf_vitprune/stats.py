@@ -6,86 +6,156 @@ Element-wise work (norms, softmax, activations, biases) is not counted, as in
 ``torch.utils.flop_counter``. Layers outside the encoder (pooler, classifiers) act on one
 pooled vector per image.
 
-Encoder layers are costed per unit (head, neuron), so the same numbers predict what a
+Encoder layers are costed per unit of every registered kind (``architectures.UNIT_KINDS``:
+heads, neurons), with the tokens each layer sees, so the same numbers predict what a
 ``PruningPlan`` will leave, which is how budgets are hit exactly.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
 
 from torch import nn
 
-from .architectures import EncoderLayer, family_of, find_encoder_layers, find_shared_position_bias, num_tokens
+from .architectures import (
+    BUILTIN_UNIT_KINDS,
+    UNIT_KINDS,
+    EncoderLayer,
+    family_of,
+    find_encoder_layers,
+    find_shared_position_bias,
+    layer_tokens,
+    num_tokens,
+)
 from .plan import PruningPlan
 
 
 @dataclass(frozen=True)
 class LayerCost:
-    """What one head / one MLP neuron of a layer costs, and what the layer costs regardless."""
+    """What one unit of each registered kind costs in a layer, and what the layer costs regardless.
 
-    params_per_head: int
-    params_per_neuron: int
+    ``unit_params`` / ``unit_flops`` map a kind's name to one unit's cost; the cost of a layer
+    keeping ``n_k`` units of each kind is ``fixed + sum_k n_k * cost_k`` for parameters and
+    ``sum_k n_k * cost_k`` for FLOPs, which is what makes budgets exact knapsacks.
+    """
+
+    unit_params: dict[str, int]
+    unit_flops: dict[str, int]
     fixed_params: int
-    flops_per_head: int
-    flops_per_neuron: int
 
-    def params(self, heads: int, neurons: int) -> int:
-        return self.fixed_params + heads * self.params_per_head + neurons * self.params_per_neuron
+    @property
+    def params_per_head(self) -> int:
+        return self.unit_params["heads"]
 
-    def flops(self, heads: int, neurons: int) -> int:
-        return heads * self.flops_per_head + neurons * self.flops_per_neuron
+    @property
+    def params_per_neuron(self) -> int:
+        return self.unit_params["neurons"]
+
+    @property
+    def flops_per_head(self) -> int:
+        return self.unit_flops["heads"]
+
+    @property
+    def flops_per_neuron(self) -> int:
+        return self.unit_flops["neurons"]
+
+    def params(self, heads: int | None = None, neurons: int | None = None, **others: int) -> int:
+        """Parameters of the layer keeping these many units of every kind (``params(heads, neurons)``
+        while only the built-in kinds are registered)."""
+        counts = self._counts(heads, neurons, others)
+        return self.fixed_params + sum(self.unit_params[name] * n for name, n in counts.items())
+
+    def flops(self, heads: int | None = None, neurons: int | None = None, **others: int) -> int:
+        counts = self._counts(heads, neurons, others)
+        return sum(self.unit_flops[name] * n for name, n in counts.items())
+
+    def _counts(self, heads: int | None, neurons: int | None, others: dict[str, int]) -> dict[str, int]:
+        counts = {name: n for name, n in (("heads", heads), ("neurons", neurons)) if n is not None}
+        counts.update(others)
+        if set(counts) != set(self.unit_params):
+            raise ValueError(
+                f"LayerCost needs a unit count for every kind it costs, {sorted(self.unit_params)}; "
+                f"got counts for {sorted(counts)}."
+            )
+        return counts
 
 
 @dataclass(frozen=True)
 class LayerStats:
+    """One layer's kept units, parameters and FLOPs.
+
+    Heads and neurons have their own fields (the report format); ``other_units`` holds the
+    non-zero counts of any other registered kind, so it stays empty, and out of ``to_dict``,
+    for models with only heads and neurons.
+    """
+
     index: int
     heads: int
     neurons: int
     params: int
     flops: int
+    other_units: dict[str, int] = field(default_factory=dict, hash=False)
+
+    def units(self, kind: str) -> int:
+        """The kept count of the kind called ``kind`` (0 for a kind this layer does not have)."""
+        if kind in BUILTIN_UNIT_KINDS:
+            return getattr(self, kind)
+        return self.other_units.get(kind, 0)
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        if not self.other_units:
+            del data["other_units"]
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> LayerStats:
+        """The inverse of :meth:`to_dict`; every count must be an integer."""
+        values = {key: int(value) for key, value in data.items() if key != "other_units"}
+        other = {str(kind): int(count) for kind, count in dict(data.get("other_units") or {}).items()}
+        return cls(**values, other_units=other)
 
 
 @dataclass(frozen=True)
 class ModelStats:
+    """Totals per image; ``tokens`` is what the first encoder layer sees."""
+
     params: int
     flops: int
     tokens: int
     layers: tuple[LayerStats, ...]
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        data = asdict(self)
+        data["layers"] = tuple(layer.to_dict() for layer in self.layers)
+        return data
 
-
-def _numel(module: nn.Module | None) -> int:
-    return 0 if module is None else sum(p.numel() for p in module.parameters())
+    @classmethod
+    def from_dict(cls, data: Mapping) -> ModelStats:
+        """The inverse of :meth:`to_dict`."""
+        return cls(
+            params=int(data["params"]),
+            flops=int(data["flops"]),
+            tokens=int(data["tokens"]),
+            layers=tuple(LayerStats.from_dict(layer) for layer in data["layers"]),
+        )
 
 
 def layer_cost(layer: EncoderLayer, tokens: int, shared_bias_rows: int = 0) -> LayerCost:
-    """Unit costs of ``layer`` from its module shapes; ``shared_bias_rows`` adds a shared table's column per head."""
-    attention, head_dim = layer.attention, layer.head_dim
-    o_proj = attention.o_proj
-    width = o_proj.out_features
-    per_head = o_proj.out_features * head_dim
-    for name in ("q_proj", "k_proj", "v_proj"):
-        proj = getattr(attention, name, None)
-        bias = proj is not None and proj.bias is not None
-        in_features = proj.in_features if proj is not None else width
-        per_head += head_dim * in_features + (head_dim if bias else 0)
-    bias_module = layer.position_bias
-    bias_rows = bias_module.relative_position_bias_table.shape[0] if bias_module is not None else shared_bias_rows
-    per_head += bias_rows
-    per_neuron = sum(p.in_features + (1 if p.bias is not None else 0) for p in layer.mlp_in) + layer.mlp_out.out_features
-    units = {*layer.mlp_in, layer.mlp_out, *(getattr(attention, n, None) for n in ("q_proj", "k_proj", "v_proj"))}
-    fixed = o_proj.bias.numel() if o_proj.bias is not None else 0
-    fixed += layer.mlp_out.bias.numel() if layer.mlp_out.bias is not None else 0
-    counted = {id(p) for m in units if m is not None for p in m.parameters()} | {id(p) for p in o_proj.parameters()}
-    if bias_module is not None:
-        counted |= {id(p) for p in bias_module.parameters()}
-    fixed += sum(p.numel() for p in layer.module.parameters() if id(p) not in counted)
-    flops_per_head = 2 * tokens * 4 * width * head_dim + 2 * 2 * tokens * tokens * head_dim
-    flops_per_neuron = 2 * tokens * (len(layer.mlp_in) + 1) * width
-    return LayerCost(per_head, per_neuron, fixed, flops_per_head, flops_per_neuron)
+    """Unit costs of ``layer`` from its module shapes; ``shared_bias_rows`` adds a shared table's column per head.
+
+    The fixed part is every parameter of the layer that no registered kind owns a slice of
+    (norms, layer scale, output biases).
+    """
+    kinds = UNIT_KINDS.values()
+    owned = {id(tensor) for kind in kinds for tensor, _ in kind.parameters(layer)}
+    fixed = sum(p.numel() for p in layer.module.parameters() if id(p) not in owned)
+    return LayerCost(
+        unit_params={kind.name: kind.params_per_unit(layer, shared_bias_rows) for kind in kinds},
+        unit_flops={kind.name: kind.flops_per_unit(layer, tokens) for kind in kinds},
+        fixed_params=fixed,
+    )
 
 
 def _outside_encoder(model: nn.Module, layers: list[EncoderLayer]) -> tuple[list[nn.Module], int]:
@@ -121,13 +191,14 @@ def model_stats(model: nn.Module, plan: PruningPlan | None = None) -> ModelStats
         shared_rows, outside_params = table.shape[0], outside_params - table.numel()
     outside_flops = _flops_outside_encoder(outside)
     per_layer = []
-    for layer in layers:
-        cost = layer_cost(layer, tokens, shared_rows)
-        heads, neurons = layer.num_heads, layer.num_neurons
+    for layer, tokens_seen in zip(layers, layer_tokens(model)):
+        cost = layer_cost(layer, tokens_seen, shared_rows)
+        counts = {kind.name: kind.count(layer) for kind in UNIT_KINDS.values()}
         if plan is not None:
-            heads = len(plan.kept_heads(layer.index, heads))
-            neurons = len(plan.kept_neurons(layer.index, neurons))
-        per_layer.append(LayerStats(layer.index, heads, neurons, cost.params(heads, neurons), cost.flops(heads, neurons)))
+            counts = {name: len(plan.kept(name, layer.index, n)) for name, n in counts.items()}
+        other = {name: n for name, n in counts.items() if name not in BUILTIN_UNIT_KINDS and n}
+        params, flops = cost.params(**counts), cost.flops(**counts)
+        per_layer.append(LayerStats(layer.index, counts["heads"], counts["neurons"], params, flops, other))
     return ModelStats(
         params=outside_params + sum(s.params for s in per_layer),
         flops=outside_flops + sum(s.flops for s in per_layer),

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from .architectures import compact_layer, family_of, find_encoder_layers, unshare_position_bias
+from .architectures import UNIT_KINDS, compact_units, family_of, find_encoder_layers, unshare_position_bias
 from .modeling import convert_to_pruned
 from .plan import PruningPlan
 
@@ -20,46 +20,61 @@ def apply_plan(model: nn.Module, plan: PruningPlan) -> nn.Module:
     projections lose rows, the output projection columns. The model becomes the matching
     ``Pruned*`` class with a config recording every layer's widths, so ``save_pretrained``
     and ``from_pretrained`` round-trip it. Masks attached with :func:`attach_masks` are dropped
-    with the modules they were hooked on.
+    with the modules they were hooked on. Other registered unit kinds are cut by their own
+    ``UnitKind.compact``.
     """
     family_of(model)
     plan.validate(model)
     unshare_position_bias(model)
     for layer in find_encoder_layers(model):
-        compact_layer(
-            layer,
-            plan.kept_heads(layer.index, layer.num_heads),
-            plan.kept_neurons(layer.index, layer.num_neurons),
-        )
+        kept = {kind.name: plan.kept(kind.name, layer.index, kind.count(layer)) for kind in UNIT_KINDS.values()}
+        compact_units(layer, kept)
     return convert_to_pruned(model)
 
 
 class UnitMasks:
-    """Gates attention heads and MLP neurons without changing any shape (training-time pruning).
+    """Gates attention heads, MLP neurons (and any registered kind with a gate) without changing any shape.
 
-    A gate multiplies a head's context before ``o_proj`` and a neuron's activation before the
-    MLP output projection, so a zero gate gives exactly the logits of the compacted model and
-    no gradient reaches the gated unit's weights through the forward pass. Gates may be
-    fractional (soft masks). Use :func:`attach_masks` to create one; ``remove()`` detaches it.
+    A gate multiplies a unit's channels at the input of the module its kind names (a head's
+    context before ``o_proj``, a neuron's activation before the MLP output projection), so a
+    zero gate gives exactly the logits of the compacted model and no gradient reaches the gated
+    unit's weights through the forward pass. Gates may be fractional (soft masks). ``gates[kind]``
+    holds one tensor per layer; ``head_gates`` / ``neuron_gates`` are those of heads and neurons.
+    Use :func:`attach_masks` to create one; ``remove()`` detaches it.
     """
 
     def __init__(self, model: nn.Module):
         self.layers = find_encoder_layers(model)
-        self.head_gates = [torch.ones(layer.num_heads) for layer in self.layers]
-        self.neuron_gates = [torch.ones(layer.num_neurons) for layer in self.layers]
+        kinds = [kind for kind in UNIT_KINDS.values() if kind.gate is not None]
+        self.gates: dict[str, list[torch.Tensor]] = {
+            kind.name: [torch.ones(kind.count(layer)) for layer in self.layers] for kind in kinds
+        }
         self._handles = []
         for layer in self.layers:
-            i, head_dim = layer.index, layer.head_dim
-            self._handles.append(
-                layer.attention.o_proj.register_forward_pre_hook(self._gate(lambda i=i: self.head_gates[i], head_dim))
-            )
-            self._handles.append(layer.mlp_out.register_forward_pre_hook(self._gate(lambda i=i: self.neuron_gates[i], 1)))
+            for kind in kinds:
+                module, channels = kind.gate(layer)
+                self._handles.append(module.register_forward_pre_hook(self._gate(kind.name, layer.index, channels)))
 
-    @staticmethod
-    def _gate(gates, repeat: int):
+    @property
+    def head_gates(self) -> list[torch.Tensor]:
+        return self.gates["heads"]
+
+    @head_gates.setter
+    def head_gates(self, value: list[torch.Tensor]) -> None:
+        self.gates["heads"] = value
+
+    @property
+    def neuron_gates(self) -> list[torch.Tensor]:
+        return self.gates["neurons"]
+
+    @neuron_gates.setter
+    def neuron_gates(self, value: list[torch.Tensor]) -> None:
+        self.gates["neurons"] = value
+
+    def _gate(self, kind: str, index: int, repeat: int):
         def hook(module: nn.Module, args: tuple) -> tuple:
             hidden = args[0]
-            gate = gates().to(device=hidden.device, dtype=hidden.dtype)
+            gate = self.gates[kind][index].to(device=hidden.device, dtype=hidden.dtype)
             if repeat > 1:
                 gate = gate.repeat_interleave(repeat)
             return (hidden * gate, *args[1:])
@@ -68,12 +83,12 @@ class UnitMasks:
 
     def set_plan(self, plan: PruningPlan) -> UnitMasks:
         """Gate to zero exactly the units ``plan`` drops (and open all others)."""
+        _check_gateable(plan)
         for layer in self.layers:
-            heads = torch.zeros(layer.num_heads)
-            heads[plan.kept_heads(layer.index, layer.num_heads)] = 1.0
-            neurons = torch.zeros(layer.num_neurons)
-            neurons[plan.kept_neurons(layer.index, layer.num_neurons)] = 1.0
-            self.head_gates[layer.index], self.neuron_gates[layer.index] = heads, neurons
+            for name, per_layer in self.gates.items():
+                gate = torch.zeros(len(per_layer[layer.index]))
+                gate[plan.kept(name, layer.index, len(gate))] = 1.0
+                per_layer[layer.index] = gate
         return self
 
     def remove(self) -> None:
@@ -91,11 +106,21 @@ class UnitMasks:
         return iter(zip(self.head_gates, self.neuron_gates))
 
 
+def _check_gateable(plan: PruningPlan) -> None:
+    for kind in UNIT_KINDS.values():
+        if kind.gate is None and plan.units_of(kind.name):
+            raise ValueError(
+                f"The plan keeps a subset of {kind.name}, but unit kind {kind.name!r} has no gate "
+                f"(UnitKind.gate), so masks cannot drop its units; use apply_plan to remove them."
+            )
+
+
 def attach_masks(model: nn.Module, plan: PruningPlan | None = None) -> UnitMasks:
     """Attach gates to every head and MLP neuron of ``model``; with ``plan``, close the dropped ones."""
     family_of(model)
     if plan is not None:
         plan.validate(model)  # before hooking anything: a bad plan must not leave gates attached
+        _check_gateable(plan)
     masks = UnitMasks(model)
     if plan is not None:
         masks.set_plan(plan)

@@ -1,6 +1,7 @@
 """Group magnitude: the L2 norm of all weights a unit owns (the data-free baseline).
 
-The groups are exactly what pruning removes (see METHODS.md, "Structural units"):
+The groups are exactly what pruning removes (the slices each unit kind owns,
+``architectures.UNIT_KINDS[kind].parameters``):
 
 - head h: rows ``h*d_h:(h+1)*d_h`` of q_proj, k_proj, v_proj (weights and biases, where a bias
   exists), the same input columns of o_proj, and column h of the layer's own relative position
@@ -21,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..architectures import EncoderLayer, find_encoder_layers
+from ..architectures import UNIT_KINDS, EncoderLayer, find_encoder_layers
 from . import ImportanceOptions, UnitScores
 
 Elementwise = Callable[[nn.Parameter], torch.Tensor]
@@ -29,28 +30,12 @@ Elementwise = Callable[[nn.Parameter], torch.Tensor]
 
 def head_group_parameters(layer: EncoderLayer) -> Iterator[tuple[nn.Parameter, str]]:
     """The parameters holding the layer's heads, each with how heads lie in it: 'rows', 'columns' or 'table'."""
-    attention = layer.attention
-    for name in ("q_proj", "k_proj", "v_proj"):
-        linear = getattr(attention, name, None)  # an AttentionRemoved block has only o_proj
-        if linear is None:
-            continue
-        yield linear.weight, "rows"
-        if linear.bias is not None:
-            yield linear.bias, "rows"
-    yield attention.o_proj.weight, "columns"
-    bias = layer.position_bias
-    table = getattr(bias, "relative_position_bias_table", None) if bias is not None else None
-    if isinstance(table, torch.Tensor):
-        yield table, "table"
+    return UNIT_KINDS["heads"].parameters(layer)
 
 
 def neuron_group_parameters(layer: EncoderLayer) -> Iterator[tuple[nn.Parameter, str]]:
     """The parameters holding the layer's MLP neurons, each with 'rows' or 'columns'."""
-    for linear in layer.mlp_in:
-        yield linear.weight, "rows"
-        if linear.bias is not None:
-            yield linear.bias, "rows"
-    yield layer.mlp_out.weight, "columns"
+    return UNIT_KINDS["neurons"].parameters(layer)
 
 
 def _reduce(values: torch.Tensor, layout: str, units: int) -> torch.Tensor:
