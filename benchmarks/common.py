@@ -16,6 +16,7 @@ import torch
 from transformers import AutoModelForImageClassification, Trainer, TrainingArguments, ViTConfig, ViTForImageClassification
 
 from hf_vitprune import PruningConfig
+from hf_vitprune.methods import get_method
 from hf_vitprune.fileio import atomic_directory
 from hf_vitprune.metrics import make_compute_metrics
 
@@ -199,10 +200,13 @@ def training_arguments(settings: Settings, output_dir: str | Path, *, epochs: fl
 
 
 def pruning_config(settings: Settings, method: str, sparsity: float, seed: int) -> PruningConfig:
+    """The benchmark's recipe for ``method``; the seed reaches the methods that draw at random."""
+    options = dict(admm_update_steps=settings.admm_update_steps, admm_fraction=settings.admm_fraction,
+                   admm_rho_final=settings.admm_rho_final, random_seed=seed)
+    known = {f.name for f in dataclasses.fields(get_method(method).options_class)}
     return PruningConfig(method=method, target_sparsity=sparsity, calibration_samples=settings.calibration_samples,
-                         admm_update_steps=settings.admm_update_steps, admm_fraction=settings.admm_fraction,
-                         distillation_weight=settings.distillation_weight, admm_rho_final=settings.admm_rho_final,
-                         random_seed=seed)
+                         distillation_weight=settings.distillation_weight,
+                         method_options={key: value for key, value in options.items() if key in known})
 
 
 def dense_identity(settings: Settings) -> dict:

@@ -2,12 +2,12 @@
 
 *Step time* (:func:`time_training_steps`): two copies of the dense model, the same batch, each with
 its own AdamW; one optimizer step is ``PruningTrainer.compute_loss`` + backward + ``optimizer.step``,
-with the trainer's phase set to ``"admm"`` (label loss + rho/2 ||W - Z + U||^2) or to ``None``
-(label loss only, i.e. plain training). The two alternate (plain, ADMM, ADMM, plain, ...) and each
-figure is the median. The Z/U update (projection onto the budget, ``trainer.admm_update()``) runs
+with the trainer's phase set to the method's search phase ``"admm"`` (label loss + rho/2 ||W - Z + U||^2)
+or to ``None`` (label loss only, i.e. plain training). The two alternate (plain, ADMM, ADMM, plain, ...)
+and each figure is the median. The Z/U update (projection onto the budget, ``trainer.method.update()``) runs
 once every ``admm_update_steps`` steps; its median time divided by that interval is added to the
 ADMM step, so the ratio is the whole per-step cost of ADMM. The trainer state is the one the
-pipeline has at the start of its ADMM phase (GOHSP importance, Z = projection of W, U = 0).
+pipeline has at the start of its ADMM phase (``method.setup``: GOHSP importance, Z = projection of W, U = 0).
 
 *Peak memory* (:func:`measure_memory`): each phase runs in a fresh Python process
 (``python -m benchmarks.measure --phase ...``) that loads the data and the dense model, then resets
@@ -34,8 +34,8 @@ from pathlib import Path
 import torch
 from transformers import Trainer, TrainerCallback
 
-from hf_vitprune import ADMMState, PruningTrainer
-from hf_vitprune.importance import ImportanceOptions, get_criterion
+from hf_vitprune import PruningTrainer
+from hf_vitprune.methods import SearchContext
 
 from .common import (
     Settings,
@@ -62,12 +62,11 @@ def time_training_steps(settings: Settings, data) -> dict:
         args = training_arguments(settings, tmp, epochs=1, learning_rate=settings.prune_learning_rate, seed=0)
         trainer = PruningTrainer(model=admm_model, args=args, train_dataset=data["train"], pruning_config=config)
         calibration = [batch_of(data["train"], settings.calibration_samples)]
-        options = ImportanceOptions(damping=config.damping, tolerance=config.ranking_tolerance,
-                                    max_iterations=config.ranking_max_iterations, seed=config.random_seed)
         # The trainer's state at the start of its ADMM phase: importance, Z = Proj(W), U = 0.
-        trainer.importance = get_criterion("gohsp")(admm_model, calibration, options=options)
-        trainer.admm = ADMMState.initialize(admm_model, config.admm_rho, rho_growth=config.admm_rho_growth)
-        trainer.admm_update()
+        search = trainer.method
+        search.setup(SearchContext(model=admm_model, budget=config.budget,
+                                   search_steps=search.search_steps(trainer._total_optimizer_steps()),
+                                   calibration_batches=lambda: calibration))
         optimizers = {
             None: torch.optim.AdamW(plain.parameters(), lr=settings.prune_learning_rate,
                                     weight_decay=settings.weight_decay),
@@ -77,7 +76,7 @@ def time_training_steps(settings: Settings, data) -> dict:
         models = {None: plain, "admm": admm_model}
 
         def step(phase) -> float:
-            trainer.phase = phase
+            trainer.phase = None if phase is None else search.phase_name
             started = time.perf_counter()
             loss = trainer.compute_loss(models[phase], batch)
             loss.backward()
@@ -91,11 +90,11 @@ def time_training_steps(settings: Settings, data) -> dict:
                 elapsed = step(phase)
                 if i >= WARMUP_STEPS:
                     times[phase].append(elapsed)
-        trainer.phase = "admm"
+        trainer.phase = search.phase_name
         updates = []
         for _ in range(max(3, settings.step_repeats // 3)):
             started = time.perf_counter()
-            trainer.admm_update()
+            search.update(admm_model)
             updates.append(time.perf_counter() - started)
     plain_s, admm_s = statistics.median(times[None]), statistics.median(times["admm"])
     update_s = statistics.median(updates)
@@ -126,7 +125,7 @@ class _PhasePeak(TrainerCallback):
         self.trainer, self.peak = trainer, None
 
     def on_train_end(self, args, state, control, **kwargs):
-        if self.peak is None and (self.trainer is None or self.trainer.phase == "admm"):
+        if self.peak is None and (self.trainer is None or self.trainer.phase == self.trainer.method.phase_name):
             self.peak = peak_rss_bytes()
 
 
@@ -153,7 +152,8 @@ def _memory_phase(settings: Settings, phase: str) -> dict:
             args = training_arguments(settings, tmp, epochs=1, learning_rate=settings.prune_learning_rate, seed=0,
                                       max_steps=steps + 1)
             config = pruning_config(settings, "gohsp", max(settings.sparsities), seed=0)
-            config = dataclasses.replace(config, admm_fraction=0.99)
+            config = dataclasses.replace(
+                config, method_options=dataclasses.replace(config.method_options, admm_fraction=0.99))
             trainer = PruningTrainer(model=model, args=args, train_dataset=train, pruning_config=config)
             callback = _PhasePeak(trainer)
         trainer.add_callback(callback)

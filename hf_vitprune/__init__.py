@@ -3,9 +3,9 @@
 Importing it registers the pruned architectures with transformers' Auto classes.
 """
 
-from .admm import ADMMState, combine_scores
-from .budget import select_plan
+from .budget import Budget, select_plan
 from .config import PruningConfig
+from .methods import MethodOptions, PruningMethod, register_method
 from .modeling import register_auto_classes
 from .plan import PruningPlan
 from .stats import LayerStats, ModelStats, model_stats
@@ -17,16 +17,18 @@ register_auto_classes()
 __version__ = "0.1.0"
 
 __all__ = [
-    "ADMMState",
+    "Budget",
     "LayerStats",
+    "MethodOptions",
     "ModelStats",
     "PruningConfig",
+    "PruningMethod",
     "PruningPlan",
     "PruningTrainer",
     "UnitMasks",
     "apply_plan",
     "attach_masks",
-    "combine_scores",
     "model_stats",
+    "register_method",
     "select_plan",
 ]

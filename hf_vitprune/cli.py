@@ -1,7 +1,7 @@
 """The ``hf-vitprune`` command line: ``report MODEL``, ``card MODEL_DIR`` and ``prune ...``.
 
-    hf-vitprune report out/deit-small-gohsp-35        # per-layer table, totals, measured speed, ratios
-    hf-vitprune card out/deit-small-gohsp-35          # re-render README.md from pruning_report.json
+    hf-vitprune report out/deit-small-pruned-35       # per-layer table, totals, measured speed, ratios
+    hf-vitprune card out/deit-small-pruned-35         # re-render README.md from pruning_report.json
     hf-vitprune prune --config recipe.yaml            # run a pruning recipe (hf_vitprune.recipe)
 """
 
@@ -115,8 +115,7 @@ def command_prune(argv: list[str]) -> int:
 
 
 def command_card(args) -> int:
-    from .card import CARD_FILE, rerender_model_card
-    from .report import REPORT_FILE
+    from .reporting import CARD_FILE, REPORT_FILE, rerender_model_card
 
     directory = Path(args.model_dir)
     if not directory.exists():
@@ -127,7 +126,8 @@ def command_card(args) -> int:
         raise CommandError(
             f"{directory} has no {REPORT_FILE}, so there is nothing to render the card from. "
             f"PruningTrainer.save_model() writes it; for a model pruned by hand, write one with "
-            f"hf_vitprune.card.write_model_card(dir, PruningReport.from_models(dense, pruned, pruning_config=...))."
+            f"hf_vitprune.reporting.write_model_card(dir, "
+            f"PruningReport.from_models(dense, pruned, pruning_config=...))."
         )
     try:
         card = rerender_model_card(directory, repo_id=args.repo_id)
@@ -173,26 +173,11 @@ def load_model(name_or_path: str):
         raise CommandError(f"could not load {name_or_path} from {where}: {error}") from None
 
 
-def _table(rows: list[list[str]], header: list[str]) -> str:
-    """Plain text table: the first column left-aligned, numbers right-aligned."""
-    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
-
-    def line(cells: list[str]) -> str:
-        aligned = (str(cell).ljust(width) if i == 0 else str(cell).rjust(width)
-                   for i, (cell, width) in enumerate(zip(cells, widths)))
-        return "  ".join(aligned).rstrip()
-
-    return "\n".join([line(header), "  ".join("-" * width for width in widths), *map(line, rows)])
-
-
-def _ratio(pruned: float, dense: float) -> str:
-    return f"{pruned / dense:.3f}x" if dense else "n/a"
-
-
 def command_report(args) -> int:
     import torch
 
-    from .report import REPORT_FILE, PruningReport, stats_from_dict
+    from .reporting import REPORT_FILE, PruningReport
+    from .reporting.table import comparison_rows, fraction, plain_table, text_table
     from .speed import dense_counterpart, measure_speed
     from .stats import model_stats
 
@@ -216,7 +201,7 @@ def command_report(args) -> int:
     reference = None
     dense_stats, dense_source = None, None
     if recorded is not None:
-        dense_stats = stats_from_dict(recorded.dense)
+        dense_stats = recorded.dense_stats
         dense_source = f"recorded in {REPORT_FILE}"
         if recorded.base_model:
             dense_source += f" (base model {recorded.base_model})"
@@ -243,22 +228,15 @@ def command_report(args) -> int:
             before = dense_stats.layers[index]
             row[1] = f"{layer.heads}/{before.heads}"
             row[2] = f"{layer.neurons:,}/{before.neurons:,}"
-            row.append(_ratio(layer.params, before.params))
+            row.append(fraction(layer.params, before.params))
         rows.append(row)
     header = ["layer", "heads", "MLP width", "params", "FLOPs"]
     if dense_stats is not None:
         header[1:3] = ["heads (kept/dense)", "MLP width (kept/dense)"]
         header.append("params ratio")
-    print(_table(rows, header))
+    print(plain_table([header, *rows]))
     print()
 
-    totals = [["params", f"{stats.params:,}"], ["FLOPs per image", f"{stats.flops:,}"],
-              ["attention heads", str(sum(l.heads for l in stats.layers))],
-              ["MLP neurons", f"{sum(l.neurons for l in stats.layers):,}"]]
-    dense_totals = None
-    if dense_stats is not None:
-        dense_totals = [dense_stats.params, dense_stats.flops, sum(l.heads for l in dense_stats.layers),
-                        sum(l.neurons for l in dense_stats.layers)]
     speed = None
     if not args.no_speed:
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -269,26 +247,11 @@ def command_report(args) -> int:
             )
         except (RuntimeError, ValueError) as error:
             raise CommandError(f"timing on {device} failed: {error}") from None
-    header = ["total", "this model"]
-    if dense_totals is not None:
-        header += ["dense", "ratio"]
-        for row, dense_value, value in zip(totals, dense_totals, (stats.params, stats.flops,
-                                                                   sum(l.heads for l in stats.layers),
-                                                                   sum(l.neurons for l in stats.layers))):
-            row += [f"{dense_value:,}", _ratio(value, dense_value)]
-    if speed is not None:
-        latency = ["latency, batch 1 (ms)", f"{speed['pruned']['latency_ms']:.3f}"]
-        throughput = [f"throughput, batch {args.batch_size} (images/s)", f"{speed['pruned']['throughput']:.1f}"]
-        if dense_totals is not None:
-            if "dense" in speed:
-                latency += [f"{speed['dense']['latency_ms']:.3f}",
-                            f"{1 / speed['latency_speedup']:.3f}x ({speed['latency_speedup']:.2f}x faster)"]
-                throughput += [f"{speed['dense']['throughput']:.1f}", f"{speed['throughput_speedup']:.3f}x"]
-            else:
-                latency += ["-", "-"]
-                throughput += ["-", "-"]
-        totals += [latency, throughput]
-    print(_table(totals, header))
+    totals = comparison_rows(dense_stats, stats, speed=speed)
+    if dense_stats is not None:
+        print(text_table(totals, ["total", "dense", "this model", "this model / dense"]))
+    else:
+        print(text_table(totals, ["total", "this model"], dense=False))
     if speed is not None:
         count = speed.get("torch_threads")
         threads = f", {count} torch thread{'s' if count != 1 else ''}" if count else ""

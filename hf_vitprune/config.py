@@ -1,19 +1,32 @@
-"""PruningConfig: the whole pruning recipe, validated on creation, saved as pruning_config.json."""
+"""PruningConfig: the whole pruning recipe, validated on creation, saved as pruning_config.json.
+
+The common fields (method, budget, which units may go, calibration, distillation) live here;
+each method's own options live with the method, as a dataclass registered with it
+(:mod:`hf_vitprune.methods`), and ``PruningConfig.method_options`` holds an instance of it.
+For convenience a method's options may also be given as keywords of ``PruningConfig`` itself;
+these two are the same config (``damping`` is an option of the default method)::
+
+    PruningConfig(target_sparsity=0.4, damping=0.9)
+    PruningConfig(target_sparsity=0.4, method_options={"damping": 0.9})
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+from .budget import Budget
 from .fileio import atomic_directory, reject_unknown_fields
+from .methods import DEFAULT_METHOD, METHODS, MethodOptions, get_method
 
 CONFIG_FILE = "pruning_config.json"
-METHODS = ("gohsp", "magnitude", "taylor", "random")
-EDGE_STATISTICS = ("output", "attention")
 
 
 def _help(text: str, **kwargs) -> dict:
@@ -22,14 +35,16 @@ def _help(text: str, **kwargs) -> dict:
 
 @dataclass
 class PruningConfig:
-    """How to prune: the method, the budget, the ranking, the ADMM schedule and the distillation.
+    """How to prune: the method and its options, the budget, the units, calibration and distillation.
 
     Exactly one budget is set: ``target_sparsity`` (fraction of all parameters removed) or
-    ``target_flops_reduction`` (fraction of forward FLOPs removed). The compacted model hits it
-    to within one unit's cost (0.5% in practice).
+    ``target_flops_reduction`` (fraction of forward FLOPs removed); :attr:`budget` is the one
+    derived from them. The compacted model hits it to within one unit's cost (0.5% in practice).
     """
 
-    method: str = field(default="gohsp", **_help(f"Importance criterion: one of {', '.join(METHODS)}."))
+    method: str = field(
+        default=DEFAULT_METHOD, **_help("The pruning method, a name registered in hf_vitprune.methods.")
+    )
     target_sparsity: float | None = field(
         default=None, **_help("Fraction of the model's parameters to remove, in (0, 1), e.g. 0.4.")
     )
@@ -49,30 +64,7 @@ class PruningConfig:
         default=1, **_help("Kept MLP neurons per layer are a multiple of this, e.g. 8 or 64 for tensor cores.")
     )
     calibration_samples: int = field(
-        default=256, **_help("Training images run through the dense model to rank heads (gohsp) or to take gradients (taylor).")
-    )
-    edge_statistic: str = field(
-        default="output",
-        **_help("Graph edge weight between heads of consecutive layers: 'output' (|corr| of their contributions "
-                "to the residual stream) or 'attention' (|corr| of their attention maps)."),
-    )
-    damping: float = field(default=0.85, **_help("Markov-chain damping (PageRank style); 1 - damping teleports."))
-    ranking_tolerance: float = field(default=1e-8, **_help("Power-iteration tolerance for the stationary distribution."))
-    ranking_max_iterations: int = field(default=1000, **_help("Power-iteration limit; not converging is an error."))
-    importance_alpha: float = field(
-        default=1.0, **_help("Weight of the graph importance in the head score: importance**alpha * normalised norm.")
-    )
-    admm_rho: float = field(default=1e-3, **_help("Initial ADMM penalty weight rho."))
-    admm_rho_growth: float = field(default=1.3, **_help("rho is multiplied by this at every Z/U update."))
-    admm_rho_final: float | None = field(
-        default=None,
-        **_help("If set, rho grows geometrically from admm_rho to this value at the ADMM phase's last Z/U update, "
-                "whatever the phase's length (admm_rho_growth is then ignored). Use it for short runs, where a "
-                "fixed growth leaves rho too small for W to reach the sparse support before the hard prune."),
-    )
-    admm_update_steps: int = field(default=20, **_help("Optimizer steps between ADMM Z/U updates."))
-    admm_fraction: float = field(
-        default=0.5, **_help("Share of the training steps spent in ADMM; the rest fine-tunes the compacted model.")
+        default=256, **_help("Training images the method may run through the dense model (to rank units, say).")
     )
     distillation_weight: float = field(
         default=0.5, **_help("Weight of the distillation loss from the frozen dense model during fine-tuning; 0 disables it.")
@@ -81,62 +73,94 @@ class PruningConfig:
     use_distillation_token: bool = field(
         default=True, **_help("For DeiT with a distillation head, distil through that head (DeiT-style).")
     )
-    random_seed: int = field(default=0, **_help("Seed of the random baseline's scores (identical on every process)."))
+    method_options: Any = field(
+        default=None,
+        **_help("The method's own options: its options dataclass, a dict (or JSON object) of them, or None for "
+                "the defaults."),
+    )
 
     def __post_init__(self):
         if self.method not in METHODS:
-            raise ValueError(f"PruningConfig.method={self.method!r} is unknown; choose one of {', '.join(METHODS)}.")
-        budgets = {"target_sparsity": self.target_sparsity, "target_flops_reduction": self.target_flops_reduction}
-        given = {name: value for name, value in budgets.items() if value is not None}
-        if len(given) != 1:
             raise ValueError(
-                "Set exactly one budget: target_sparsity (fraction of parameters to remove) or "
-                f"target_flops_reduction (fraction of FLOPs to remove); got {given or 'neither'}."
+                f"PruningConfig.method={self.method!r} is unknown; choose one of {', '.join(sorted(METHODS))} "
+                f"(or register a new one with hf_vitprune.methods.register_method)."
             )
-        for name, value in given.items():
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and 0 < value < 1):
-                raise ValueError(f"PruningConfig.{name}={value!r} must lie strictly between 0 and 1, e.g. 0.4.")
+        self.budget  # noqa: B018  (validates the targets)
+        for name in ("prune_heads", "prune_neurons", "use_distillation_token"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"PruningConfig.{name}={getattr(self, name)!r} must be True or False.")
         if not (self.prune_heads or self.prune_neurons):
             raise ValueError("PruningConfig prunes nothing: set prune_heads or prune_neurons to True.")
-        if self.edge_statistic not in EDGE_STATISTICS:
+        for name, minimum in (("min_heads_per_layer", 0), ("min_neurons_per_layer", 0), ("round_heads_to", 1),
+                              ("round_neurons_to", 1), ("calibration_samples", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise ValueError(f"PruningConfig.{name}={value!r} must be an integer >= {minimum}.")
+        if not _is_number(self.distillation_temperature) or not self.distillation_temperature > 0:
+            raise ValueError(f"PruningConfig.distillation_temperature={self.distillation_temperature!r} must be > 0.")
+        if not _is_number(self.distillation_weight) or not 0 <= self.distillation_weight <= 1:
+            raise ValueError(f"PruningConfig.distillation_weight={self.distillation_weight!r} must lie in [0, 1].")
+        self.method_options = self._resolve_options(self.method_options)
+
+    def _resolve_options(self, options: Any) -> MethodOptions:
+        options_class = get_method(self.method).options_class
+        if options is None:
+            return options_class()
+        if isinstance(options, options_class):
+            return options
+        if isinstance(options, MethodOptions):
             raise ValueError(
-                f"PruningConfig.edge_statistic={self.edge_statistic!r} is unknown; choose {' or '.join(EDGE_STATISTICS)}."
+                f"PruningConfig.method_options is a {type(options).__name__}, but method {self.method!r} takes "
+                f"{options_class.__name__}; pass that, a dict of its fields, or None."
             )
-        for name in ("min_heads_per_layer", "min_neurons_per_layer"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"PruningConfig.{name}={getattr(self, name)} must be >= 0.")
-        for name in ("round_heads_to", "round_neurons_to", "calibration_samples", "admm_update_steps",
-                     "ranking_max_iterations"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"PruningConfig.{name}={getattr(self, name)} must be >= 1.")
-        for name, low, high in (("damping", 0, 1), ("admm_fraction", 0, 1)):
-            if not low < getattr(self, name) < high:
-                raise ValueError(f"PruningConfig.{name}={getattr(self, name)} must lie strictly between {low} and {high}.")
-        for name in ("admm_rho", "distillation_temperature", "ranking_tolerance"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"PruningConfig.{name}={getattr(self, name)} must be > 0.")
-        if self.admm_rho_growth < 1:
-            raise ValueError(f"PruningConfig.admm_rho_growth={self.admm_rho_growth} must be >= 1 (rho never shrinks).")
-        if self.admm_rho_final is not None and not self.admm_rho_final >= self.admm_rho:
-            raise ValueError(
-                f"PruningConfig.admm_rho_final={self.admm_rho_final} must be >= admm_rho={self.admm_rho} "
-                f"(rho never shrinks); leave it unset to grow by admm_rho_growth."
-            )
-        if not 0 <= self.distillation_weight <= 1:
-            raise ValueError(f"PruningConfig.distillation_weight={self.distillation_weight} must lie in [0, 1].")
-        if self.importance_alpha < 0:
-            raise ValueError(f"PruningConfig.importance_alpha={self.importance_alpha} must be >= 0.")
+        if isinstance(options, str):  # a JSON object, as a command line gives it
+            try:
+                options = json.loads(options)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"PruningConfig.method_options={options!r} is not a JSON object ({error}).") from None
+        if isinstance(options, dict):
+            return options_class.from_dict(options, self.method)
+        raise ValueError(
+            f"PruningConfig.method_options must be a {options_class.__name__}, a dict or None, "
+            f"got {type(options).__name__}."
+        )
+
+    # ------------------------------------------------------------------ derived
+
+    @property
+    def budget(self) -> Budget:
+        """The one budget this config sets (validated: a fraction strictly between 0 and 1)."""
+        return Budget.from_targets(self.target_sparsity, self.target_flops_reduction)
+
+    def selection_arguments(self) -> dict:
+        """Keyword arguments of :func:`hf_vitprune.budget.select_plan` for this config's budget and units."""
+        return dict(
+            target_sparsity=self.target_sparsity,
+            target_flops_reduction=self.target_flops_reduction,
+            min_heads_per_layer=self.min_heads_per_layer,
+            min_neurons_per_layer=self.min_neurons_per_layer,
+            round_heads_to=self.round_heads_to,
+            round_neurons_to=self.round_neurons_to,
+            prune_heads=self.prune_heads,
+            prune_neurons=self.prune_neurons,
+        )
 
     # ------------------------------------------------------------------ serialisation
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "method_options"}
+        values["method_options"] = self.method_options.to_dict()
+        return values
 
     def to_json_string(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
 
     @classmethod
     def from_dict(cls, data: dict) -> PruningConfig:
+        """The config of :meth:`to_dict`; also reads the flat files written before options moved to methods."""
+        data = dict(data)
+        if "method_options" not in data:
+            data = _from_flat(data)
         reject_unknown_fields(cls, data)
         return cls(**data)
 
@@ -159,3 +183,100 @@ class PruningConfig:
 
             path = Path(hf_hub_download(str(name_or_path), CONFIG_FILE, **hub_kwargs))
         return cls.from_dict(json.loads(path.read_text()))
+
+
+def _common_fields() -> set[str]:
+    return {f.name for f in dataclasses.fields(PruningConfig)}
+
+
+def _option_owners() -> dict[str, set[str]]:
+    """Option name -> the methods that have it."""
+    owners: dict[str, set[str]] = {}
+    for name, method in METHODS.items():
+        for f in dataclasses.fields(method.options_class):
+            owners.setdefault(f.name, set()).add(name)
+    return owners
+
+
+def _from_flat(data: dict) -> dict:
+    """A flat (pre-plug-in) config: every method's options sat beside the common fields.
+
+    The chosen method's options move into ``method_options``; the other methods' options, which
+    those files carried at their defaults, are dropped; anything else stays and is rejected.
+    """
+    method = data.get("method", DEFAULT_METHOD)
+    own = {f.name for f in dataclasses.fields(get_method(method).options_class)} if method in METHODS else set()
+    owners, common = _option_owners(), _common_fields()
+    options = {key: data.pop(key) for key in list(data) if key in own}
+    for key in list(data):
+        if key not in common and key in owners:
+            del data[key]
+    data["method_options"] = options
+    return data
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# ---------------------------------------------------------------- method options as PruningConfig keywords
+
+_dataclass_init = PruningConfig.__init__
+
+
+@functools.wraps(_dataclass_init)
+def _init_with_option_keywords(self, *args, **kwargs):
+    """``PruningConfig(..., damping=0.9)``: keywords that are not common fields are the method's options."""
+    common = _common_fields()
+    extra = {key: kwargs.pop(key) for key in list(kwargs) if key not in common}
+    if extra:
+        options = kwargs.get("method_options")
+        if isinstance(options, MethodOptions):
+            options = options.to_dict()
+        options = dict(options or {})
+        clash = sorted(set(options) & set(extra))
+        if clash:
+            raise ValueError(f"PruningConfig got {clash} both as keywords and in method_options; give each once.")
+        kwargs["method_options"] = {**options, **extra}
+    _dataclass_init(self, *args, **kwargs)
+
+
+PruningConfig.__init__ = _init_with_option_keywords
+
+
+def pruning_arguments() -> type:
+    """One flat dataclass with the common fields and every registered method's options, for
+    ``HfArgumentParser``: every option is a flag; :func:`config_from_arguments` builds the config."""
+    fields_, seen = [], set()
+    sources = [PruningConfig, *(method.options_class for method in METHODS.values())]
+    for source in sources:
+        types = typing.get_type_hints(source)
+        for f in dataclasses.fields(source):
+            if f.name == "method_options" or f.name in seen:
+                continue
+            seen.add(f.name)
+            fields_.append((f.name, types[f.name], field(default=f.default, metadata=dict(f.metadata))))
+    return dataclasses.make_dataclass("PruningArguments", fields_)
+
+
+def config_from_arguments(arguments: Any) -> PruningConfig:
+    """The :class:`PruningConfig` of parsed :func:`pruning_arguments`; an option of another method set
+    away from its default is an error (it would be ignored silently otherwise)."""
+    values = dataclasses.asdict(arguments)
+    method = values.get("method", DEFAULT_METHOD)
+    own = {f.name for f in dataclasses.fields(get_method(method).options_class)}
+    common = _common_fields()
+    defaults = {f.name: f.default for f in dataclasses.fields(arguments)}
+    options = {}
+    for key, value in values.items():
+        if key in common:
+            continue
+        if key in own:
+            options[key] = value
+        elif value != defaults[key]:
+            owners = sorted(_option_owners().get(key, ()))
+            raise ValueError(
+                f"--{key} is an option of {', '.join(owners)}, not of method {method!r}; drop it or choose "
+                f"--method {' or '.join(owners)}."
+            )
+    return PruningConfig(**{k: v for k, v in values.items() if k in common}, method_options=options)

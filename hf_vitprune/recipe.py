@@ -9,7 +9,6 @@ offline default: a small ViT trained (once, then cached) on scikit-learn's digit
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,14 +24,13 @@ from transformers import (
     ViTForImageClassification,
 )
 
-from .config import PruningConfig
+from .config import PruningConfig, config_from_arguments, pruning_arguments
+from .methods import DEFAULT_METHOD
 from .metrics import make_compute_metrics
-from .stats import model_stats
 
 logger = logging.getLogger(__name__)
 
 RECIPE_DEFAULTS = {  # TrainingArguments defaults of the recipe; YAML and command line override them
-    "output_dir": "outputs/vit-digits-gohsp",
     "num_train_epochs": "20",
     "per_device_train_batch_size": "64",
     "per_device_eval_batch_size": "128",
@@ -102,11 +100,22 @@ def parse_arguments(argv: list[str] | None = None):
         if not isinstance(values, dict):
             raise SystemExit(f"--config {path} must hold a mapping of argument names to values.")
         from_file = _as_argv(values)
-    defaults = _as_argv(RECIPE_DEFAULTS)
-    if any(a in ("--target_flops_reduction",) for a in from_file + argv):
-        defaults = _as_argv({k: v for k, v in RECIPE_DEFAULTS.items() if k != "target_sparsity"})
-    parser = HfArgumentParser((ModelArguments, DataArguments, PruningConfig, TrainingArguments))
-    return parser.parse_args_into_dataclasses(args=defaults + from_file + argv)
+    given = from_file + argv
+    defaults = dict(RECIPE_DEFAULTS)
+    if "--target_flops_reduction" in given:
+        del defaults["target_sparsity"]
+    if "--output_dir" not in given:  # outputs/vit-digits-<method>
+        method = given[given.index("--method") + 1] if "--method" in given[:-1] else DEFAULT_METHOD
+        defaults["output_dir"] = f"outputs/vit-digits-{method}"
+    defaults = _as_argv(defaults)
+    parser = HfArgumentParser((ModelArguments, DataArguments, pruning_arguments(), TrainingArguments))
+    model_args, data_args, pruning_args, training_args = parser.parse_args_into_dataclasses(
+        args=defaults + from_file + argv)
+    try:
+        pruning_config = config_from_arguments(pruning_args)
+    except ValueError as error:
+        raise SystemExit(f"error: {error}") from None
+    return model_args, data_args, pruning_config, training_args
 
 
 def _as_argv(values: dict) -> list[str]:
@@ -242,7 +251,6 @@ def load_or_train_dense(model_args: ModelArguments, train, evaluation, labels, t
 
 def run(model_args, data_args, pruning_config: PruningConfig, training_args: TrainingArguments) -> dict:
     """Prune end to end; returns the before/after figures it printed (the card records the same)."""
-    from .speed import dense_counterpart, measure_speed
     from .trainer import PruningTrainer
 
     images = bool(data_args.dataset_name or data_args.train_dir)
@@ -252,50 +260,39 @@ def run(model_args, data_args, pruning_config: PruningConfig, training_args: Tra
     dense = load_or_train_dense(model_args, train, evaluation, labels, training_args)
     trainer = PruningTrainer(model=dense, args=training_args, train_dataset=train, eval_dataset=evaluation,
                              compute_metrics=make_compute_metrics(), pruning_config=pruning_config)
-    dense_metrics = trainer.evaluate(metric_key_prefix="dense")
-    trainer.dense_metrics = {key: dense_metrics[f"dense_{key}"] for key in ("accuracy", "top5_accuracy")}
-    output = trainer.train()
-    pruned_metrics = {key: output.metrics[f"eval_{key}"] for key in ("accuracy", "top5_accuracy")}
-    reference = trainer.teacher if trainer.teacher is not None else dense_counterpart(trainer.model)
-    trainer.measured_speed = measure_speed(trainer.model, reference)
-    pruned_stats = model_stats(trainer.model)
-    figures = {
-        "dense_accuracy": trainer.dense_metrics["accuracy"],
-        "pruned_accuracy": pruned_metrics["accuracy"],
-        "dense_params": trainer.dense_stats.params,
-        "pruned_params": pruned_stats.params,
-        "dense_flops": trainer.dense_stats.flops,
-        "pruned_flops": pruned_stats.flops,
-        "speed": trainer.measured_speed,
-    }
+    trainer.evaluate_dense()
+    trainer.train()
+    trainer.measure_speed()
+    record = trainer.run_record()
     if trainer.is_world_process_zero():
-        print(format_table(figures))
+        print(format_table(record))
     trainer.save_model(training_args.output_dir)  # with --push_to_hub, Trainer.save_model also pushes
-    return figures
+    return {
+        "dense_accuracy": record.metrics_dense["accuracy"],
+        "pruned_accuracy": record.metrics_pruned["accuracy"],
+        "dense_params": record.dense_stats.params,
+        "pruned_params": record.pruned_stats.params,
+        "dense_flops": record.dense_stats.flops,
+        "pruned_flops": record.pruned_stats.flops,
+        "speed": record.speed,
+    }
 
 
-def format_table(figures: dict) -> str:
-    """The before/after table the quickstart prints."""
-    rows = [
-        ("top-1 accuracy", f"{figures['dense_accuracy']:.4f}", f"{figures['pruned_accuracy']:.4f}",
-         f"{figures['pruned_accuracy'] - figures['dense_accuracy']:+.4f}"),
-        ("parameters", f"{figures['dense_params']:,}", f"{figures['pruned_params']:,}",
-         f"{figures['pruned_params'] / figures['dense_params']:.3f}x"),
-        ("GFLOPs / image", f"{figures['dense_flops'] / 1e9:.5f}", f"{figures['pruned_flops'] / 1e9:.5f}",
-         f"{figures['pruned_flops'] / figures['dense_flops']:.3f}x"),
-    ]
-    speed = figures.get("speed") or {}
-    if "dense" in speed:
-        dense, pruned = speed["dense"], speed["pruned"]
-        rows.append((f"latency ms (batch {speed['batch_size_latency']})", f"{dense['latency_ms']:.3f}",
-                     f"{pruned['latency_ms']:.3f}", f"{pruned['latency_ms'] / dense['latency_ms']:.3f}x"))
-        rows.append((f"images/s (batch {speed['batch_size_throughput']})", f"{dense['throughput']:.1f}",
-                     f"{pruned['throughput']:.1f}", f"{pruned['throughput'] / dense['throughput']:.3f}x"))
-    width = max(len(row[0]) for row in rows)
-    lines = [f"{'':{width}}  {'dense':>12}  {'pruned':>12}  {'pruned/dense':>12}"]
-    lines += [f"{name:{width}}  {a:>12}  {b:>12}  {c:>12}" for name, a, b, c in rows]
+def format_table(report) -> str:
+    """The before/after table the quickstart prints: the card's comparison rows (metrics first), as plain text.
+
+    ``report`` is the run record the card is written from (``PruningTrainer.run_record()``), so the
+    printed numbers are the card's.
+    """
+    from .reporting.table import comparison_rows, text_table
+
+    rows = comparison_rows(report.dense_stats, report.pruned_stats, metrics_dense=report.metrics_dense,
+                           metrics_pruned=report.metrics_pruned, speed=report.speed)
+    lines = [text_table(rows)]
+    speed = report.speed or {}
     if speed:
-        lines.append(f"(timed on {speed.get('hardware')}, {speed.get('torch_threads')} torch threads, "
+        threads = speed.get("torch_threads")
+        lines.append(f"(timed on {speed.get('hardware')}, {threads} torch thread{'s' if threads != 1 else ''}, "
                      f"median of {speed.get('repeats')} interleaved repeats)")
     return "\n".join(lines)
 

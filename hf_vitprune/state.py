@@ -15,14 +15,14 @@ from .plan import PruningPlan
 
 STATE_JSON = "pruning_state.json"
 STATE_TENSORS = "pruning_state.safetensors"
-PHASES = ("admm", "finetune")
+FINETUNE = "finetune"  # the phase after compaction; the search phase is named by the method
 
 
 @dataclass
 class PruningState:
-    """Phase, unit importances, ADMM tensors (Z, U, rho) and the plan; JSON plus safetensors, no pickles."""
+    """Phase, the method's state tensors and the plan; JSON plus safetensors, no pickles."""
 
-    phase: str = "admm"
+    phase: str = FINETUNE
     plan: PruningPlan | None = None
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
 
@@ -43,12 +43,9 @@ class PruningState:
                 f"checkpoint-N folder that a PruningTrainer wrote."
             )
         meta = json.loads(path.read_text())
-        if meta.get("phase") not in PHASES:
-            raise ValueError(f"{path} has unknown phase {meta.get('phase')!r}; expected one of {PHASES}.")
+        phase = meta.get("phase")
+        if not (isinstance(phase, str) and phase.isidentifier()):
+            raise ValueError(f"{path} has phase {phase!r}; expected {FINETUNE!r} or the name of a method's search phase.")
         plan = PruningPlan.from_dict(meta["plan"]) if meta.get("plan") else None
         tensors = load_file(str(directory / STATE_TENSORS)) if (directory / STATE_TENSORS).is_file() else {}
         return cls(meta["phase"], plan, tensors)
-
-    @staticmethod
-    def is_checkpoint(directory: str | os.PathLike) -> bool:
-        return (Path(directory) / STATE_JSON).is_file()

@@ -1,17 +1,18 @@
-"""PruningTrainer: one ``train()`` ranks units, runs ADMM, compacts the model and fine-tunes it.
+"""PruningTrainer: one ``train()`` searches what to remove, compacts the model and fine-tunes it.
 
 Phases (each one ordinary ``Trainer.train()`` call, so every TrainingArguments feature keeps working):
 
-1. *Ranking*: the criterion (``PruningConfig.method``) scores heads and MLP neurons on a
-   calibration slice of the training set, sharded across processes and summed, so every rank
-   derives the same scores.
-2. *ADMM* (``admm_fraction`` of the steps, checkpoints under ``output_dir/admm``): the shapes stay
-   fixed; ``compute_loss`` adds rho/2 ||W - Z + U||^2 and :class:`ADMMCallback` projects W + U onto
-   the budget every ``admm_update_steps`` steps (Z/U updates, rho growth).
-3. *Compaction*: W is hard-pruned to Z's support, then ``apply_plan`` removes the units for real.
-4. *Fine-tuning* (the remaining steps, under ``output_dir/finetune``): the smaller model trains
+1. *Search* (the method's share of the steps, checkpoints under ``output_dir/<phase name>``): the
+   method (``PruningConfig.method``, found in :mod:`hf_vitprune.methods`) sets up on the dense
+   model, adds its loss terms in ``compute_loss`` and does its per-step work from a callback;
+   the shapes stay fixed.
+2. *Compaction*: the method's ``finalize()`` gives the plan; ``apply_plan`` removes the units.
+3. *Fine-tuning* (the remaining steps, under ``output_dir/finetune``): the smaller model trains
    with a fresh optimizer and scheduler, distilling from a frozen copy of the dense model; then
    it is evaluated.
+
+The trainer names no method: everything method-specific goes through the hooks of
+:class:`~hf_vitprune.methods.PruningMethod`.
 """
 
 from __future__ import annotations
@@ -19,41 +20,52 @@ from __future__ import annotations
 import copy
 import math
 import os
-import time
 from collections import defaultdict
 
 import torch
-import torch.nn.functional as F
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint, set_seed
 
-from .admm import ADMMState, combine_scores
-from .architectures import family_of, find_encoder_layers, num_tokens
-from .budget import select_plan
-from .card import push_model_directory, rerender_model_card, write_trainer_card
+from .architectures import family_of, find_encoder_layers
 from .config import PruningConfig
 from .distillation import classification_logits, distillation_loss
-from .importance import ImportanceOptions, UnitScores, get_criterion
+from .methods import PruningMethod, SearchContext, get_method
 from .plan import PruningPlan
-from .report import REPORT_FILE
-from .state import PruningState
-from .stats import layer_cost, model_stats
+from .reporting import (
+    REPORT_FILE,
+    PruningReport,
+    dataset_name,
+    metrics_from_logs,
+    push_model_directory,
+    rerender_model_card,
+    training_summary,
+    write_model_card,
+)
+from .state import FINETUNE, PruningState
+from .stats import model_stats
 from .surgery import apply_plan
 
-IMPORTANCE_PREFIX = "importance."
-ADMM_PREFIX = "admm."
-
-
-class ADMMCallback(TrainerCallback):
-    """Z/U updates and rho growth every ``admm_update_steps`` optimizer steps of the ADMM phase."""
+class SearchStepCallback(TrainerCallback):
+    """Calls the method's per-step work after every optimizer step of the search phase."""
 
     def __init__(self, trainer: PruningTrainer):
         self.trainer = trainer
 
     def on_step_end(self, args, state, control, **kwargs):
         trainer = self.trainer
-        if trainer.phase == "admm" and state.global_step % trainer.pruning_config.admm_update_steps == 0:
-            trainer.admm_update()
+        if trainer.phase == trainer.method.phase_name:
+            trainer.method.on_step_end(trainer.accelerator.unwrap_model(trainer.model), state.global_step)
+
+
+class ContinuousEpochCallback(TrainerCallback):
+    """Counts fine-tuning epochs on from the search's, as the step count is (see ``_init_training_state``)."""
+
+    def __init__(self, trainer: PruningTrainer):
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.trainer.phase == FINETUNE and state.epoch is not None:
+            state.epoch += self.trainer._epoch_offset
 
 
 class PruningStateCallback(TrainerCallback):
@@ -73,8 +85,9 @@ class PruningTrainer(Trainer):
 
     Takes ``pruning_config=`` beside the usual Trainer arguments. After ``train()``,
     ``self.model`` is the smaller dense model, ``self.plan`` says what was kept (indices into
-    the original model), and ``save_model()`` writes the model, ``pruning_config.json`` and
-    ``pruning_plan.json``.
+    the original model), ``self.method`` is the method that searched, and ``save_model()``
+    writes the model, ``pruning_config.json``, ``pruning_plan.json``, ``pruning_report.json``
+    and the model card.
     """
 
     # compute_loss returns a per-batch mean; Trainer divides it by the accumulation steps.
@@ -87,21 +100,24 @@ class PruningTrainer(Trainer):
         family_of(self.model)  # unsupported models fail here, before any work
         find_encoder_layers(self.model)
         self.pruning_config = pruning_config
+        self.method: PruningMethod = get_method(pruning_config.method)(pruning_config)
         self.phase: str | None = None
         self.plan: PruningPlan | None = None
-        self.importance: UnitScores | None = None
-        self.admm: ADMMState | None = None
         self.dense_stats = model_stats(self.model)
         self.base_model_name = getattr(self.model.config, "name_or_path", None) or None
-        self.dense_metrics: dict[str, float] | None = None  # set by callers that evaluate the dense model
-        self.measured_speed: dict | None = None  # set by callers that time the models; else save_model does
+        self.dense_metrics: dict[str, float] | None = None  # evaluate_dense() records them
+        self.speed: dict | None = None  # measure_speed() records it
         self.teacher = None
         if pruning_config.distillation_weight > 0:
             self.teacher = copy.deepcopy(self.accelerator.unwrap_model(self.model)).eval().requires_grad_(False)
         self._metrics: dict[str, list[torch.Tensor]] = defaultdict(list)
         self._latest: dict[str, float] = {}
-        self.add_callback(ADMMCallback(self))
+        self._step_offset = 0  # optimizer steps before the current phase: the search's, while fine-tuning
+        self._search_state = None  # the search phase's TrainerState, which fine-tuning continues
+        self._epoch_offset = 0.0
+        self.add_callback(SearchStepCallback(self))
         self.add_callback(PruningStateCallback(self))
+        self.add_callback(ContinuousEpochCallback(self))
 
     # ------------------------------------------------------------------ the pipeline
 
@@ -109,95 +125,111 @@ class PruningTrainer(Trainer):
         base_output_dir, base_max_steps = self.args.output_dir, self.args.max_steps
         checkpoint = self._resolve_checkpoint(resume_from_checkpoint, base_output_dir)
         saved = PruningState.load(checkpoint) if checkpoint else None
+        if saved is not None and saved.phase not in (self.method.phase_name, FINETUNE):
+            raise ValueError(
+                f"{checkpoint} was written in the {saved.phase!r} phase, which method {self.pruning_config.method!r} "
+                f"does not have; resume it with the method that wrote it."
+            )
         total = self._total_optimizer_steps()
         if total < 2:
             raise ValueError(
-                f"PruningTrainer needs at least 2 optimizer steps (ADMM, then fine-tuning); the arguments give {total}. "
-                f"Raise num_train_epochs or max_steps."
+                f"PruningTrainer needs at least 2 optimizer steps (the search, then fine-tuning); the arguments give "
+                f"{total}. Raise num_train_epochs or max_steps."
             )
-        admm_steps = min(max(1, round(total * self.pruning_config.admm_fraction)), total - 1)
-        admm_history: list[dict] = []
+        search_steps = self.method.search_steps(total)
+        self._search_state = None
         try:
-            if saved is None or saved.phase == "admm":
-                self._run_admm(admm_steps, base_output_dir, checkpoint if saved else None, saved, trial, **kwargs)
-                admm_history = list(self.state.log_history)
+            if saved is None or saved.phase == self.method.phase_name:
+                self._run_search(search_steps, base_output_dir, checkpoint, saved, trial, **kwargs)
+                self._search_state = self.state
                 checkpoint = None
             else:
                 self._restore_compacted(saved)
-            output = self._run_finetune(total - admm_steps, base_output_dir, checkpoint, trial, **kwargs)
-            # each phase is its own Trainer run with a fresh state: keep the ADMM phase's logs too
-            self.state.log_history = admm_history + self.state.log_history
+            self._step_offset = search_steps
+            output = self._run_finetune(total - search_steps, base_output_dir, checkpoint, trial, **kwargs)
         finally:
             self.args.output_dir, self.args.max_steps = base_output_dir, base_max_steps
+            self._step_offset, self._search_state = 0, None
         if self.eval_dataset is not None:
             output.metrics.update(self.evaluate())
         return output
 
-    def _run_admm(self, steps, base_output_dir, checkpoint, saved, trial, **kwargs):
-        self.phase = "admm"
+    def _run_search(self, steps, base_output_dir, checkpoint, saved, trial, **kwargs):
+        self.phase = self.method.phase_name
+        model = self.accelerator.unwrap_model(self.model)
         if saved is not None:
-            self._load_tensors(saved)
+            self.method.load_state_dict(saved.tensors, model)
         else:
             set_seed(self.args.seed)
-            started = time.perf_counter()
-            self.importance = self._rank_units()
-            self._latest["ranking_seconds"] = time.perf_counter() - started
-            self._start_admm(steps)
-        self.args.output_dir, self.args.max_steps = os.path.join(base_output_dir, "admm"), steps
+            self.method.setup(SearchContext(model=model, budget=self.pruning_config.budget, search_steps=steps,
+                                            calibration_batches=self._calibration_batches, seed=self.args.seed))
+        self.args.output_dir, self.args.max_steps = os.path.join(base_output_dir, self.phase), steps
         super().train(resume_from_checkpoint=checkpoint, trial=trial, **kwargs)
         model = self.accelerator.unwrap_model(self.model)
-        self.plan = self._project(model)  # Z's support after the last W-step
-        self.admm.hard_prune(model, self.plan)
+        self.plan = self.method.finalize(model)
         self._compact(self.plan)
 
     def _run_finetune(self, steps, base_output_dir, checkpoint, trial, **kwargs):
-        self.phase = "finetune"
+        self.phase = FINETUNE
         self.optimizer, self.lr_scheduler = None, None  # fresh for the compacted parameters
         self.model_wrapped = self.model
         if checkpoint is None:
             set_seed(self.args.seed)
-        self.args.output_dir, self.args.max_steps = os.path.join(base_output_dir, "finetune"), steps
+        self.args.output_dir, self.args.max_steps = os.path.join(base_output_dir, FINETUNE), steps
         return super().train(resume_from_checkpoint=checkpoint, trial=trial, **kwargs)
+
+    def _init_training_state(self, max_steps, num_update_steps_per_epoch, num_train_epochs, resume_from_checkpoint,
+                             trial):
+        """Fine-tuning continues the search's TrainerState: one step count, one log history, one run.
+
+        Callbacks, ``report_to`` integrations and ``trainer_state.json`` then see steps 1..N across
+        both phases (checkpoint folders are named by that step too). When a fine-tuning checkpoint
+        is resumed, the batches to skip are counted from the fine-tuning phase's own steps.
+        """
+        epochs_trained, skipped = super()._init_training_state(
+            max_steps, num_update_steps_per_epoch, num_train_epochs, resume_from_checkpoint, trial)
+        offset = self._step_offset
+        self._epoch_offset = offset / num_update_steps_per_epoch if offset else 0.0
+        if not offset:
+            return epochs_trained, skipped
+        resumed = resume_from_checkpoint is not None and os.path.isfile(
+            os.path.join(resume_from_checkpoint, "trainer_state.json"))
+        if resumed:
+            local = self.state.global_step - offset
+            epochs_trained = local // num_update_steps_per_epoch
+            skipped = 0 if self.args.ignore_data_skip else (
+                (local % num_update_steps_per_epoch) * self.args.gradient_accumulation_steps)
+        else:
+            self.state.global_step = offset
+            self.state.epoch = self._epoch_offset
+            if self._search_state is not None:
+                search = self._search_state
+                self.state.log_history = list(search.log_history)
+                self.state.total_flos = search.total_flos
+                self.state.num_input_tokens_seen = search.num_input_tokens_seen
+        self.state.max_steps = offset + max_steps
+        return epochs_trained, skipped
 
     def _compact(self, plan: PruningPlan) -> None:
         model = self.accelerator.unwrap_model(self.model)
         apply_plan(model, plan)
         self.model = self.model_wrapped = model
         stats = model_stats(model)
-        self._record_size(stats)
-        self._latest.update(params_ratio=stats.params / self.dense_stats.params,
-                            flops_ratio=stats.flops / self.dense_stats.flops)
-
-    def _record_size(self, stats) -> None:
-        """Log what a model (or a plan's prediction) keeps: heads, neurons, params, FLOPs."""
         self._latest.update(
             kept_heads=sum(layer.heads for layer in stats.layers),
             kept_neurons=sum(layer.neurons for layer in stats.layers),
             params=stats.params,
             flops=stats.flops,
+            params_ratio=stats.params / self.dense_stats.params,
+            flops_ratio=stats.flops / self.dense_stats.flops,
         )
 
     def _restore_compacted(self, saved: PruningState) -> None:
         if saved.plan is None:
             raise ValueError("The fine-tuning checkpoint carries no pruning plan; it was not written by PruningTrainer.")
-        self._load_tensors(saved)
+        self.method.load_state_dict(saved.tensors, self.accelerator.unwrap_model(self.model))
         self.plan = saved.plan
         self._compact(saved.plan)
-
-    # ------------------------------------------------------------------ ranking and ADMM
-
-    def _rank_units(self) -> UnitScores:
-        config = self.pruning_config
-        criterion = get_criterion(config.method)
-        options = ImportanceOptions(
-            damping=config.damping,
-            tolerance=config.ranking_tolerance,
-            max_iterations=config.ranking_max_iterations,
-            edge_statistic=config.edge_statistic,
-            seed=config.random_seed,
-        )
-        model = self.accelerator.unwrap_model(self.model)
-        return criterion(model, self._calibration_batches(), options=options)
 
     def _calibration_batches(self):
         """This process's share of the first ``calibration_samples`` training examples, in order."""
@@ -217,85 +249,50 @@ class PruningTrainer(Trainer):
         for batch in loader:
             yield self._prepare_inputs(batch)
 
-    def _project(self, model) -> PruningPlan:
-        config = self.pruning_config
-        head_norms, neuron_norms = self.admm.group_norms(model)
-        heads, neurons = projection_scores(config.method, self.importance, head_norms, neuron_norms, config.importance_alpha)
-        heads, neurons = balance_kinds(model, heads, neurons, flops=config.target_flops_reduction is not None)
-        return select_plan(
-            model,
-            heads,
-            neurons,
-            target_sparsity=config.target_sparsity,
-            target_flops_reduction=config.target_flops_reduction,
-            min_heads_per_layer=config.min_heads_per_layer,
-            min_neurons_per_layer=config.min_neurons_per_layer,
-            round_heads_to=config.round_heads_to,
-            round_neurons_to=config.round_neurons_to,
-            prune_heads=config.prune_heads,
-            prune_neurons=config.prune_neurons,
-        )
-
-    def _start_admm(self, steps: int) -> None:
-        """Standard ADMM start: U = 0 and Z = the projection of the dense W onto the budget."""
-        model = self.accelerator.unwrap_model(self.model)
-        config = self.pruning_config
-        growth = self._rho_growth(steps)
-        self.admm = ADMMState.initialize(model, config.admm_rho, rho_growth=growth)
-        plan = self._project(model)
-        self.admm = ADMMState.initialize(model, config.admm_rho, rho_growth=growth, plan=plan)
-        self._log_plan(model, plan)
-
-    def _rho_growth(self, steps: int) -> float:
-        """admm_rho_growth, or the growth that takes rho to admm_rho_final at the phase's last Z/U update."""
-        config = self.pruning_config
-        if config.admm_rho_final is None:
-            return config.admm_rho_growth
-        updates = steps // config.admm_update_steps
-        if updates == 0:
-            return 1.0
-        return (config.admm_rho_final / config.admm_rho) ** (1.0 / updates)
-
-    def admm_update(self) -> None:
-        """Z = projection of W + U onto the budget, U += W - Z, rho grows; logs the residual and the plan."""
-        model = self.accelerator.unwrap_model(self.model)
-        plan = self._project(model)
-        self.admm.update(model, plan)
-        self._log_plan(model, plan)
-
-    def _log_plan(self, model, plan: PruningPlan) -> None:
-        self._record_size(model_stats(model, plan))
-        self._latest.update(admm_residual=float(self.admm.residual(model)), admm_rho=float(self.admm.rho))
-
     # ------------------------------------------------------------------ loss and logging
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """Label loss (+ distillation while fine-tuning) (+ ADMM penalty during ADMM), per-batch mean."""
+        """Trainer's own loss (+ distillation while fine-tuning) (+ the method's terms while searching).
+
+        The label loss is ``super().compute_loss``'s, so ``problem_type``, ``label_smoothing_factor``
+        and ``compute_loss_func`` keep working; it is a per-batch mean (``num_items_in_batch`` is
+        not passed on) because the distillation and method terms are per-batch means too. DeiT's
+        two-head model computes no loss itself: its class-token head gets the label loss, DeiT-style.
+        """
         inputs = dict(inputs)
-        labels = inputs.pop("labels", None)
+        labels = inputs.get("labels")
         if labels is None:
             raise ValueError("PruningTrainer needs `labels` in every training batch.")
-        outputs = model(**inputs)
-        logits, distil_logits = classification_logits(outputs)
-        loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.args.label_smoothing_factor)
+        if _has_distillation_head(self.accelerator.unwrap_model(model)):
+            outputs = model(**{key: value for key, value in inputs.items() if key != "labels"})
+            logits, distil_logits = classification_logits(outputs)
+            loss = torch.nn.functional.cross_entropy(logits.float(), labels,
+                                                     label_smoothing=self.args.label_smoothing_factor)
+        else:
+            loss, outputs = super().compute_loss(model, dict(inputs), return_outputs=True)
+            _, distil_logits = classification_logits(outputs)
         self._metrics["label_loss"].append(loss.detach())
-        weight = self.pruning_config.distillation_weight
-        if self.phase == "finetune" and self.teacher is not None and model.training:
-            teacher = self.teacher.to(logits.device)
-            with torch.no_grad():
-                teacher_logits = teacher(**inputs).logits
-            if not self.pruning_config.use_distillation_token:
-                distil_logits = logits
-            kd = distillation_loss(distil_logits, teacher_logits, self.pruning_config.distillation_temperature)
-            self._metrics["distillation_loss"].append(kd.detach())
-            loss = (1 - weight) * loss + weight * kd
-        if self.phase == "admm" and model.training:
-            penalty = self.admm.penalty(self.accelerator.unwrap_model(model))
-            self._metrics["admm_penalty"].append(penalty.detach())
-            loss = loss + penalty
+        if model.training and self.phase == FINETUNE and self.teacher is not None:
+            loss = self._distil(loss, distil_logits, outputs, inputs)
+        if model.training and self.phase == self.method.phase_name:
+            terms = self.method.loss_terms(self.accelerator.unwrap_model(model), inputs, outputs)
+            for name, term in terms.items():
+                self._metrics[name].append(term.detach())
+                loss = loss + term
         if model.training:
             self._check_finite(loss)
         return (loss, outputs) if return_outputs else loss
+
+    def _distil(self, loss, distil_logits, outputs, inputs):
+        config = self.pruning_config
+        teacher = self.teacher.to(distil_logits.device)
+        with torch.no_grad():
+            teacher_logits = teacher(**{key: value for key, value in inputs.items() if key != "labels"}).logits
+        if not config.use_distillation_token:
+            distil_logits = classification_logits(outputs)[0]
+        kd = distillation_loss(distil_logits, teacher_logits, config.distillation_temperature)
+        self._metrics["distillation_loss"].append(kd.detach())
+        return (1 - config.distillation_weight) * loss + config.distillation_weight * kd
 
     def _check_finite(self, loss: torch.Tensor) -> None:
         finite = torch.isfinite(loss.detach()).float().reshape(1)
@@ -305,8 +302,8 @@ class PruningTrainer(Trainer):
             last = get_last_checkpoint(self.args.output_dir) if os.path.isdir(self.args.output_dir) else None
             raise FloatingPointError(
                 f"The training loss became {loss.item()} at step {self.state.global_step} of the {self.phase} phase. "
-                f"Lower the learning rate or admm_rho, or check the data. Nothing was saved after the failure; "
-                f"the last good checkpoint is {last or 'none (none was saved yet)'}."
+                f"Lower the learning rate or the method's penalty, or check the data. Nothing was saved after the "
+                f"failure; the last good checkpoint is {last or 'none (none was saved yet)'}."
             )
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
@@ -317,28 +314,86 @@ class PruningTrainer(Trainer):
                 logs[key] = self.accelerator.gather(mean).mean().item()
         self._metrics.clear()
         if self.phase is not None:
-            logs.update({key: value for key, value in self._latest.items()})
-            logs["phase_admm"] = 1.0 if self.phase == "admm" else 0.0
+            logs.update(self.method.log_values())
+            logs.update(self._latest)
+            logs[f"phase_{self.method.phase_name}"] = 1.0 if self.phase == self.method.phase_name else 0.0
         super().log(logs, *args, **kwargs)
+
+    # ------------------------------------------------------------------ the run record
+
+    def evaluate_dense(self, eval_dataset=None, metric_key_prefix: str = "dense") -> dict[str, float]:
+        """Evaluate the model before pruning and keep the figures for the report and the card."""
+        if self.plan is not None:
+            raise ValueError("evaluate_dense() measures the dense model: call it before train().")
+        metrics = self.evaluate(eval_dataset, metric_key_prefix=metric_key_prefix)
+        self.dense_metrics = metrics_from_logs([metrics], prefix=f"{metric_key_prefix}_")
+        return metrics
+
+    def measure_speed(self, **kwargs) -> dict:
+        """Time the compacted model against the dense one (interleaved) and keep it for the report."""
+        from .speed import dense_counterpart, measure_speed
+
+        if self.plan is None:
+            raise ValueError("measure_speed() compares the pruned model with the dense one: call it after train().")
+        model = self.accelerator.unwrap_model(self.model)
+        dense = self.teacher if self.teacher is not None else dense_counterpart(model)
+        self.speed = measure_speed(model, dense, **kwargs)
+        return self.speed
+
+    def run_record(self, stage: str = "final", **fields) -> PruningReport:
+        """The facts of this run as a :class:`~hf_vitprune.reporting.PruningReport` (what the card renders).
+
+        ``fields`` override report fields (``dataset=``, ``license=``, ``speed=``, ...).
+        """
+        args = self.args
+        model = self.accelerator.unwrap_model(self.model)
+        fields.setdefault("base_model", self.base_model_name)
+        if "metrics_pruned" not in fields:
+            fields["metrics_pruned"] = metrics_from_logs(self.state.log_history)
+        fields.setdefault("metrics_dense", self.dense_metrics)
+        fields.setdefault("speed", self.speed if stage == "final" else None)
+        if "dataset" not in fields:
+            evaluated = self.eval_dataset if self.eval_dataset is not None else self.train_dataset
+            fields["dataset"] = dataset_name(evaluated)
+        if "model_name" not in fields:
+            fields["model_name"] = args.hub_model_id.split("/")[-1] if args.hub_model_id else os.path.basename(
+                os.path.normpath(args.output_dir))
+        fields.setdefault("repo_id", args.hub_model_id)
+        fields.setdefault("training", training_summary(args))
+        return PruningReport.from_models(
+            self.dense_stats, model, pruning_config=self.pruning_config, plan=self.plan,
+            method_card=self.method.card_info(), stage=stage, **fields,
+        )
 
     # ------------------------------------------------------------------ saving and resuming
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        """Saves the (compacted) model, ``pruning_config.json`` and ``pruning_plan.json``."""
+        """Saves the (compacted) model, ``pruning_config.json``, ``pruning_plan.json``, the report and card.
+
+        A ``checkpoint-*`` directory gets a checkpoint card; a final save of the compacted model
+        measures its speed against the dense model first, unless ``measure_speed()`` already did.
+        """
         super().save_model(output_dir, _internal_call)
-        if self.args.should_save:
-            directory = output_dir or self.args.output_dir
-            # Trainer pickles its arguments; this project ships no pickles, so keep them as JSON.
-            pickled = os.path.join(directory, "training_args.bin")
-            if os.path.exists(pickled):
-                os.remove(pickled)
-            with open(os.path.join(directory, "training_args.json"), "w") as handle:
-                handle.write(self.args.to_json_string())
-            self.pruning_config.save_pretrained(directory)
-            if self.plan is not None:
-                self.plan.save_pretrained(directory)
-            fields = {"speed": self.measured_speed} if self.measured_speed is not None else {}
-            write_trainer_card(self, directory, **fields)
+        if not self.args.should_save:
+            return
+        directory = output_dir or self.args.output_dir
+        # Trainer pickles its arguments; this project ships no pickles, so keep them as JSON.
+        pickled = os.path.join(directory, "training_args.bin")
+        if os.path.exists(pickled):
+            os.remove(pickled)
+        with open(os.path.join(directory, "training_args.json"), "w") as handle:
+            handle.write(self.args.to_json_string())
+        self.pruning_config.save_pretrained(directory)
+        if self.plan is not None:
+            self.plan.save_pretrained(directory)
+        checkpoint = os.path.basename(os.path.normpath(directory)).startswith("checkpoint-")
+        if checkpoint and self.phase is not None:
+            record = self.run_record(stage=f"{self.phase}-checkpoint")
+        else:
+            if self.speed is None and self.plan is not None and not checkpoint:
+                self.measure_speed()
+            record = self.run_record()
+        write_model_card(directory, record)
 
     def create_model_card(self, language=None, license=None, tags=None, model_name=None, finetuned_from=None,
                           tasks=None, dataset_tags=None, dataset=None, dataset_args=None, **kwargs) -> None:
@@ -353,13 +408,13 @@ class PruningTrainer(Trainer):
         if os.path.isfile(os.path.join(self.args.output_dir, REPORT_FILE)):
             rerender_model_card(self.args.output_dir, **changes)
         else:
-            write_trainer_card(self, self.args.output_dir, speed=None, **changes)
+            write_model_card(self.args.output_dir, self.run_record(**changes))
 
     def push_to_hub(self, commit_message: str | None = "End of training", blocking: bool = True,
                     token: str | None = None, revision: str | None = None, **kwargs):
         """Upload the compacted model, its configs, card and remote code, and nothing else.
 
-        Trainer's own push uploads the whole output directory, including the ``admm/`` and
+        Trainer's own push uploads the whole output directory, including the search and
         ``finetune/`` checkpoint trees; this one uploads only the files a user of the model needs.
         """
         token = token if token is not None else self.args.hub_token
@@ -388,30 +443,21 @@ class PruningTrainer(Trainer):
         target.load_state_dict(loaded.state_dict(), strict=True)
 
     def pruning_state(self) -> PruningState:
-        tensors = {}
-        if self.importance is not None:
-            tensors.update(scores_to_tensors(self.importance, IMPORTANCE_PREFIX))
-        if self.admm is not None and self.phase == "admm":
-            tensors.update({f"{ADMM_PREFIX}{k}": v for k, v in self.admm.state_dict().items()})
-        return PruningState(self.phase or "admm", self.plan, tensors)
+        return PruningState(self.phase or self.method.phase_name, self.plan, self.method.state_dict())
 
-    def _load_tensors(self, saved: PruningState) -> None:
-        self.importance = scores_from_tensors(saved.tensors, IMPORTANCE_PREFIX)
-        admm = {k[len(ADMM_PREFIX):]: v for k, v in saved.tensors.items() if k.startswith(ADMM_PREFIX)}
-        if admm:
-            self.admm = ADMMState.from_state_dict(admm, model=self.accelerator.unwrap_model(self.model))
-
-    @staticmethod
-    def _resolve_checkpoint(resume_from_checkpoint, output_dir: str) -> str | None:
+    def _resolve_checkpoint(self, resume_from_checkpoint, output_dir: str) -> str | None:
         if not resume_from_checkpoint:
             return None
         if resume_from_checkpoint is True:
-            for phase in ("finetune", "admm"):
+            phases = (FINETUNE, self.method.phase_name)
+            for phase in phases:
                 folder = os.path.join(output_dir, phase)
                 last = get_last_checkpoint(folder) if os.path.isdir(folder) else None
                 if last is not None:
                     return last
-            raise ValueError(f"No PruningTrainer checkpoint found under {output_dir}/finetune or {output_dir}/admm.")
+            raise ValueError(
+                f"No PruningTrainer checkpoint found under {' or '.join(os.path.join(output_dir, p) for p in phases)}."
+            )
         PruningState.load(resume_from_checkpoint)  # clear error if it is not ours
         return str(resume_from_checkpoint)
 
@@ -423,57 +469,6 @@ class PruningTrainer(Trainer):
         return math.ceil(self.args.num_train_epochs * per_epoch)
 
 
-def projection_scores(method, importance: UnitScores, head_norms, neuron_norms, alpha: float):
-    """Scores that decide which units Z keeps at each projection.
-
-    - gohsp: heads by graph importance**alpha x normalised group norm of W + U (the paper's soft
-      guideline); neurons by the group norm (the Euclidean projection).
-    - magnitude: both by the group norm of W + U (plain ADMM projection).
-    - taylor: both by Taylor importance**alpha x normalised group norm.
-    - random: the fixed random scores, so the baseline is random however training moves W.
-    """
-    if method == "magnitude":
-        return head_norms, neuron_norms
-    if method == "random":
-        return importance.heads, importance.neurons
-    heads = combine_scores(importance.heads, head_norms, alpha)
-    neurons = neuron_norms if method == "gohsp" else combine_scores(importance.neurons, neuron_norms, alpha)
-    return heads, neurons
-
-
-def balance_kinds(model, head_scores, neuron_scores, flops: bool):
-    """Put head and neuron scores on one scale before the budgeted selection compares them.
-
-    Criteria score heads and neurons in unrelated units (a stationary probability against a
-    squared norm), so each kind is rescaled to total score = total cost of that kind: a unit of
-    average importance then has score-per-cost 1 whichever kind it is, and the selection trades
-    heads against neurons by relative importance only.
-    """
-    tokens = num_tokens(model)
-    costs = [layer_cost(layer, tokens) for layer in find_encoder_layers(model)]
-
-    def rescale(scores, unit_cost):
-        if scores is None:
-            return None
-        total_cost = sum(unit_cost(c) * s.numel() for c, s in zip(costs, scores))
-        total_score = float(sum(s.double().sum() for s in scores))
-        return [s * (total_cost / total_score) if total_score > 0 else s for s in scores]
-
-    head_cost = (lambda c: c.flops_per_head) if flops else (lambda c: c.params_per_head)
-    neuron_cost = (lambda c: c.flops_per_neuron) if flops else (lambda c: c.params_per_neuron)
-    return rescale(head_scores, head_cost), rescale(neuron_scores, neuron_cost)
-
-
-def scores_to_tensors(scores: UnitScores, prefix: str) -> dict[str, torch.Tensor]:
-    tensors = {f"{prefix}heads.{i}": t for i, t in enumerate(scores.heads)}
-    tensors.update({f"{prefix}neurons.{i}": t for i, t in enumerate(scores.neurons)})
-    return tensors
-
-
-def scores_from_tensors(tensors: dict[str, torch.Tensor], prefix: str) -> UnitScores | None:
-    def layer_list(kind: str) -> list[torch.Tensor]:
-        found = {int(k.rsplit(".", 1)[1]): v for k, v in tensors.items() if k.startswith(f"{prefix}{kind}.")}
-        return [found[i] for i in range(len(found))]
-
-    heads = layer_list("heads")
-    return UnitScores(heads, layer_list("neurons")) if heads else None
+def _has_distillation_head(model) -> bool:
+    """DeiT's two-head classifier, which returns class-token and distillation-token logits and no loss."""
+    return hasattr(model, "cls_classifier") and hasattr(model, "distillation_classifier")

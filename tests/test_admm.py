@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from transformers import ViTConfig, ViTForImageClassification
 
 from hf_vitprune import PruningPlan, apply_plan, attach_masks
-from hf_vitprune.admm import ADMMState, combine_scores
+from hf_vitprune.methods.admm import ADMMState, combine_scores
 from hf_vitprune.budget import select_plan
 
 TINY = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=37, image_size=16,
@@ -253,7 +253,6 @@ def test_load_state_dict_replaces_everything(model):
     assert other.rho == first.rho and other.plan == first.plan
     assert all(torch.equal(other.Z[k], first.Z[k]) for k in first.Z)
     assert ADMMState.initialize(model, rho=1.0).state_dict().keys().isdisjoint({"plan_json"})
-    assert first.to_json() == first.plan.to_json_string()
 
 
 def test_errors(model):

@@ -6,7 +6,6 @@ import copy
 import json
 import re
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -17,8 +16,17 @@ from transformers import TrainingArguments, ViTConfig, ViTForImageClassification
 import hf_vitprune
 from hf_vitprune import PruningConfig, PruningPlan, apply_plan, model_stats
 from hf_vitprune.architectures import find_encoder_layers
-from hf_vitprune.card import eval_results, render_model_card, template_path, write_model_card
-from hf_vitprune.report import REPORT_FILE, PruningReport, metrics_from_logs
+from hf_vitprune.reporting import (
+    REPORT_FILE,
+    PruningReport,
+    eval_results,
+    metrics_from_logs,
+    render_model_card,
+    template_path,
+    training_summary,
+    write_model_card,
+)
+from hf_vitprune.reporting.table import comparison_rows, latency_ratio, text_table
 from hf_vitprune.speed import dense_counterpart, measure_speed
 
 TINY = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=37, image_size=16,
@@ -90,6 +98,10 @@ def test_report_json_round_trip(tmp_path):
         ({"metrics_pruned": {"accuracy": float("nan")}}, "finite"),
         ({"method": "magnitude"}, "disagrees"),
         ({"stage": "halfway"}, "stage"),
+        ({"stage": "ADMM-checkpoint"}, "stage"),
+        ({"method_card": {"description": "x", "recipe": "one sentence", "citations": []}}, "recipe"),
+        ({"method_card": {"description": "x", "recipe": [], "citations": [{"what": "x"}]}}, "citations"),
+        ({"method_card": {"description": "", "recipe": [], "citations": []}}, "description"),
         ({"pruned": {"params": 1}}, "ModelStats"),
     ],
 )
@@ -125,24 +137,20 @@ def test_metrics_from_trainer_logs():
     assert metrics_from_logs([{"loss": 1.0}]) is None
 
 
-def test_report_from_trainer(tmp_path):
-    """from_trainer reads what PruningTrainer holds after train(); a stand-in trainer keeps this fast."""
+def test_report_from_models_with_what_a_trainer_holds(tmp_path):
+    """The fields PruningTrainer.run_record() passes: stats, plan, config, logs, schedule, speed."""
     dense, pruned = tiny_models()
     dense.config._name_or_path = "facebook/deit-tiny-patch16-224"
-    args = TrainingArguments(str(tmp_path / "deit-tiny-gohsp"), learning_rate=3e-4, max_steps=7, report_to=[])
-    trainer = SimpleNamespace(
-        model=pruned,
-        accelerator=SimpleNamespace(unwrap_model=lambda model: model),
-        args=args,
-        state=SimpleNamespace(log_history=[{"eval_accuracy": 0.8, "eval_loss": 0.3}]),
-        dense_stats=model_stats(dense),
-        pruning_config=PruningConfig(target_sparsity=0.4, method="magnitude"),
-        plan=PLAN,
-        teacher=dense,
-        train_dataset=None,
-        eval_dataset=None,
+    args = TrainingArguments(str(tmp_path / "deit-tiny-gohsp"), learning_rate=3e-4, max_steps=7, report_to=[],
+                             hub_token=TOKEN)
+    speed = {"pruned": {"latency_ms": 2.0, "throughput": 50.0}, "dense": {"latency_ms": 3.0, "throughput": 40.0},
+             "batch_size_latency": 1, "batch_size_throughput": 4}  # a stand-in for measure_speed's output
+    report = PruningReport.from_models(
+        model_stats(dense), pruned, pruning_config=PruningConfig(target_sparsity=0.4, method="magnitude"), plan=PLAN,
+        base_model=dense.config.name_or_path, dataset="beans", speed=speed,
+        metrics_pruned=metrics_from_logs([{"eval_accuracy": 0.8, "eval_loss": 0.3}]),
+        model_name=Path(args.output_dir).name, training=training_summary(args),
     )
-    report = PruningReport.from_trainer(trainer, dataset="beans")
     assert report.method == "magnitude"
     assert report.base_model == "facebook/deit-tiny-patch16-224"
     assert report.metrics_pruned == {"accuracy": 0.8}
@@ -150,6 +158,7 @@ def test_report_from_trainer(tmp_path):
     assert report.model_name == "deit-tiny-gohsp"
     assert report.training["learning_rate"] == 3e-4 and report.training["max_steps"] == 7
     assert report.architecture == "PrunedViTForImageClassification"
+    assert report.speed == speed
     assert TOKEN not in report.to_json_string()
 
 
@@ -261,7 +270,7 @@ def test_card_body_sections():
     assert 'AutoModelForImageClassification.from_pretrained("<your-username>/' in text
     assert "import hf_vitprune" in text and "trust_remote_code=True" in text
     assert "2301.05345" in text and "Alternating Direction Method of Multipliers" in text
-    assert f"transformers {hf_vitprune.report.library_versions()['transformers']}" in text
+    assert f"transformers {hf_vitprune.reporting.library_versions()['transformers']}" in text
     assert "Speed was not measured" in text
     assert "`target_sparsity=0.4`" in text and "Distillation: from the frozen dense model" in text
     recipe = render_model_card(make_report(repo_id="me/tiny-pruned")).text
@@ -291,7 +300,8 @@ def test_card_without_metrics_or_dataset_and_for_a_backbone():
     assert data["pipeline_tag"] == "image-feature-extraction"
     assert "model-index" not in data and "datasets" not in data and "base_model" not in data
     assert "AutoModel.from_pretrained(" in card.text and "Distillation: none" in card.text
-    assert "ADMM phase" in card.text and "Hinton" not in card.text
+    assert "during the `admm` search phase: the weights are not pruned yet" in card.text
+    assert "Hinton" not in card.text
     assert "`target_flops_reduction=0.3`" in card.text
 
 
@@ -313,11 +323,10 @@ def test_template_ships_with_the_package():
 # --------------------------------------------------------------------------- PruningTrainer
 
 
-def test_write_trainer_card_after_a_real_run(tmp_path):
+def test_card_of_a_real_run_and_its_checkpoint(tmp_path):
     from datasets import Dataset
 
     from hf_vitprune import PruningTrainer
-    from hf_vitprune.card import write_trainer_card
 
     torch.manual_seed(0)
     model = ViTForImageClassification(ViTConfig(**TINY, num_labels=5))
@@ -338,7 +347,8 @@ def test_write_trainer_card_after_a_real_run(tmp_path):
                              pruning_config=PruningConfig(target_sparsity=0.4, calibration_samples=8,
                                                           admm_update_steps=1))
     trainer.train()
-    card = write_trainer_card(trainer, tmp_path / "final", dataset="random-images")
+    card = write_model_card(tmp_path / "final",
+                            trainer.run_record(dataset="random-images", speed=trainer.measure_speed()))
     report = PruningReport.from_pretrained(tmp_path / "final")
     pruned = trainer.model
     assert report.pruned == model_stats(pruned).to_dict() and report.dense == trainer.dense_stats.to_dict()
@@ -351,8 +361,8 @@ def test_write_trainer_card_after_a_real_run(tmp_path):
     assert TOKEN not in (tmp_path / "final" / "README.md").read_text()
     assert TOKEN not in (tmp_path / "final" / REPORT_FILE).read_text()
 
-    checkpoint = write_trainer_card(trainer, tmp_path / "run" / "checkpoint-4")
-    assert checkpoint is not None and "Speed was not measured" in checkpoint.text
+    checkpoint = write_model_card(tmp_path / "run" / "checkpoint-4", trainer.run_record(stage="finetune-checkpoint"))
+    assert "Speed was not measured" in checkpoint.text
     assert PruningReport.from_pretrained(tmp_path / "run" / "checkpoint-4").stage == "finetune-checkpoint"
 
 
@@ -364,3 +374,148 @@ def test_recipe_states_the_rho_schedule_that_ran():
                                        pruning_config=PruningConfig(target_sparsity=0.4, admm_rho_final=0.5))
     scheduled = render_model_card(report).text
     assert "rho from 0.001 growing geometrically to 0.5 at the last update" in scheduled and "×1.3" not in scheduled
+
+
+# --------------------------------------------------------------------------- what the card takes from the method
+
+CUSTOM_METHOD_CARD = {
+    "description": "a made-up criterion for this test",
+    "recipe": ["Ranking: by coin flip, seed 3.", "Schedule: prune at once, then fine-tune."],
+    "citations": [{"what": "Coin flips (Doe, 2024)", "bibtex": "@misc{doe2024coin,\n  title = {Coin}\n}"}],
+}
+
+
+def recipe_lines(text: str) -> list[str]:
+    section = text[text.index("## Recipe"):text.index("<details>")]
+    return [line[2:] for line in section.splitlines() if line.startswith("- ")]
+
+
+def citation_titles(text: str) -> list[str]:
+    section = text[text.index("## Citations"):]
+    return [line[:-1] for line in section.splitlines() if line.endswith(":") and not line.startswith("#")]
+
+
+def test_default_card_recipe_and_citations_read_as_before():
+    """The default config's recipe and citations, word for word as the card printed them before methods wrote them."""
+    text = render_model_card(make_report()).text
+    assert recipe_lines(text) == [
+        "Method: `gohsp` — GOHSP: attention heads ranked by a graph-based (Markov chain) importance, then ADMM-based "
+        "structured pruning of heads and MLP neurons (Yin et al., AAAI 2023).",
+        "Budget: `target_sparsity=0.4` (remove 40.0% of the parameters); achieved: 18.9% of the parameters and "
+        "19.8% of the FLOPs removed.",
+        "Pruned units: attention heads (at least 1 per layer, in multiples of 1) and MLP neurons (at least 1 per "
+        "layer, in multiples of 1).",
+        "Ranking: 256 calibration images; head graph with edge statistic `output`, damping 0.85, importance "
+        "exponent 1.0.",
+        "Schedule: ADMM for the first 50% of the optimizer steps (Z/U update every 20 steps, rho from 0.001 growing "
+        "×1.3 per update), then a hard prune to the ADMM solution, physical compaction, and fine-tuning of the "
+        "compacted model with a fresh optimizer for the remaining steps.",
+        "Distillation: from the frozen dense model during fine-tuning, weight 0.5, temperature 2.0 (through the "
+        "distillation token where the model has one).",
+    ]
+    assert citation_titles(text) == [
+        "GOHSP (Yin et al., AAAI 2023, arXiv:2301.05345)",
+        "ADMM pruning (Zhang et al., ECCV 2018, arXiv:1804.03294)",
+        "Knowledge distillation (Hinton et al., 2015, arXiv:1503.02531)",
+    ]
+
+
+def test_card_says_what_the_method_card_says(tmp_path):
+    report = make_report(method_card=CUSTOM_METHOD_CARD, training={"max_steps": 7})
+    write_model_card(tmp_path, report)
+    text = ModelCard.load(tmp_path / "README.md").text
+    lines = recipe_lines(text)
+    assert lines[0] == "Method: `gohsp` — a made-up criterion for this test."
+    # the method's sentences stand where the ranking and schedule stood, between the units and the distillation
+    assert lines[3:5] == CUSTOM_METHOD_CARD["recipe"]
+    assert lines[2].startswith("Pruned units:") and lines[5].startswith("Distillation:")
+    assert lines[6] == "Training arguments: `max_steps=7`."
+    assert citation_titles(text) == ["Coin flips (Doe, 2024)", "Knowledge distillation (Hinton et al., 2015, "
+                                     "arXiv:1503.02531)"]
+    assert CUSTOM_METHOD_CARD["citations"][0]["bibtex"] in text
+    assert "Yin" not in text and "Zhang" not in text and "Z/U update" not in text
+    assert PruningReport.from_pretrained(tmp_path).method_card == CUSTOM_METHOD_CARD
+
+
+# pruning_config.json as PruningConfig(target_sparsity=0.4).to_dict() wrote it before method options were nested
+OLD_FLAT_CONFIG = {
+    "admm_fraction": 0.5, "admm_rho": 0.001, "admm_rho_final": None, "admm_rho_growth": 1.3, "admm_update_steps": 20,
+    "calibration_samples": 256, "damping": 0.85, "distillation_temperature": 2.0, "distillation_weight": 0.5,
+    "edge_statistic": "output", "importance_alpha": 1.0, "method": "gohsp", "min_heads_per_layer": 1,
+    "min_neurons_per_layer": 1, "prune_heads": True, "prune_neurons": True, "random_seed": 0,
+    "ranking_max_iterations": 1000, "ranking_tolerance": 1e-08, "round_heads_to": 1, "round_neurons_to": 1,
+    "target_flops_reduction": None, "target_sparsity": 0.4, "use_distillation_token": True,
+}
+
+
+@pytest.mark.parametrize("stage", ["final", "admm-checkpoint"])
+def test_report_written_before_method_cards_loads_and_renders_the_same_card(tmp_path, stage):
+    from hf_vitprune.methods import method_card
+
+    report = make_report(stage=stage)
+    old = {key: value for key, value in report.to_dict().items() if key != "method_card"}
+    old["pruning_config"] = OLD_FLAT_CONFIG
+    (tmp_path / REPORT_FILE).write_text(json.dumps(old))
+    loaded = PruningReport.from_pretrained(tmp_path)
+    assert loaded.method_card == method_card(PruningConfig(target_sparsity=0.4)) == report.method_card
+    assert loaded == report
+    assert str(render_model_card(loaded)) == str(render_model_card(report))
+
+
+def test_stage_notes_name_the_phase():
+    finetune = render_model_card(make_report(stage="finetune-checkpoint")).text
+    note = "> **Training checkpoint during fine-tuning of the compacted model; the final model may differ.**"
+    assert note in finetune
+    search = render_model_card(make_report(stage="lottery_search-checkpoint")).text
+    assert ("> **Training checkpoint during the `lottery_search` search phase: the weights are not pruned yet; the "
+            "tables describe the model as saved.**") in search
+    assert "Training checkpoint" not in render_model_card(make_report()).text
+
+
+# --------------------------------------------------------------------------- one comparison table
+
+
+def text_rows(text: str) -> dict[str, list[str]]:
+    """Rows of a text_table: the name (up to the first two spaces) and the cells after it."""
+    rows = {}
+    for line in text.splitlines()[2:]:
+        name, _, rest = line.partition("  ")
+        rows[name] = re.split(r"\s{2,}", rest.strip())
+    return rows
+
+
+def test_card_and_text_show_the_same_comparison():
+    speed = {"pruned": {"latency_ms": 1.03, "throughput": 91.0}, "dense": {"latency_ms": 1.0, "throughput": 100.0},
+             "batch_size_latency": 1, "batch_size_throughput": 8, "hardware": "Test CPU", "device": "cpu",
+             "torch_threads": 1, "dtype": "float32", "repeats": 5, "warmup": 2}
+    report = make_report(speed=speed)
+    text = render_model_card(report).text
+    card = {row[0]: row[1:] for row in table(text, "## Compression")}
+    card.update({row[0]: row[1:] for row in table(text, "### Evaluation")})
+    rows = comparison_rows(report.dense_stats, report.pruned_stats, metrics_dense=report.metrics_dense,
+                           metrics_pruned=report.metrics_pruned, speed=report.speed)
+    printed = text_rows(text_table(rows))
+    assert set(printed) == set(card) == {row.name for row in rows}
+    for name, cells in card.items():
+        assert printed[name] == [cell.replace("×", "x").replace("—", "-") for cell in cells], name
+        assert [number(cell) for cell in printed[name] if cell != "-"] == [
+            number(cell) for cell in cells if cell != "—"]
+    assert card["Parameters"][:2] == [f"{report.dense_stats.params:,}", f"{report.pruned_stats.params:,}"]
+    assert card["accuracy"] == ["0.9375", "0.9062", "-0.0312"] and card["f1"] == ["—", "0.5000", "—"]
+    # a slower pruned model reads as slower, in both forms
+    assert card["Latency, batch 1 (ms)"] == ["1.000", "1.030", "1.030× (1.03× slower)"]
+    assert printed["Latency, batch 1 (ms)"][-1] == "1.030x (1.03x slower)"
+    assert card["Throughput, batch 8 (images/s)"] == ["100.0", "91.0", "0.910×"]
+
+
+@pytest.mark.parametrize(
+    "pruned_ms, dense_ms, expected",
+    [
+        (0.8, 1.0, "0.800× (1.25× faster)"),
+        (1.03, 1.0, "1.030× (1.03× slower)"),
+        (2.0, 2.0, "1.000× (1.00× faster)"),
+        (1.0, 0.0, "n/a"),
+    ],
+)
+def test_latency_ratio_says_faster_or_slower(pruned_ms, dense_ms, expected):
+    assert latency_ratio(pruned_ms, dense_ms) == expected

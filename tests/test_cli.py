@@ -16,9 +16,9 @@ from transformers import ViTConfig, ViTForImageClassification
 
 import hf_vitprune
 from hf_vitprune import PruningConfig, PruningPlan, apply_plan, model_stats
-from hf_vitprune.card import render_model_card, write_model_card
 from hf_vitprune.cli import main
-from hf_vitprune.report import REPORT_FILE, PruningReport
+from hf_vitprune.reporting import REPORT_FILE, PruningReport, render_model_card, write_model_card
+from hf_vitprune.reporting.table import comparison_rows, text_table
 
 TINY = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=37, image_size=16,
             patch_size=4, num_labels=5)
@@ -58,17 +58,34 @@ def test_report_on_a_pruned_directory(saved, capsys):
         assert row[1:5] == [f"{layer.heads}/{dense.heads}", f"{layer.neurons:,}/{dense.neurons:,}",
                             f"{layer.params:,}", f"{layer.flops:,}"]
         assert row[5] == f"{layer.params / dense.params:.3f}x"
-    (params,) = rows_of(out, "params")
-    assert params[1:] == [f"{saved.pruned_stats.params:,}", f"{saved.dense_stats.params:,}",
-                          f"{saved.pruned_stats.params / saved.dense_stats.params:.3f}x"]
+    (params,) = rows_of(out, "Parameters")
+    assert params[1:] == [f"{saved.dense_stats.params:,}", f"{saved.pruned_stats.params:,}",
+                          f"{saved.pruned_stats.params / saved.dense_stats.params:.3f}x",
+                          f"({(saved.pruned_stats.params / saved.dense_stats.params - 1) * 100:+.1f}%)"]
     flops = next(line for line in out.splitlines() if line.lstrip().startswith("FLOPs per image"))
     assert f"{saved.pruned_stats.flops:,}" in flops and f"{saved.dense_stats.flops:,}" in flops
-    latency = next(line for line in out.splitlines() if line.lstrip().startswith("latency, batch 1 (ms)"))
-    throughput = next(line for line in out.splitlines() if line.lstrip().startswith("throughput, batch 4"))
-    # this model, dense, ratio: all measured, all positive
-    assert len(re.findall(r"\d+\.\d+", latency)) >= 3 and "faster" in latency
+    latency = next(line for line in out.splitlines() if line.lstrip().startswith("Latency, batch 1 (ms)"))
+    throughput = next(line for line in out.splitlines() if line.lstrip().startswith("Throughput, batch 4"))
+    # dense, this model, ratio: all measured, all positive; the ratio says which way it went
+    dense_ms, pruned_ms = (float(n) for n in re.findall(r"\d+\.\d+", latency)[:2])
+    factor, direction = re.search(r"\(([\d.]+)x (faster|slower)\)$", latency).groups()
+    ratio = pruned_ms / dense_ms
+    assert float(factor) == pytest.approx(1 / ratio if direction == "faster" else ratio, abs=0.02)
+    assert (ratio <= 1.001) if direction == "faster" else (ratio >= 0.999)
     assert len(re.findall(r"\d+\.\d+", throughput)) >= 3
     assert "Speed measured on" in out and "interleaved with the dense architecture" in out
+
+
+def test_report_totals_are_the_cards_comparison(saved, capsys):
+    """Without timing, the totals table is the card's Compression table, cell for cell (in ASCII)."""
+    assert main(["report", str(saved.pruned), "--no-speed"]) == 0
+    out = capsys.readouterr().out
+    expected = text_table(comparison_rows(saved.dense_stats, saved.pruned_stats),
+                          ["total", "dense", "this model", "this model / dense"])
+    assert expected in out
+    card = (saved.pruned / "README.md").read_text()
+    for row in comparison_rows(saved.dense_stats, saved.pruned_stats):
+        assert f"| {row.name} | {row.dense} | {row.pruned} | {row.ratio} |" in card
 
 
 def test_report_on_a_dense_directory(saved, capsys):
@@ -78,9 +95,9 @@ def test_report_on_a_dense_directory(saved, capsys):
     for layer in saved.dense_stats.layers:
         (row,) = rows_of(out, str(layer.index))
         assert row[1:] == [str(layer.heads), f"{layer.neurons:,}", f"{layer.params:,}", f"{layer.flops:,}"]
-    (params,) = rows_of(out, "params")
+    (params,) = rows_of(out, "Parameters")
     assert params[1:] == [f"{saved.dense_stats.params:,}"]
-    assert "latency, batch 1 (ms)" in out and "throughput, batch 4 (images/s)" in out
+    assert "Latency, batch 1 (ms)" in out and "Throughput, batch 4 (images/s)" in out
 
 
 def test_report_without_a_recorded_base_uses_the_dense_architecture(saved, tmp_path, capsys):
@@ -90,9 +107,9 @@ def test_report_without_a_recorded_base_uses_the_dense_architecture(saved, tmp_p
     assert main(["report", str(directory), "--no-speed"]) == 0
     out = capsys.readouterr().out
     assert "Dense reference: the dense architecture in config.json" in out
-    (params,) = rows_of(out, "params")
-    assert params[2] == f"{saved.dense_stats.params:,}"
-    assert "latency" not in out
+    (params,) = rows_of(out, "Parameters")
+    assert params[1] == f"{saved.dense_stats.params:,}"
+    assert "Latency" not in out
 
 
 def test_missing_path_and_non_model_directory(tmp_path, capsys):

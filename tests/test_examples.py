@@ -79,7 +79,7 @@ def test_example_on_an_imagefolder_in_one_process(imagefolder, tmp_path):
     result = subprocess.run([sys.executable, str(EXAMPLE), *_example_arguments(imagefolder, output_dir)],
                             capture_output=True, text=True, timeout=600, env=_env(), cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-4000:]
-    assert "pruned/dense" in result.stdout
+    assert "pruned / dense" in result.stdout
     _assert_saved_model_matches_its_plan(output_dir)
 
 
@@ -89,7 +89,7 @@ def test_example_under_torchrun_with_two_processes(imagefolder, tmp_path):
                str(EXAMPLE), *_example_arguments(imagefolder, output_dir)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=_env(), cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-4000:]
-    assert result.stdout.count("pruned/dense") == 1, "only the main process prints the table"
+    assert result.stdout.count("pruned / dense") == 1, "only the main process prints the table"
     _assert_saved_model_matches_its_plan(output_dir)
 
 
@@ -133,23 +133,23 @@ def test_readme_quickstart_card_reports_the_printed_figures(tmp_path):
     assert result.returncode == 0, result.stderr[-4000:]
     printed = {}
     for line in result.stdout.splitlines():
-        match = re.match(r"^(top-1 accuracy|parameters|GFLOPs / image|latency ms \(batch 1\)|images/s \(batch 64\))"
-                         r"\s+(\S+)\s+(\S+)\s+\S+$", line)
-        if match:
-            printed[match.group(1)] = (match.group(2), match.group(3))
+        name, _, rest = line.partition("  ")
+        cells = re.split(r"\s{2,}", rest.strip())
+        if len(cells) == 3 and name in ("accuracy", "Parameters", "FLOPs per image", "Latency, batch 1 (ms)",
+                                        "Throughput, batch 64 (images/s)"):
+            printed[name] = cells
     assert len(printed) == 5, result.stdout[-3000:]
     output_dir = tmp_path / "outputs" / "vit-digits-gohsp"
     report = json.loads((output_dir / "pruning_report.json").read_text())
     card = (output_dir / "README.md").read_text()
-    assert printed["parameters"] == (f"{report['dense']['params']:,}", f"{report['pruned']['params']:,}")
-    assert printed["top-1 accuracy"] == (f"{report['metrics_dense']['accuracy']:.4f}",
-                                         f"{report['metrics_pruned']['accuracy']:.4f}")
+    assert printed["Parameters"][:2] == [f"{report['dense']['params']:,}", f"{report['pruned']['params']:,}"]
+    assert printed["accuracy"][:2] == [f"{report['metrics_dense']['accuracy']:.4f}",
+                                       f"{report['metrics_pruned']['accuracy']:.4f}"]
     speed = report["speed"]
-    assert printed["latency ms (batch 1)"] == (f"{speed['dense']['latency_ms']:.3f}",
-                                               f"{speed['pruned']['latency_ms']:.3f}")
-    assert printed["images/s (batch 64)"] == (f"{speed['dense']['throughput']:.1f}",
-                                              f"{speed['pruned']['throughput']:.1f}")
-    for dense, pruned in printed.values():
-        if not dense.startswith("0.00"):  # GFLOPs print with more digits than the card's raw FLOP counts
-            assert dense in card and pruned in card, (dense, pruned)
+    assert printed["Latency, batch 1 (ms)"][:2] == [f"{speed['dense']['latency_ms']:.3f}",
+                                                   f"{speed['pruned']['latency_ms']:.3f}"]
+    assert printed["Throughput, batch 64 (images/s)"][:2] == [f"{speed['dense']['throughput']:.1f}",
+                                                             f"{speed['pruned']['throughput']:.1f}"]
+    for name, (dense, pruned, _) in printed.items():  # the printout is the card's table
+        assert f"| {name} | {dense} | {pruned} |" in card, name
     assert abs(1 - report["pruned"]["params"] / report["dense"]["params"] - 0.4) <= 0.005

@@ -24,7 +24,7 @@ from hf_vitprune.importance import (
     UnitScores,
     collect_head_statistics,
     get_criterion,
-    score_gohsp,
+    score_graph,
     score_magnitude,
     score_random,
     score_taylor,
@@ -234,7 +234,7 @@ def test_head_uncorrelated_with_neighbours_ranks_lowest_end_to_end():
     others = torch.cat([means[0][:, [0, 1, 3]].flatten(), means[1][[0, 1, 3], :].flatten()])
     assert others.min() > 1e-3  # the other heads do correlate with their neighbours
 
-    scores = score_gohsp(model, batches)
+    scores = score_graph(model, batches)
     flat = torch.cat(scores.heads)
     assert flat.argmin().item() == 4 + 2
     assert scores.heads[1][2] < 0.5 * scores.heads[1][[0, 1, 3]].min()
@@ -269,7 +269,7 @@ _WORKER_SCRIPT = textwrap.dedent(
     import torch.distributed as dist
     from safetensors.torch import load_file
     from transformers import ViTForImageClassification
-    from hf_vitprune.importance import score_gohsp, score_taylor
+    from hf_vitprune.importance import score_graph, score_taylor
 
     rank, workdir = int(sys.argv[1]), sys.argv[2]
     dist.init_process_group("gloo", init_method=f"file://{workdir}/rendezvous", rank=rank, world_size=2)
@@ -279,7 +279,7 @@ _WORKER_SCRIPT = textwrap.dedent(
         tensors = load_file(f"{workdir}/batches.safetensors")
         batches = [{"pixel_values": tensors[f"pixel_values_{i}"], "labels": tensors[f"labels_{i}"]}
                    for i in range(len(tensors) // 2) if i % 2 == rank]
-        gohsp = score_gohsp(model, batches)
+        gohsp = score_graph(model, batches)
         taylor = score_taylor(model, batches)
         result = {"gohsp": [t.tolist() for t in gohsp.heads], "taylor": [t.tolist() for t in taylor.heads],
                   "taylor_neurons": [t.tolist() for t in taylor.neurons]}
@@ -322,7 +322,7 @@ def test_two_gloo_processes_with_half_the_batches_each_agree_with_one_process(tm
 
     # Same sums as one process up to float32 rounding inside the per-image correlations
     # (thread counts differ between the processes).
-    single_gohsp = score_gohsp(model, batches)
+    single_gohsp = score_graph(model, batches)
     single_taylor = score_taylor(model, batches)
     for layer in range(3):
         np.testing.assert_allclose(ranks[0]["gohsp"][layer], single_gohsp.heads[layer].numpy(), rtol=1e-5, atol=0)
@@ -356,7 +356,7 @@ def test_beit_with_relative_position_bias_scores_with_both_statistics():
     model = BeitForImageClassification(config).eval()
     batches = make_batches(2, 2)
     for statistic in ("output", "attention"):
-        scores = score_gohsp(model, batches, options=ImportanceOptions(edge_statistic=statistic))
+        scores = score_graph(model, batches, options=ImportanceOptions(edge_statistic=statistic))
         scores.validate(model)
         assert torch.cat(scores.heads).sum().item() == pytest.approx(1.0)
     # the head group includes the layer's column of the relative position bias table
@@ -391,7 +391,7 @@ def test_magnitude_equals_hand_computed_group_norms():
 
 def test_gohsp_neurons_are_group_magnitudes():
     model = tiny_classifier()
-    gohsp, magnitude = score_gohsp(model, make_batches(1, 2)), score_magnitude(model)
+    gohsp, magnitude = score_graph(model, make_batches(1, 2)), score_magnitude(model)
     for a, b in zip(gohsp.neurons, magnitude.neurons):
         torch.testing.assert_close(a, b)
 
@@ -487,11 +487,11 @@ def test_every_criterion_shares_the_signature_and_returns_one_score_per_unit(nam
 
 
 def test_unknown_criterion_lists_the_valid_ones():
-    with pytest.raises(ValueError, match="Unknown importance criterion 'l1'.*'gohsp', 'magnitude', 'random', 'taylor'"):
+    with pytest.raises(ValueError, match="Unknown importance criterion 'l1'.*'graph', 'magnitude', 'random', 'taylor'"):
         get_criterion("l1")
 
 
-@pytest.mark.parametrize("criterion", [score_gohsp, score_taylor])
+@pytest.mark.parametrize("criterion", [score_graph, score_taylor])
 def test_empty_or_missing_calibration_set_is_a_clear_error(criterion):
     model = tiny_classifier()
     with pytest.raises(ValueError, match="calibration set is empty"):
@@ -525,4 +525,4 @@ def test_unknown_edge_statistic_and_bad_options_are_clear_errors():
     with pytest.raises(ValueError, match="max_iterations=0 is invalid"):
         ImportanceOptions(max_iterations=0)
     with pytest.raises(ValueError, match="must be dicts of model inputs"):
-        score_gohsp(model, [torch.randn(2, 3, 16, 16)])
+        score_graph(model, [torch.randn(2, 3, 16, 16)])

@@ -2,7 +2,7 @@
 
 The uploads run in a subprocess with ``HF_ENDPOINT`` pointing at the fake Hub (as a user would set
 it), offline mode off and an empty ``HF_HOME`` (no stored token): one run pushes a saved model
-directory with ``hf_vitprune.card.push_model_directory`` and then the in-memory model with
+directory with ``hf_vitprune.reporting.push_model_directory`` and then the in-memory model with
 transformers' ``model.push_to_hub``. The tests decode the recorded commits.
 """
 
@@ -22,8 +22,7 @@ from huggingface_hub.repocard_data import model_index_to_eval_results
 from transformers import AutoModelForImageClassification, ViTConfig, ViTForImageClassification
 
 from hf_vitprune import PruningConfig, PruningPlan, apply_plan
-from hf_vitprune.card import eval_results, push_model_directory, write_model_card
-from hf_vitprune.report import PruningReport
+from hf_vitprune.reporting import PruningReport, eval_results, push_model_directory, write_model_card
 
 from hub_server import FakeHub
 
@@ -37,7 +36,7 @@ PRUNING_FILES = {"pruning_config.json", "pruning_plan.json", "pruning_report.jso
 PUSH = r"""
 import sys
 import hf_vitprune
-from hf_vitprune.card import push_model_directory
+from hf_vitprune.reporting import push_model_directory
 from transformers import AutoModelForImageClassification
 
 directory, token = sys.argv[1], sys.argv[2]

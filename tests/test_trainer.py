@@ -144,9 +144,13 @@ class Crash(TrainerCallback):
 
     def __init__(self, trainer, phase, step):
         self.trainer, self.phase, self.step = trainer, phase, step
+        self.first = None  # the run's step count goes on across phases: count this phase's own steps
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.trainer.phase == self.phase and state.global_step == self.step + 1:
+        if self.trainer.phase != self.phase:
+            return
+        self.first = state.global_step if self.first is None else self.first
+        if state.global_step - self.first + 1 == self.step + 1:
             raise KeyboardInterrupt("simulated crash")
 
 
@@ -186,7 +190,7 @@ def test_checkpoints_carry_the_pruning_state(tmp_path):
     assert admm_state["phase"] == "admm"
     assert any(k.startswith("admm.Z.") for k in tensors) and any(k.startswith("admm.U.") for k in tensors)
     assert any(k.startswith("importance.heads.") for k in tensors)
-    finetune_state = json.loads((tmp_path / "finetune" / "checkpoint-2" / "pruning_state.json").read_text())
+    finetune_state = json.loads((tmp_path / "finetune" / "checkpoint-4" / "pruning_state.json").read_text())
     assert finetune_state["phase"] == "finetune"
     assert PruningPlan.from_dict(finetune_state["plan"]) == trainer.plan
 
@@ -278,6 +282,36 @@ def test_nan_loss_during_admm_stops_and_keeps_the_last_checkpoint(tmp_path):
 # --------------------------------------------------------------------------- TrainingArguments keep working
 
 
+class StepRecorder(TrainerCallback):
+    def __init__(self):
+        self.steps, self.begins = [], []
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.begins.append((state.global_step, state.max_steps))
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.steps.append((state.global_step, state.epoch))
+
+
+def test_the_trainer_state_describes_one_continuous_run(tmp_path):
+    args = arguments(tmp_path, max_steps=8, save_strategy="steps", save_steps=3, logging_steps=1)
+    trainer = PruningTrainer(model=tiny_vit(), args=args, train_dataset=random_images(), pruning_config=pruning())
+    recorder = StepRecorder()
+    trainer.add_callback(recorder)
+    trainer.train()
+    assert [step for step, _ in recorder.steps] == list(range(1, 9))  # callbacks see steps 1..8 across both phases
+    epochs = [epoch for _, epoch in recorder.steps]
+    assert epochs == sorted(epochs) and epochs[-1] == pytest.approx(1.0)  # 64 images / 8 per batch = 8 steps
+    assert recorder.begins == [(0, 4), (4, 8)]
+    assert trainer.state.global_step == trainer.state.max_steps == 8
+    logged = [log["step"] for log in trainer.state.log_history if "loss" in log]
+    assert logged == list(range(1, 9))
+    saved = json.loads((tmp_path / "finetune" / "checkpoint-6" / "trainer_state.json").read_text())
+    assert saved["global_step"] == 6 and saved["max_steps"] == 8
+    assert [log["step"] for log in saved["log_history"] if "loss" in log] == list(range(1, 7))
+    assert (tmp_path / "admm" / "checkpoint-3").is_dir() and not (tmp_path / "finetune" / "checkpoint-3").exists()
+
+
 def test_gradient_accumulation_matches_the_larger_batch(tmp_path):
     """2 x 4 accumulated equals 1 x 8: label loss, ADMM penalty and distillation are all scaled per step.
 
@@ -318,8 +352,8 @@ def test_rho_final_is_reached_at_the_last_admm_update(tmp_path, admm_steps, upda
                              train_dataset=random_images(), pruning_config=config)
     trainer.train()
     rhos = [log["admm_rho"] for log in trainer.state.log_history if log.get("phase_admm") == 1.0 and "admm_rho" in log]
-    assert trainer.admm.step == admm_steps // update_steps
-    assert trainer.admm.rho == pytest.approx(0.5, rel=1e-9)
+    assert trainer.method.admm.step == admm_steps // update_steps
+    assert trainer.method.admm.rho == pytest.approx(0.5, rel=1e-9)
     assert rhos[0] < rhos[-1] == pytest.approx(0.5, rel=1e-3)
 
 

@@ -19,7 +19,7 @@ Criteria are registered in :data:`CRITERIA`; :func:`get_criterion` looks one up 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,22 +37,22 @@ class ImportanceOptions:
     damping: float = field(
         default=0.85,
         metadata={
-            "help": "gohsp: PageRank damping d in [0, 1]; with probability 1-d the chain teleports uniformly to "
+            "help": "graph: PageRank damping d in [0, 1]; with probability 1-d the chain teleports uniformly to "
             "any head, which makes it ergodic so the stationary distribution exists and is unique."
         },
     )
     tolerance: float = field(
         default=1e-8,
-        metadata={"help": "gohsp: power iteration stops when the L1 change of the distribution is below this."},
+        metadata={"help": "graph: power iteration stops when the L1 change of the distribution is below this."},
     )
     max_iterations: int = field(
         default=1000,
-        metadata={"help": "gohsp: power-iteration steps allowed before a ConvergenceError is raised."},
+        metadata={"help": "graph: power-iteration steps allowed before a ConvergenceError is raised."},
     )
     edge_statistic: str = field(
         default="output",
         metadata={
-            "help": "gohsp: what the correlation between heads of consecutive layers is measured on: 'output' "
+            "help": "graph: what the correlation between heads of consecutive layers is measured on: 'output' "
             "(each head's contribution to the residual stream, its context times its o_proj columns) or "
             "'attention' (the heads' attention maps softmax(q k^T * scale), without BEiT's relative bias)."
         },
@@ -64,7 +64,7 @@ class ImportanceOptions:
     all_reduce: bool = field(
         default=True,
         metadata={
-            "help": "gohsp/taylor: sum the calibration statistics over all torch.distributed processes (when "
+            "help": "graph/taylor: sum the calibration statistics over all torch.distributed processes (when "
             "initialised) before scoring, so that every rank derives the same scores."
         },
     )
@@ -90,7 +90,7 @@ class ImportanceOptions:
 
 
 def check_edge_statistic(value: object, name: str = "edge_statistic") -> str:
-    """Return ``value`` if it names a known GOHSP edge statistic, else raise a ValueError listing them."""
+    """Return ``value`` if it names a known head-graph edge statistic, else raise a ValueError listing them."""
     if value not in EDGE_STATISTICS:
         raise ValueError(
             f"{name}={value!r} is not a known edge statistic; use one of {', '.join(map(repr, EDGE_STATISTICS))} "
@@ -212,7 +212,7 @@ from .graph import (  # noqa: E402
     HeadGraphStatistics,
     adjacency_matrix,
     collect_head_statistics,
-    score_gohsp,
+    score_graph,
     stationary_importance,
     transition_matrix,
 )
@@ -221,14 +221,16 @@ from .random import score_random  # noqa: E402
 from .taylor import score_taylor  # noqa: E402
 
 CRITERIA: dict[str, Criterion] = {
-    "gohsp": score_gohsp,
+    "graph": score_graph,
     "magnitude": score_magnitude,
     "taylor": score_taylor,
     "random": score_random,
 }
-"""Criterion name -> callable ``(model, batches, *, options=None) -> UnitScores``. Register new ones here."""
+"""Criterion name -> callable ``(model, batches, *, options=None) -> UnitScores``. Register new ones here.
 
-REQUIRES_DATA: frozenset[str] = frozenset({"gohsp", "taylor"})
+Pruning methods (:mod:`hf_vitprune.methods`) call these scores; the names are the criteria's, not the methods'."""
+
+REQUIRES_DATA: frozenset[str] = frozenset({"graph", "taylor"})
 """The criteria that need calibration ``batches`` (the others accept ``None``)."""
 
 
@@ -241,17 +243,6 @@ def get_criterion(name: str) -> Criterion:
             f"Unknown importance criterion {name!r}; choose one of {', '.join(map(repr, sorted(CRITERIA)))} "
             "(or register a new one in hf_vitprune.importance.CRITERIA)."
         ) from None
-
-
-def score_units(
-    name: str,
-    model: nn.Module,
-    batches: Iterable[Mapping[str, Any]] | None = None,
-    *,
-    options: ImportanceOptions | None = None,
-) -> UnitScores:
-    """Convenience: ``get_criterion(name)(model, batches, options=options)``."""
-    return get_criterion(name)(model, batches, options=options)
 
 
 __all__ = [
@@ -268,11 +259,10 @@ __all__ = [
     "get_criterion",
     "head_magnitude",
     "neuron_magnitude",
-    "score_gohsp",
+    "score_graph",
     "score_magnitude",
     "score_random",
     "score_taylor",
-    "score_units",
     "stationary_importance",
     "transition_matrix",
 ]

@@ -2,7 +2,7 @@
 
 The paper (Yin et al., AAAI 2023) states only that heads are nodes, that correlations between
 heads of consecutive layers are the edges, and that importance is the chain's converged state.
-The construction implemented here (METHODS.md, "Graph ranking") and its choices:
+The construction implemented here and its choices:
 
 1. **Statistics** (:func:`collect_head_statistics`). Calibration images run through the model in
    eval mode under ``no_grad``. For every image and every pair (head i of layer l, head j of layer
@@ -40,7 +40,7 @@ The construction implemented here (METHODS.md, "Graph ranking") and its choices:
    neighbours on one side only, so at equal correlations they receive about half the stationary
    mass of a middle-layer head (a walk's stationary mass follows the weighted degree).
 
-The ``"gohsp"`` criterion (:func:`score_gohsp`) scores heads by this importance and MLP neurons
+The ``"graph"`` criterion (:func:`score_graph`) scores heads by this importance and MLP neurons
 by group L2 magnitude (the graph covers heads only).
 """
 
@@ -380,13 +380,13 @@ def stationary_importance(
     )
 
 
-def score_gohsp(
+def score_graph(
     model: nn.Module,
     batches: Iterable[Mapping[str, Any]] | None,
     *,
     options: ImportanceOptions | None = None,
 ) -> UnitScores:
-    """GOHSP importance: graph stationary probability for heads, group L2 magnitude for MLP neurons.
+    """Graph importance (GOHSP's ranking): graph stationary probability for heads, group L2 magnitude for MLP neurons.
 
     ``batches`` (dicts with ``pixel_values``) are this process's calibration shard; with
     ``options.all_reduce`` the statistics are summed over all torch.distributed processes before
@@ -395,12 +395,12 @@ def score_gohsp(
     """
     options = options or ImportanceOptions()
     if batches is None:
-        raise missing_batches_error("gohsp")
+        raise missing_batches_error("graph")
     stats = collect_head_statistics(model, batches, options.edge_statistic)
     if options.all_reduce:
         stats.all_reduce()
     if stats.num_images == 0:
-        raise empty_calibration_error("gohsp")
+        raise empty_calibration_error("graph")
     heads = stationary_importance(stats, options.damping, options.tolerance, options.max_iterations)
     return UnitScores(heads=per_neighbour_layer(heads), neurons=neuron_magnitude(model))
 

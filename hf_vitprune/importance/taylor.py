@@ -99,7 +99,7 @@ def score_taylor(
                 raise ValueError(
                     "The 'taylor' criterion needs labels: every calibration batch must have a 'labels' entry "
                     f"(this one has keys {sorted(inputs)}). Rename the label column to 'labels' or choose a label-free "
-                    "criterion ('gohsp', 'magnitude' or 'random')."
+                    "criterion ('graph', 'magnitude' or 'random')."
                 )
             with torch.enable_grad():
                 loss = _loss_of(model(**inputs), model)

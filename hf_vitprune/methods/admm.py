@@ -1,4 +1,9 @@
-"""ADMM for structured (head / neuron) sparsity: the Z and U tensors, penalty, projection and rho schedule.
+"""ADMM for structured (head / neuron) sparsity: the search GOHSP and the baselines share.
+
+:class:`ADMMState` holds the Z and U tensors, the penalty, the projection and rho;
+:class:`ADMMSearch` is the :class:`~hf_vitprune.methods.base.PruningMethod` built on it, which
+subclasses complete with a ranking (:meth:`ADMMSearch.rank`) and the scores that decide each
+projection (:meth:`ADMMSearch.projection_scores`).
 
 The formulation is Zhang et al. 2018 ("A Systematic DNN Weight Pruning Framework using ADMM")
 applied to groups: minimise ``f(W)`` subject to W having whole heads and MLP neurons zero and
@@ -30,14 +35,19 @@ growth near 1 the difference is small.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from .architectures import EncoderLayer, find_encoder_layers
-from .plan import PruningPlan
+from ..architectures import EncoderLayer, find_encoder_layers
+from ..budget import Budget, select_plan, unit_costs
+from ..importance import UnitScores
+from ..plan import PruningPlan
+from ..stats import model_stats
+from .base import MethodOptions, PruningMethod, SearchContext
 
 PLAN_KEY = "plan_json"
 
@@ -301,6 +311,227 @@ class ADMMState:
                 pass
         return self
 
-    def to_json(self) -> str:
-        """The last plan as JSON (``""`` if none): what the trainer may also keep beside the tensors."""
-        return "" if self.plan is None else self.plan.to_json_string()
+
+def balance_kinds(model, head_scores, neuron_scores, budget: Budget):
+    """Put head and neuron scores on one scale before the budgeted selection compares them.
+
+    Criteria score heads and neurons in unrelated units (a stationary probability against a
+    squared norm), so each kind is rescaled to total score = total cost of that kind (costed as
+    the budget costs them, :func:`~hf_vitprune.budget.unit_costs`): a unit of average importance
+    then has score-per-cost 1 whichever kind it is, and the selection trades heads against
+    neurons by relative importance only.
+    """
+    costs = unit_costs(model, budget)
+
+    def rescale(scores, kind):
+        if scores is None:
+            return None
+        total_cost = sum(cost * s.numel() for cost, s in zip(costs[kind], scores))
+        total_score = float(sum(s.double().sum() for s in scores))
+        return [s * (total_cost / total_score) if total_score > 0 else s for s in scores]
+
+    return rescale(head_scores, "heads"), rescale(neuron_scores, "neurons")
+
+
+def scores_to_tensors(scores: UnitScores, prefix: str) -> dict[str, torch.Tensor]:
+    tensors = {f"{prefix}heads.{i}": t for i, t in enumerate(scores.heads)}
+    tensors.update({f"{prefix}neurons.{i}": t for i, t in enumerate(scores.neurons)})
+    return tensors
+
+
+def scores_from_tensors(tensors: dict[str, torch.Tensor], prefix: str) -> UnitScores | None:
+    def layer_list(kind: str) -> list[torch.Tensor]:
+        found = {int(k.rsplit(".", 1)[1]): v for k, v in tensors.items() if k.startswith(f"{prefix}{kind}.")}
+        return [found[i] for i in range(len(found))]
+
+    heads = layer_list("heads")
+    return UnitScores(heads, layer_list("neurons")) if heads else None
+
+
+# --------------------------------------------------------------------------- the method
+
+
+def _help(text: str, **kwargs) -> dict:
+    return {"metadata": {"help": text}, **kwargs}
+
+
+@dataclass
+class ADMMOptions(MethodOptions):
+    """The ADMM schedule every ADMM-based method shares."""
+
+    admm_rho: float = field(default=1e-3, **_help("Initial ADMM penalty weight rho."))
+    admm_rho_growth: float = field(default=1.3, **_help("rho is multiplied by this at every Z/U update."))
+    admm_rho_final: float | None = field(
+        default=None,
+        **_help("If set, rho grows geometrically from admm_rho to this value at the ADMM phase's last Z/U update, "
+                "whatever the phase's length (admm_rho_growth is then ignored). Use it for short runs, where a "
+                "fixed growth leaves rho too small for W to reach the sparse support before the hard prune."),
+    )
+    admm_update_steps: int = field(default=20, **_help("Optimizer steps between ADMM Z/U updates."))
+    admm_fraction: float = field(
+        default=0.5, **_help("Share of the training steps spent in ADMM; the rest fine-tunes the compacted model.")
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        self._check_int("admm_update_steps", 1)
+        self._check_number("admm_fraction", low=0, high=1)
+        self._check_number("admm_rho", low=0)
+        self._check_number("admm_rho_growth", low=1, low_open=False)
+        if self.admm_rho_final is not None:
+            self._check_number("admm_rho_final", low=0)
+            if not self.admm_rho_final >= self.admm_rho:
+                raise ValueError(
+                    f"{type(self).__name__}.admm_rho_final={self.admm_rho_final} must be >= admm_rho={self.admm_rho} "
+                    f"(rho never shrinks); leave it unset to grow by admm_rho_growth."
+                )
+
+    def rho_growth(self, steps: int) -> float:
+        """admm_rho_growth, or the growth that takes rho to admm_rho_final at the phase's last Z/U update."""
+        if self.admm_rho_final is None:
+            return self.admm_rho_growth
+        updates = steps // self.admm_update_steps
+        if updates == 0:
+            return 1.0
+        return (self.admm_rho_final / self.admm_rho) ** (1.0 / updates)
+
+
+ADMM_CITATION = {
+    "what": "ADMM pruning (Zhang et al., ECCV 2018, arXiv:1804.03294)",
+    "bibtex": """@inproceedings{zhang2018systematic,
+  title = {A Systematic {DNN} Weight Pruning Framework using Alternating Direction Method of Multipliers},
+  author = {Zhang, Tianyun and Ye, Shaokai and Zhang, Kaiqi and Tang, Jian and Wen, Wujie and Fardad, Makan and Wang, Yanzhi},
+  booktitle = {Proceedings of the European Conference on Computer Vision (ECCV)},
+  year = {2018},
+  eprint = {1804.03294},
+  archivePrefix = {arXiv}
+}""",
+}
+
+IMPORTANCE_PREFIX = "importance."
+ADMM_PREFIX = "admm."
+
+
+class ADMMSearch(PruningMethod):
+    """Rank the units once, then ADMM on a fixed-shape model, then a hard prune to the last projection.
+
+    The shared pipeline of GOHSP and the baselines: the subclasses differ only in
+    :meth:`rank` (the importance computed once on the dense model) and
+    :meth:`projection_scores` (how importance and the group norms of W + U decide each Z-step).
+    """
+
+    options_class = ADMMOptions
+    phase_name = "admm"
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.importance: UnitScores | None = None
+        self.admm: ADMMState | None = None
+        self.finished = False
+        self._logs: dict[str, float] = {}
+
+    # ------------------------------------------------------------------ what subclasses decide
+
+    def rank(self, context: SearchContext) -> UnitScores:
+        """The importance of every head and neuron of the dense model (same on every process)."""
+        raise NotImplementedError
+
+    def projection_scores(self, head_norms, neuron_norms):
+        """(head scores, neuron scores) that decide which units Z keeps at a projection."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ the hooks
+
+    def search_steps(self, total_steps: int) -> int:
+        return min(max(1, round(total_steps * self.options.admm_fraction)), total_steps - 1)
+
+    def setup(self, context: SearchContext) -> None:
+        """Rank, then the standard ADMM start: U = 0 and Z = the projection of the dense W onto the budget."""
+        started = time.perf_counter()
+        self.importance = self.rank(context)
+        self._logs["ranking_seconds"] = time.perf_counter() - started
+        model, options = context.model, self.options
+        growth = options.rho_growth(context.search_steps)
+        self.admm = ADMMState.initialize(model, options.admm_rho, rho_growth=growth)
+        plan = self.project(model)
+        self.admm = ADMMState.initialize(model, options.admm_rho, rho_growth=growth, plan=plan)
+        self._log_plan(model, plan)
+
+    def loss_terms(self, model, inputs, outputs) -> dict[str, torch.Tensor]:
+        return {"admm_penalty": self.admm.penalty(model)}
+
+    def on_step_end(self, model, step: int) -> None:
+        if step % self.options.admm_update_steps == 0:
+            self.update(model)
+
+    def finalize(self, model) -> PruningPlan:
+        """Z's support after the last W-step; the dropped groups of W are zeroed."""
+        plan = self.project(model)
+        self.admm.hard_prune(model, plan)
+        self.finished = True
+        return plan
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        tensors = {}
+        if self.importance is not None:
+            tensors.update(scores_to_tensors(self.importance, IMPORTANCE_PREFIX))
+        if self.admm is not None and not self.finished:
+            tensors.update({f"{ADMM_PREFIX}{k}": v for k, v in self.admm.state_dict().items()})
+        return tensors
+
+    def load_state_dict(self, state: dict[str, torch.Tensor], model) -> None:
+        self.importance = scores_from_tensors(state, IMPORTANCE_PREFIX)
+        admm = {k[len(ADMM_PREFIX):]: v for k, v in state.items() if k.startswith(ADMM_PREFIX)}
+        if admm:
+            self.admm = ADMMState.from_state_dict(admm, model=model)
+
+    def log_values(self) -> dict[str, float]:
+        return dict(self._logs)
+
+    # ------------------------------------------------------------------ ADMM steps
+
+    def project(self, model) -> PruningPlan:
+        """Z's support: the budgeted plan that keeps the best units by :meth:`projection_scores`."""
+        head_norms, neuron_norms = self.admm.group_norms(model)
+        heads, neurons = self.projection_scores(head_norms, neuron_norms)
+        heads, neurons = balance_kinds(model, heads, neurons, self.config.budget)
+        return select_plan(model, heads, neurons, **self.config.selection_arguments())
+
+    def update(self, model) -> None:
+        """Z = projection of W + U onto the budget, U += W - Z, rho grows; logs the residual and the plan."""
+        plan = self.project(model)
+        self.admm.update(model, plan)
+        self._log_plan(model, plan)
+
+    def _log_plan(self, model, plan: PruningPlan) -> None:
+        stats = model_stats(model, plan)
+        self._logs.update(
+            kept_heads=sum(layer.heads for layer in stats.layers),
+            kept_neurons=sum(layer.neurons for layer in stats.layers),
+            params=stats.params,
+            flops=stats.flops,
+            admm_residual=float(self.admm.residual(model)),
+            admm_rho=float(self.admm.rho),
+        )
+
+    # ------------------------------------------------------------------ the card
+
+    def card_recipe(self) -> list[str]:
+        options = self.options
+        if options.admm_rho_final is not None:
+            growth = f"growing geometrically to {options.admm_rho_final} at the last update"
+        else:
+            growth = f"growing ×{options.admm_rho_growth} per update"
+        return [
+            self.ranking_sentence() + ".",
+            f"Schedule: ADMM for the first {options.admm_fraction:.0%} of the optimizer steps (Z/U update every "
+            f"{options.admm_update_steps} steps, rho from {options.admm_rho} {growth}), then a hard prune to the "
+            "ADMM solution, physical compaction, and fine-tuning of the compacted model with a fresh optimizer for the "
+            "remaining steps.",
+        ]
+
+    def ranking_sentence(self) -> str:
+        return f"Ranking: {self.config.calibration_samples} calibration images"
+
+    def citations(self) -> list[dict[str, str]]:
+        return [ADMM_CITATION]

@@ -34,7 +34,7 @@ def main(output_dir: str) -> None:
     rank = trainer.accelerator.process_index
     out = Path(output_dir)
     (out / f"rank{rank}_plan.json").write_text(trainer.plan.to_json_string())
-    importance = [t.tolist() for t in trainer.importance.heads]
+    importance = [t.tolist() for t in trainer.method.importance.heads]
     (out / f"rank{rank}_importance.json").write_text(json.dumps(
         {"importance": importance, "world_size": trainer.accelerator.num_processes}))
     trainer.save_model(str(out / "model"))

@@ -2,8 +2,8 @@
 
 The card is rendered from this file alone (``hf-vitprune card DIR`` re-renders it), so the
 report holds the measured numbers themselves: parameters and FLOPs per layer before and after,
-accuracy before and after, measured speed and the machine it was measured on, the recipe and the
-library versions. It never holds credentials.
+accuracy before and after, measured speed and the machine it was measured on, the recipe, what
+the method says about itself (``method_card``) and the library versions. It never holds credentials.
 """
 
 from __future__ import annotations
@@ -22,17 +22,18 @@ from typing import Any
 
 from torch import nn
 
-from .config import PruningConfig
-from .fileio import atomic_directory, reject_unknown_fields
-from .plan import PruningPlan
-from .stats import LayerStats, ModelStats, model_stats
+from ..config import PruningConfig
+from ..fileio import atomic_directory, reject_unknown_fields
+from ..plan import PruningPlan
+from ..stats import ModelStats, model_stats
 
 REPORT_FILE = "pruning_report.json"
-STAGES = ("final", "admm-checkpoint", "finetune-checkpoint")
+# "final", or a checkpoint of a training phase: "<phase>-checkpoint" ("finetune", or the method's search phase)
+STAGE_PATTERN = re.compile(r"final|(?P<phase>[a-z][a-z0-9_]*)-checkpoint")
 # Trainer log keys that describe the evaluation run, not the model
 _NOT_METRICS = ("loss", "runtime", "samples_per_second", "steps_per_second", "model_preparation_time", "epoch")
 # TrainingArguments that describe the schedule (never tokens or paths)
-_TRAINING_KEYS = (
+TRAINING_KEYS = (
     "num_train_epochs",
     "max_steps",
     "learning_rate",
@@ -59,12 +60,7 @@ def library_versions() -> dict[str, str]:
 
 def stats_from_dict(data: dict) -> ModelStats:
     """The inverse of ``ModelStats.to_dict``."""
-    return ModelStats(
-        params=int(data["params"]),
-        flops=int(data["flops"]),
-        tokens=int(data["tokens"]),
-        layers=tuple(LayerStats(**{k: int(v) for k, v in layer.items()}) for layer in data["layers"]),
-    )
+    return ModelStats.from_dict(data)
 
 
 def _stats_dict(value: Any, name: str) -> dict:
@@ -76,6 +72,30 @@ def _stats_dict(value: Any, name: str) -> dict:
         except (KeyError, TypeError, ValueError) as error:
             raise ValueError(f"PruningReport.{name} is not a ModelStats dict ({error!r}).") from None
     raise ValueError(f"PruningReport.{name} must be a ModelStats or its to_dict(), got {type(value).__name__}.")
+
+
+def _method_card(value: Any) -> dict:
+    """A validated copy of a method card: ``description`` (str), ``recipe`` (list of str), ``citations``."""
+    fix = "build it with hf_vitprune.methods.method_card(config), or leave it out to have it built"
+    if not isinstance(value, dict) or set(value) != {"description", "recipe", "citations"}:
+        keys = sorted(value) if isinstance(value, dict) else type(value).__name__
+        raise ValueError(
+            f"PruningReport.method_card must be a dict with exactly description, recipe and citations (got {keys}); "
+            f"{fix}."
+        )
+    description, recipe, citations = value["description"], value["recipe"], value["citations"]
+    if not isinstance(description, str) or not description.strip():
+        raise ValueError(f"PruningReport.method_card['description'] must be a non-empty string; {fix}.")
+    if not isinstance(recipe, (list, tuple)) or not all(isinstance(line, str) for line in recipe):
+        raise ValueError(f"PruningReport.method_card['recipe'] must be a list of sentences (str); {fix}.")
+    if not isinstance(citations, (list, tuple)) or not all(
+        isinstance(entry, dict) and set(entry) == {"what", "bibtex"} and all(isinstance(v, str) for v in entry.values())
+        for entry in citations
+    ):
+        raise ValueError(
+            f"PruningReport.method_card['citations'] must be a list of {{'what': str, 'bibtex': str}}; {fix}."
+        )
+    return {"description": description, "recipe": list(recipe), "citations": [dict(entry) for entry in citations]}
 
 
 def _metrics(value: Any, name: str) -> dict[str, float] | None:
@@ -107,6 +127,22 @@ def metrics_from_logs(log_history: list[dict], prefix: str = "eval_") -> dict[st
     return None
 
 
+def training_summary(args) -> dict:
+    """The schedule-describing ``TrainingArguments`` (:data:`TRAINING_KEYS`) as JSON values, for ``training=``."""
+    values = {key: getattr(args, key) for key in TRAINING_KEYS if hasattr(args, key)}
+    return {key: (value.value if hasattr(value, "value") else value) for key, value in values.items()}
+
+
+def dataset_name(dataset) -> str | None:
+    """The Hub id or builder name a ``datasets.Dataset`` records about itself, if any (for ``dataset=``)."""
+    info = getattr(dataset, "info", None)
+    for name in ("dataset_name", "builder_name"):
+        value = getattr(info, name, None)
+        if value:
+            return str(value)
+    return None
+
+
 def hub_model_id(name: str | None) -> str | None:
     """``name`` if it reads as a Hub model id (``org/name`` or ``name``) and is not a local path; else None."""
     if not name or os.path.exists(name) or name.startswith((".", "/", "~")):
@@ -116,7 +152,12 @@ def hub_model_id(name: str | None) -> str | None:
 
 @dataclass
 class PruningReport:
-    """The facts about one pruning run, in JSON-ready form; see :meth:`from_models` and :meth:`from_trainer`."""
+    """The facts about one pruning run, in JSON-ready form; see :meth:`from_models`.
+
+    ``PruningTrainer.run_record()`` builds it after (or during) training. ``method_card`` is the
+    method's own account (``hf_vitprune.methods.method_card``: description, recipe sentences,
+    citations); reports saved without it get it from their ``pruning_config`` on load.
+    """
 
     method: str
     pruning_config: dict
@@ -135,6 +176,7 @@ class PruningReport:
     metrics_pruned: dict[str, float] | None = None
     speed: dict | None = None
     training: dict | None = None
+    method_card: dict | None = None
     stage: str = "final"
     versions: dict[str, str] = field(default_factory=library_versions)
     created: str = field(default_factory=lambda: datetime.now(timezone.utc).replace(microsecond=0).isoformat())
@@ -159,8 +201,16 @@ class PruningReport:
             self.plan = PruningPlan.from_dict(dict(self.plan)).to_dict()
         self.metrics_dense = _metrics(self.metrics_dense, "metrics_dense")
         self.metrics_pruned = _metrics(self.metrics_pruned, "metrics_pruned")
-        if self.stage not in STAGES:
-            raise ValueError(f"PruningReport.stage={self.stage!r} is unknown; choose one of {', '.join(STAGES)}.")
+        if not isinstance(self.stage, str) or not STAGE_PATTERN.fullmatch(self.stage):
+            raise ValueError(
+                f"PruningReport.stage={self.stage!r} is unknown; use 'final' or '<phase>-checkpoint' with a "
+                f"lowercase phase name, e.g. 'finetune-checkpoint'."
+            )
+        if self.method_card is None:
+            from ..methods import method_card  # here, not at the top: reporting must not depend on the methods' imports
+
+            self.method_card = method_card(self.config)
+        self.method_card = _method_card(self.method_card)
         for name in ("speed", "training", "versions"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, dict):
@@ -202,40 +252,6 @@ class PruningReport:
             **fields,
         )
 
-    @classmethod
-    def from_trainer(cls, trainer, *, stage: str = "final", **fields: Any) -> PruningReport:
-        """The report of a :class:`~hf_vitprune.PruningTrainer` after (or during) ``train()``.
-
-        Reads ``trainer.model`` (compacted after training), ``trainer.dense_stats``, ``trainer.plan``,
-        ``trainer.pruning_config``, the schedule from ``trainer.args`` and the pruned metrics from the
-        last evaluation in ``trainer.state.log_history`` (and the dense metrics from ``trainer.dense_metrics``
-        where the trainer recorded them). ``fields`` overrides any of them, e.g.
-        ``metrics_dense=``, ``dataset=``, ``speed=measure_speed(...)``, ``base_model=``.
-        """
-        model = trainer.accelerator.unwrap_model(trainer.model)
-        args = trainer.args
-        if "base_model" not in fields:
-            candidates = (getattr(trainer, "base_model_name", None),
-                          getattr(getattr(trainer.teacher, "config", None), "name_or_path", None),
-                          getattr(model.config, "name_or_path", None))
-            fields["base_model"] = next((c for c in candidates if c), None)
-        if "metrics_pruned" not in fields:
-            fields["metrics_pruned"] = metrics_from_logs(trainer.state.log_history)
-        fields.setdefault("metrics_dense", getattr(trainer, "dense_metrics", None))
-        if "dataset" not in fields:
-            evaluated = trainer.eval_dataset if trainer.eval_dataset is not None else trainer.train_dataset
-            fields["dataset"] = _dataset_name(evaluated)
-        if "model_name" not in fields:
-            hub_id = getattr(args, "hub_model_id", None)
-            fields["model_name"] = hub_id.split("/")[-1] if hub_id else Path(args.output_dir).name
-        fields.setdefault("repo_id", getattr(args, "hub_model_id", None))
-        if "training" not in fields:
-            training = {key: getattr(args, key) for key in _TRAINING_KEYS if hasattr(args, key)}
-            fields["training"] = {k: (v.value if hasattr(v, "value") else v) for k, v in training.items()}
-        return cls.from_models(
-            trainer.dense_stats, model, pruning_config=trainer.pruning_config, plan=trainer.plan, stage=stage, **fields
-        )
-
     # ------------------------------------------------------------------ derived numbers
 
     @property
@@ -247,6 +263,16 @@ class PruningReport:
         return stats_from_dict(self.pruned)
 
     @property
+    def config(self) -> PruningConfig:
+        """``pruning_config`` as a :class:`~hf_vitprune.PruningConfig`."""
+        return PruningConfig.from_dict(dict(self.pruning_config))
+
+    @property
+    def checkpoint_phase(self) -> str | None:
+        """The training phase a checkpoint report was saved in (``"finetune"``, a search phase), else None."""
+        return STAGE_PATTERN.fullmatch(self.stage).group("phase")
+
+    @property
     def is_classifier(self) -> bool:
         return self.architecture is None or "ForImageClassification" in self.architecture
 
@@ -255,12 +281,8 @@ class PruningReport:
         """The model's name: ``model_name``, else ``<base>-<method>-<percent>`` from the budget."""
         if self.model_name:
             return self.model_name
-        config = self.pruning_config
-        budget = config["target_sparsity"]
-        if budget is None:
-            budget = config["target_flops_reduction"]
         base = self.base_model.split("/")[-1] if self.base_model else "vit"
-        return f"{base}-{self.method}-{round(100 * budget)}"
+        return f"{base}-{self.method}-{round(100 * self.config.budget.fraction)}"
 
     # ------------------------------------------------------------------ serialisation
 
@@ -302,12 +324,3 @@ class PruningReport:
                 f"{path} is not valid JSON ({error}); re-save it with PruningReport.save_pretrained."
             ) from None
 
-
-def _dataset_name(dataset) -> str | None:
-    """The Hub id or builder name a ``datasets.Dataset`` records about itself, if any."""
-    info = getattr(dataset, "info", None)
-    for name in ("dataset_name", "builder_name"):
-        value = getattr(info, name, None)
-        if value:
-            return str(value)
-    return None
