@@ -182,7 +182,17 @@ class PruningConfig:
             from huggingface_hub import hf_hub_download
 
             path = Path(hf_hub_download(str(name_or_path), CONFIG_FILE, **hub_kwargs))
-        return cls.from_dict(json.loads(path.read_text()))
+        from .fileio import read_json_object
+
+        fix = (
+            "Write it again with PruningConfig.save_pretrained(dir), or download it again "
+            "(hf_hub_download(..., force_download=True))."
+        )
+        data = read_json_object(path, fix)
+        try:
+            return cls.from_dict(data)
+        except ValueError as error:
+            raise ValueError(f"{path}: {error}") from None
 
 
 def _common_fields() -> set[str]:

@@ -6,10 +6,13 @@ layer's unit counts under each unit kind's ``config_key`` (``num_attention_heads
 classes cannot be built from such a config (reading a per-layer attribute from the global
 config raises), so each pruned class builds the stock model at the dense widths and then
 compacts every layer to its recorded widths; the stock forward already infers head counts
-from tensor shapes.
+from tensor shapes. The config also carries ``stock_class_guard`` (:data:`STOCK_CLASS_GUARD`),
+which makes a stock class given a pruned directory fail at once with a hint to use the Auto
+classes, instead of transformers' error about per-layer attributes.
 
-Imports only torch, transformers and ``.architectures``: this file and that one are copied
-next to saved models (``custom_object_save``) for ``trust_remote_code=True`` loading.
+Imports only torch, transformers (and safetensors, its dependency), ``.architectures`` and
+``.fileio``: these files are copied next to saved models (``custom_object_save``) for
+``trust_remote_code=True`` loading.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ from transformers import (
 from .architectures import (
     BUILTIN_UNIT_KINDS,
     UNIT_KINDS,
+    Family,
     compact_units,
     family_of,
     find_encoder_layers,
@@ -107,8 +111,17 @@ class PrunedModelMixin:
     @classmethod
     def from_pretrained(cls, *args, ignore_mismatched_sizes: bool = False, output_loading_info: bool = False, **kwargs):
         """As transformers' ``from_pretrained``; weights whose shapes disagree with the widths the config
-        records raise a ValueError naming the layer and both shapes (instead of a generic report)."""
-        model, info = super().from_pretrained(*args, ignore_mismatched_sizes=True, output_loading_info=True, **kwargs)
+        records raise a ValueError naming the layer and both shapes (instead of a generic report), and an
+        unreadable (truncated) weight file an OSError naming the file."""
+        try:
+            model, info = super().from_pretrained(
+                *args, ignore_mismatched_sizes=True, output_loading_info=True, **kwargs
+            )
+        except Exception as error:  # safetensors' own error names no file
+            if type(error).__name__ != "SafetensorError":
+                raise
+            name = args[0] if args else kwargs.get("pretrained_model_name_or_path")
+            raise OSError(_unreadable_weights_message(name, kwargs.get("subfolder") or "", error)) from error
         mismatched = sorted(info.get("mismatched_keys", []))
         if mismatched and not ignore_mismatched_sizes:
             key, stored, expected = mismatched[0]
@@ -122,6 +135,28 @@ class PrunedModelMixin:
             )
         _own_aligned_memory(model)
         return (model, info) if output_loading_info else model
+
+
+def _unreadable_weights_message(name_or_path: object, subfolder: str, error: Exception) -> str:
+    """Which weight files of ``name_or_path`` safetensors cannot read, and how to get good ones."""
+    directory = Path(str(name_or_path), subfolder)
+    where = f"of {name_or_path} (in the Hugging Face cache)"
+    if directory.is_dir():
+        from safetensors import safe_open  # a dependency of transformers
+
+        broken = []
+        for path in sorted(directory.glob("*.safetensors")):
+            try:
+                with safe_open(path, framework="pt"):
+                    pass
+            except Exception:
+                broken.append(str(path))
+        where = ", ".join(broken) if broken else f"in {directory}"
+    return (
+        f"Cannot read the weights {where}: {error}. The file is truncated or corrupt (an interrupted save, copy or "
+        f"download): re-save the model with save_pretrained, or download it again with "
+        f"from_pretrained(..., force_download=True)."
+    )
 
 
 def _own_aligned_memory(model: nn.Module) -> None:
@@ -251,6 +286,25 @@ def register_auto_classes() -> None:
         AutoModelForImageClassification._model_mapping.register(config_class, value, exist_ok=True)
 
 
+# A config.json key that makes the stock classes stop early with a hint. Given a config.json of
+# another model_type, a stock config class reads instead a nested dict whose "model_type" is its
+# own (PreTrainedConfig.from_pretrained); this dict's text "num_hidden_layers" then fails its
+# type check, and transformers' error quotes the text. The pruned classes ignore the key.
+STOCK_CLASS_GUARD = "stock_class_guard"
+
+
+def _stock_class_guard(family: Family, auto: str) -> dict:
+    return {
+        "model_type": family.model_type,
+        "num_hidden_layers": (
+            f"This is a model pruned by hf_vitprune (model_type {family.pruned_model_type!r}): its layers differ in "
+            f"width, which the stock classes ({', '.join(family.model_classes)}) cannot build. Load it with "
+            f"{auto}.from_pretrained(...) after `import hf_vitprune`, or with "
+            f"{auto}.from_pretrained(..., trust_remote_code=True)."
+        ),
+    }
+
+
 def convert_to_pruned(model: nn.Module) -> nn.Module:
     """Turn a (just compacted) stock model into its pruned class, with a config built from its shapes."""
     family = family_of(model)
@@ -274,6 +328,7 @@ def convert_to_pruned(model: nn.Module) -> nn.Module:
         # the shared table was copied into every layer (architectures.unshare_position_bias)
         values["use_shared_relative_position_bias"] = False
         values["use_relative_position_bias"] = True
+    values[STOCK_CLASS_GUARD] = _stock_class_guard(family, PRUNED_CLASSES[stock_name]._auto_class)
     config_class = PRUNED_CONFIGS[family.pruned_model_type]
     new = config_class(
         **values,

@@ -14,7 +14,7 @@ from pathlib import Path
 from torch import nn
 
 from .architectures import BUILTIN_UNIT_KINDS, UNIT_KINDS, UnitKind, find_encoder_layers, unit_kind
-from .fileio import atomic_directory
+from .fileio import atomic_directory, read_json_object
 
 PLAN_FILE = "pruning_plan.json"
 
@@ -152,7 +152,25 @@ class PruningPlan:
         return self.kept("neurons", layer, num_neurons)
 
     def validate(self, model: nn.Module) -> None:
-        """Raise ValueError if the plan names a layer or a unit that ``model`` does not have."""
+        """Raise ValueError if the plan names a layer or a unit that ``model`` does not have.
+
+        For an already pruned model the error says so: the usual cause is applying a plan made
+        for the original model (the same plan twice, say) to its pruned version.
+        """
+        try:
+            self._check_fits(model)
+        except ValueError as error:
+            model_type = str(getattr(getattr(model, "config", None), "model_type", ""))
+            if not model_type.startswith("pruned_"):
+                raise
+            raise ValueError(
+                f"{error} The model was already pruned ({type(model).__name__}, model_type {model_type!r}); "
+                f"this plan's indices seem to refer to the original model, but a plan's indices refer to the "
+                f"model it is applied to. Apply it to the original (dense) model, or give indices into the "
+                f"pruned model's layers."
+            ) from None
+
+    def _check_fits(self, model: nn.Module) -> None:
         layers = find_encoder_layers(model)
         for kind in UNIT_KINDS.values():
             name = kind.name
@@ -224,8 +242,14 @@ class PruningPlan:
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike) -> PruningPlan:
+        """Load ``pruning_plan.json`` from ``directory`` (or that file itself); errors name the file."""
         path = Path(directory)
         path = path / PLAN_FILE if path.is_dir() else path
         if not path.is_file():
             raise FileNotFoundError(f"No {PLAN_FILE} at {path}; save one with PruningPlan.save_pretrained(dir).")
-        return cls.from_json_string(path.read_text())
+        fix = "Write it again with PruningPlan.save_pretrained(dir), or copy it from where the plan was made."
+        data = read_json_object(path, fix)
+        try:
+            return cls.from_dict(data)
+        except ValueError as error:
+            raise ValueError(f"{path}: {error} {fix}") from None

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 import torch
 from torch import nn
@@ -12,7 +12,19 @@ from .modeling import convert_to_pruned
 from .plan import PruningPlan
 
 
-def apply_plan(model: nn.Module, plan: PruningPlan) -> nn.Module:
+def _as_plan(plan: PruningPlan | Mapping) -> PruningPlan:
+    """``plan``, or the plan a dict spells in :meth:`PruningPlan.from_dict` form (as in pruning_plan.json)."""
+    if isinstance(plan, PruningPlan):
+        return plan
+    if isinstance(plan, Mapping):
+        return PruningPlan.from_dict(plan)
+    raise TypeError(
+        f"Expected a PruningPlan, got {type(plan).__name__}: pass PruningPlan(heads={{layer: [kept, ...]}}, "
+        f"neurons={{...}}), or a dict in PruningPlan.from_dict form."
+    )
+
+
+def apply_plan(model: nn.Module, plan: PruningPlan | Mapping) -> nn.Module:
     """Physically remove the heads and neurons ``plan`` drops, in place, and return ``model``.
 
     q/k/v lose the rows of dropped heads, o_proj the matching columns (and BEiT's relative
@@ -21,9 +33,10 @@ def apply_plan(model: nn.Module, plan: PruningPlan) -> nn.Module:
     ``Pruned*`` class with a config recording every layer's widths, so ``save_pretrained``
     and ``from_pretrained`` round-trip it. Masks attached with :func:`attach_masks` are dropped
     with the modules they were hooked on. Other registered unit kinds are cut by their own
-    ``UnitKind.compact``.
+    ``UnitKind.compact``. ``plan`` may be a dict in :meth:`PruningPlan.from_dict` form.
     """
     family_of(model)
+    plan = _as_plan(plan)
     plan.validate(model)
     unshare_position_bias(model)
     for layer in find_encoder_layers(model):
@@ -115,10 +128,11 @@ def _check_gateable(plan: PruningPlan) -> None:
             )
 
 
-def attach_masks(model: nn.Module, plan: PruningPlan | None = None) -> UnitMasks:
-    """Attach gates to every head and MLP neuron of ``model``; with ``plan``, close the dropped ones."""
+def attach_masks(model: nn.Module, plan: PruningPlan | Mapping | None = None) -> UnitMasks:
+    """Attach gates to every head and MLP neuron of ``model``; with ``plan`` (or its dict), close the dropped ones."""
     family_of(model)
     if plan is not None:
+        plan = _as_plan(plan)
         plan.validate(model)  # before hooking anything: a bad plan must not leave gates attached
         _check_gateable(plan)
     masks = UnitMasks(model)

@@ -157,3 +157,24 @@ def test_plan_out_of_range_for_model(make_model, plan, pattern, call):
 def test_valid_plan_validates(make_model):
     model = make_model("beit_shared_bias")
     PruningPlan(heads={0: [0, 3], 2: [1]}, neurons={1: [0, 36]}).validate(model)  # no error
+
+
+@pytest.mark.parametrize(
+    "content, problem",
+    [
+        (b'{"heads": {"0": [1, 2', "not valid JSON"),
+        (b"", "not valid JSON"),
+        (b"\xff\xfe{}", "not valid JSON"),
+        (b"[1, 2]", "not a JSON object"),
+        (b'{"heads": {"0": [-1]}}', "negative index"),
+    ],
+    ids=["truncated", "empty", "not_utf8", "array", "negative_index"],
+)
+def test_corrupt_plan_file_names_the_file_and_the_fix(tmp_path, content, problem):
+    (tmp_path / PLAN_FILE).write_bytes(content)
+    with pytest.raises(ValueError) as info:
+        PruningPlan.from_pretrained(tmp_path)
+    message = str(info.value)
+    assert str(tmp_path / PLAN_FILE) in message and problem in message
+    assert "PruningPlan.save_pretrained" in message
+    assert not isinstance(info.value, json.JSONDecodeError)

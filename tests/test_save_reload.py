@@ -5,9 +5,12 @@ in an image-classification pipeline. Saving is atomic."""
 from __future__ import annotations
 
 import copy
+import errno
 import json
 import os
 import re
+import shutil
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -333,3 +336,140 @@ def test_saving_leaves_the_in_memory_model_usable(make_model, tmp_path, pixel_va
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == sorted(
         ["architectures.py", "config.json", "fileio.py", "model.safetensors", "modeling.py"]
     )
+
+
+# --------------------------------------------------------------------------- mount points and modes
+
+
+def _fake_mount(monkeypatch, mount: Path) -> None:
+    """Make ``mount`` act as a mount point: a rename across its boundary fails with EXDEV, as the kernel's does."""
+
+    def inside(name) -> bool:
+        path = Path(os.path.abspath(name))
+        return path == mount or mount in path.parents
+
+    def guarded(real):
+        def move(src, dst, *args, **kwargs):
+            if inside(src) != inside(dst):
+                raise OSError(errno.EXDEV, os.strerror(errno.EXDEV), str(src), None, str(dst))
+            return real(src, dst, *args, **kwargs)
+
+        return move
+
+    monkeypatch.setattr(os, "rename", guarded(os.rename))
+    monkeypatch.setattr(os, "replace", guarded(os.replace))
+
+
+@pytest.fixture(params=["simulated", "tmpfs"])
+def mount_point(request, tmp_path, monkeypatch):
+    """An existing, empty directory on another filesystem than its parent: simulated (always) or a real tmpfs
+    (root only, where ``mount`` is permitted)."""
+    mount = tmp_path / "volume"
+    mount.mkdir()
+    if request.param == "simulated":
+        _fake_mount(monkeypatch, mount)
+        yield mount
+        return
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a tmpfs needs root and mount(8)")
+    if subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(mount)], capture_output=True).returncode != 0:
+        pytest.skip("mounting a tmpfs is not permitted here")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
+def _partials(root: Path) -> list[str]:
+    return [p.name for p in root.rglob("*.partial")]
+
+
+def test_save_into_a_mount_point(make_model, mount_point, pixel_values, helpers):
+    """A Docker volume or tmpfs as the target: no rename crosses filesystems, nothing is left in the parent."""
+    (mount_point / "notes.txt").write_text("keep me")
+    first = _pruned_vit(make_model, seed=0)
+    first.save_pretrained(mount_point, max_shard_size="16KB")
+    second = apply_plan(make_model("vit", seed=1), PruningPlan(heads={1: [2]}))
+    second.save_pretrained(mount_point)  # over the first: its shards go
+    PruningPlan(heads={1: [2]}).save_pretrained(mount_point)
+    first.save_pretrained(mount_point / "sub")  # a new directory inside the mount
+
+    assert _partials(mount_point.parent) == []
+    assert [p.name for p in mount_point.parent.iterdir()] == ["volume"]
+    assert (mount_point / "notes.txt").read_text() == "keep me"
+    assert not list(mount_point.glob("model-*.safetensors"))
+    assert PruningPlan.from_pretrained(mount_point) == PruningPlan(heads={1: [2]})
+    reloaded = AutoModelForImageClassification.from_pretrained(mount_point).eval()
+    assert_identical(helpers.outputs(reloaded, pixel_values), helpers.outputs(second, pixel_values))
+    reloaded = AutoModelForImageClassification.from_pretrained(mount_point / "sub").eval()
+    assert_identical(helpers.outputs(reloaded, pixel_values), helpers.outputs(first, pixel_values))
+
+
+def test_failed_save_into_a_mount_point_leaves_it_as_it_was(make_model, mount_point, monkeypatch):
+    _pruned_vit(make_model).save_pretrained(mount_point)
+    before = snapshot(mount_point)
+    new = apply_plan(make_model("vit", seed=1), PruningPlan(heads={1: [2]}))
+    _fail_on_second_shard(monkeypatch)
+    with pytest.raises(OSError, match="No space left on device"):
+        new.save_pretrained(mount_point, max_shard_size="16KB")
+    assert snapshot(mount_point) == before
+    assert _partials(mount_point.parent) == []
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027, 0o002], ids=oct)
+def test_new_directories_get_the_umask_mode(make_model, tmp_path, umask):
+    """As stock save_pretrained (os.makedirs): 0o777 less the umask, not mkdtemp's 0700."""
+    previous = os.umask(umask)
+    try:
+        _pruned_vit(make_model).save_pretrained(tmp_path / "model")
+        PruningPlan(heads={0: [1]}).save_pretrained(tmp_path / "plan")
+        (tmp_path / "stock").mkdir()
+    finally:
+        os.umask(previous)
+    expected = 0o777 & ~umask
+    assert stat.S_IMODE((tmp_path / "stock").stat().st_mode) == expected
+    for name in ("model", "plan"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == expected, name
+
+
+def test_saving_over_a_file_names_it(make_model, tmp_path):
+    (tmp_path / "out").write_text("not a directory")
+    with pytest.raises(NotADirectoryError, match=r"out.*is a file.*directory"):
+        _pruned_vit(make_model).save_pretrained(tmp_path / "out")
+    assert (tmp_path / "out").read_text() == "not a directory"
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+# --------------------------------------------------------------------------- damaged or misread directories
+
+
+@pytest.mark.parametrize("shard", [None, 2], ids=["single_file", "second_shard"])
+def test_truncated_weights_name_the_file_and_the_fix(make_model, tmp_path, shard):
+    directory = tmp_path / "m"
+    _pruned_vit(make_model).save_pretrained(directory, **({"max_shard_size": "16KB"} if shard else {}))
+    broken = sorted(directory.glob("*.safetensors"))[shard - 1 if shard else 0]
+    broken.write_bytes(broken.read_bytes()[: broken.stat().st_size // 2])
+    with pytest.raises(OSError) as info:
+        AutoModelForImageClassification.from_pretrained(directory)
+    message = str(info.value)
+    assert str(broken) in message and "truncated" in message
+    assert "save_pretrained" in message and "force_download=True" in message
+    assert [p.name for p in directory.glob("*.safetensors") if p.name in message] == [broken.name]
+
+
+@pytest.mark.parametrize("arch_name", ["vit", "vit_model", "deit_teacher", "vit_msn", "beit_shared_bias", "dinov2"])
+def test_stock_class_on_a_pruned_directory_says_how_to_load_it(make_model, tmp_path, arch_name, helpers):
+    model = make_model(arch_name)
+    stock_class = type(model)
+    pruned = apply_plan(model, helpers.random_plan(model, 0))
+    pruned.save_pretrained(tmp_path / "m")
+    with pytest.raises(Exception) as info:
+        stock_class.from_pretrained(tmp_path / "m")
+    message = str(info.value)
+    auto = auto_class_name(arch_name, helpers)
+    assert f"{auto}.from_pretrained" in message, message
+    assert "import hf_vitprune" in message and "trust_remote_code=True" in message
+    assert pruned.config.model_type in message
+    # the Auto classes are not affected by what makes the stock one stop
+    reloaded = getattr(transformers, auto).from_pretrained(tmp_path / "m")
+    assert type(reloaded) is type(pruned)

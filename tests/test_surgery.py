@@ -11,6 +11,7 @@ from transformers import (
     SwinConfig,
     SwinForImageClassification,
     ViTConfig,
+    ViTForImageClassification,
     ViTForMaskedImageModeling,
 )
 
@@ -250,3 +251,52 @@ def test_public_api_names():
     expected = {"PruningPlan", "apply_plan", "attach_masks", "model_stats", "UnitMasks", "ModelStats", "LayerStats"}
     assert set(hf_vitprune.__all__) >= expected
     assert all(hasattr(hf_vitprune, name) for name in expected)
+
+
+# --------------------------------------------------------------------------- plans given as dicts, or twice
+
+
+def test_a_dict_plan_is_read_as_pruning_plan_from_dict(make_model, pixel_values, helpers):
+    data = {"heads": {"0": [1], "2": [0, 3]}, "neurons": {"1": list(range(9))}}
+    by_dict = apply_plan(make_model("vit"), data)
+    by_plan = apply_plan(make_model("vit"), PruningPlan.from_dict(data))
+    assert helpers.widths(by_dict) == helpers.widths(by_plan) == [(1, 37), (4, 9), (2, 37)]
+    assert helpers.max_abs_diff(helpers.outputs(by_dict, pixel_values), helpers.outputs(by_plan, pixel_values)) == 0
+    with attach_masks(make_model("vit"), data) as masks:
+        assert masks.head_gates[0].tolist() == [0, 1, 0, 0]
+
+
+@pytest.mark.parametrize(
+    "plan, error, message",
+    [
+        ({"heads": {"0": [1]}, "layers": {}}, ValueError, r"Unknown PruningPlan fields \['layers'\]"),
+        ([[0, 1]], TypeError, r"got list.*PruningPlan\(heads=.*PruningPlan\.from_dict"),
+        (None, TypeError, r"got NoneType.*PruningPlan\(heads="),
+    ],
+    ids=["unknown_key", "list", "none"],
+)
+def test_a_plan_that_is_not_one_is_refused(make_model, plan, error, message):
+    model = make_model("vit")
+    with pytest.raises(error, match=message):
+        apply_plan(model, plan)
+    if plan is not None:  # attach_masks(model, None) means "no plan"
+        with pytest.raises(error, match=message):
+            attach_masks(model, plan)
+    assert type(model) is ViTForImageClassification
+
+
+def test_applying_the_same_plan_twice_says_the_model_was_already_pruned(make_model):
+    plan = PruningPlan(heads={0: [1, 3]}, neurons={2: [5, 30]})
+    pruned = apply_plan(make_model("vit"), plan)
+    widths = [(v.num_attention_heads, v.intermediate_size) for v in pruned.config.per_layer_config]
+    with pytest.raises(ValueError, match=r"heads\[0\] keeps \[3\].*layer 0 has 2 heads") as info:
+        apply_plan(pruned, plan)
+    message = str(info.value)
+    assert "already pruned" in message and "original model" in message
+    assert [(v.num_attention_heads, v.intermediate_size) for v in pruned.config.per_layer_config] == widths
+    with pytest.raises(ValueError, match="already pruned"):
+        attach_masks(pruned, plan)
+    # a dense model that is too small for a plan is not called pruned
+    with pytest.raises(ValueError) as info:
+        apply_plan(make_model("vit"), PruningPlan(heads={0: [4]}))
+    assert "already pruned" not in str(info.value)
