@@ -72,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
         "prune",
         add_help=False,  # `hf-vitprune prune --help` is the recipe's help
         help="run a pruning recipe; the arguments go to hf_vitprune.recipe (see `hf-vitprune prune --help`)",
+        usage=f"{PROG} prune [options]",
     )
     return parser
 
@@ -108,7 +109,7 @@ def command_prune(argv: list[str]) -> int:
     if "hf_vitprune.recipe" not in sys.modules and importlib.util.find_spec("hf_vitprune.recipe") is None:
         raise CommandError("this installation of hf_vitprune has no recipe module (hf_vitprune.recipe); reinstall it.")
     recipe = importlib.import_module("hf_vitprune.recipe")
-    return int(recipe.main(argv) or 0)
+    return int(recipe.main(argv, prog=f"{PROG} prune") or 0)
 
 
 # --------------------------------------------------------------------------- card
@@ -133,6 +134,10 @@ def command_card(args) -> int:
         card = rerender_model_card(directory, repo_id=args.repo_id)
     except (ValueError, TypeError, KeyError) as error:
         raise CommandError(f"{directory / REPORT_FILE} is not a valid pruning report: {error}") from None
+    except OSError as error:  # a read-only file system, no permission, a full disk
+        reason = error.strerror or str(error)
+        raise CommandError(f"cannot write the card into {directory}: {reason}. Make the directory writable, or "
+                           f"copy it somewhere writable and run `{PROG} card` there.") from None
     print(f"Wrote {directory / CARD_FILE} ({len(str(card).splitlines())} lines) from {directory / REPORT_FILE}.")
     return 0
 
@@ -171,6 +176,26 @@ def load_model(name_or_path: str):
     except Exception as error:  # OSError (not found / offline), ValueError (bad config or weights)
         where = "the directory" if path.exists() else "the Hub repo (it is not a local path either)"
         raise CommandError(f"could not load {name_or_path} from {where}: {error}") from None
+
+
+def _check_device(name: str) -> None:
+    """--device must name a device this torch build has, or the timing fails deep inside torch."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise CommandError(f"--device {name}: not a device name; use cpu, cuda, cuda:1, mps, ...") from None
+    if device.type == "cpu":
+        return
+    backend = getattr(torch, device.type, None)
+    available = getattr(backend, "is_available", None)
+    if available is None or not available():
+        raise CommandError(f"--device {name}: this torch build ({torch.__version__}) has no usable {device.type} "
+                           f"device; use --device cpu, or install a torch build for {device.type}.")
+    count = getattr(backend, "device_count", None)
+    if device.index is not None and count is not None and device.index >= count():
+        raise CommandError(f"--device {name}: there are only {count()} {device.type} device(s) (0..{count() - 1}).")
 
 
 def command_report(args) -> int:
@@ -240,6 +265,7 @@ def command_report(args) -> int:
     speed = None
     if not args.no_speed:
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        _check_device(device)
         try:
             speed = measure_speed(
                 model, reference, batch_size_throughput=args.batch_size, repeats=args.repeats, warmup=args.warmup,

@@ -48,6 +48,26 @@ def load_digits_dataset(seed: int = 0, validation_fraction: float = 0.15, test_f
     )
 
 
+def builtin_image_processor(dataset):
+    """An image processor that turns a PIL image into the ``pixel_values`` of a built-in dataset.
+
+    The built-in splits hold images already scaled to [0, 1] and normalised to [-1, 1]
+    (``(x - 0.5) / 0.5``) at their own size, with 1 channel; this processor does the same to an
+    8-bit greyscale image (rescale by 1/255, normalise with mean 0.5 and std 0.5), so that
+    ``pipeline("image-classification", model=output_dir)`` sees what training saw.
+    """
+    from transformers import ViTImageProcessor
+
+    try:  # transformers' default backend needs torchvision; the PIL one gives the same pixels
+        import torchvision  # noqa: F401
+    except ImportError:
+        from transformers import ViTImageProcessorPil as ViTImageProcessor
+    channels, height, width = dataset.features["pixel_values"].shape
+    return ViTImageProcessor(do_resize=True, size={"height": height, "width": width}, do_rescale=True,
+                             rescale_factor=1 / 255, do_normalize=True, image_mean=[0.5] * channels,
+                             image_std=[0.5] * channels)
+
+
 def _read_idx(path: Path) -> np.ndarray:
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rb") as handle:

@@ -8,24 +8,32 @@ offline default: a small ViT trained (once, then cached) on scikit-learn's digit
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import logging
+import math
+import os
+import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from transformers import (
+    AutoConfig,
     AutoImageProcessor,
     AutoModelForImageClassification,
     HfArgumentParser,
     Trainer,
+    TrainerCallback,
     TrainingArguments,
     ViTConfig,
     ViTForImageClassification,
 )
+from transformers.trainer_utils import get_last_checkpoint
 
 from .config import PruningConfig, config_from_arguments, pruning_arguments
-from .methods import DEFAULT_METHOD
+from .methods import DEFAULT_METHOD, get_method
 from .metrics import make_compute_metrics
 
 logger = logging.getLogger(__name__)
@@ -45,30 +53,82 @@ RECIPE_DEFAULTS = {  # TrainingArguments defaults of the recipe; YAML and comman
     "target_sparsity": "0.4",
 }
 
+# The TrainingArguments flags `--help` shows; `--help-all` shows all of them.
+COMMON_TRAINING_FLAGS = (
+    "output_dir", "num_train_epochs", "max_steps", "per_device_train_batch_size", "per_device_eval_batch_size",
+    "gradient_accumulation_steps", "learning_rate", "weight_decay", "warmup_steps", "seed", "bf16", "fp16",
+    "use_cpu", "eval_strategy", "save_strategy", "save_steps", "save_total_limit", "logging_steps",
+    "resume_from_checkpoint", "report_to", "dataloader_num_workers", "push_to_hub", "hub_model_id", "hub_token",
+)
+TRAINING_ARGUMENTS_DOCS = "https://huggingface.co/docs/transformers/main_classes/trainer#transformers.TrainingArguments"
+IMAGE_MODES = {1: "L", 3: "RGB", 4: "RGBA"}  # the model's num_channels -> the PIL mode images are converted to
+
+
+class RecipeError(Exception):
+    """A user error: printed as one line, ``<prog>: error: <message>``, exit status ``status``."""
+
+    def __init__(self, message: str, status: int = 1):
+        super().__init__(message)
+        self.status = status
+
 
 @dataclass
 class ModelArguments:
+    _argument_group_name = "model"
+
     model_name_or_path: str | None = field(
         default=None,
         metadata={"help": "Hub id or local directory of a ViT/DeiT/BEiT/DINOv2 image classifier. Empty: the offline "
                           "default, a small ViT trained on scikit-learn's digits and cached in --dense_cache_dir."},
     )
+    config_name: str | None = field(
+        default=None, metadata={"help": "Config to load the model with, if not the one of --model_name_or_path."}
+    )
+    image_processor_name: str | None = field(
+        default=None,
+        metadata={"help": "Image processor (Hub id or directory), if not the one of --model_name_or_path. It is "
+                          "saved with the pruned model, so that pipeline() can use it."},
+    )
+    cache_dir: str | None = field(
+        default=None, metadata={"help": "Where models, processors and datasets downloaded from the Hub are cached."}
+    )
+    model_revision: str = field(
+        default="main", metadata={"help": "Model revision to load: a branch name, tag or commit id."}
+    )
+    token: str | None = field(
+        default=None,
+        metadata={"help": "Hub token to download gated or private models and datasets (default: the token of "
+                          "`hf auth login` or HF_TOKEN). Pushing uses --hub_token."},
+    )
+    trust_remote_code: bool = field(
+        default=False,
+        metadata={"help": "Allow models whose code lives on the Hub (runs that code on this machine; read it first)."},
+    )
+    ignore_mismatched_sizes: bool = field(
+        default=False,
+        metadata={"help": "Re-initialise the classification head when its number of classes differs from the "
+                          "data's. The dense baseline is then untrained on these labels."},
+    )
+    attn_implementation: str | None = field(
+        default=None, metadata={"help": "Attention implementation to load the model with (eager, sdpa, ...)."}
+    )
     dense_cache_dir: str = field(
         default="outputs/dense-vit-digits", metadata={"help": "Where the offline default's dense ViT is cached."}
     )
     dense_epochs: float = field(default=25, metadata={"help": "Epochs to train the offline default's dense ViT."})
-    attn_implementation: str | None = field(
-        default=None, metadata={"help": "Attention implementation to load the model with (eager, sdpa, ...)."}
-    )
 
 
 @dataclass
 class DataArguments:
+    _argument_group_name = "data"
+
     dataset_name: str | None = field(
         default=None, metadata={"help": "Hub dataset id, e.g. imagenet-1k (needs network and, for some, a token)."}
     )
     dataset_config_name: str | None = field(default=None, metadata={"help": "The dataset's configuration, if any."})
-    train_dir: str | None = field(default=None, metadata={"help": "An imagefolder of training images (class/x.png)."})
+    train_dir: str | None = field(
+        default=None, metadata={"help": "An imagefolder of training images: DIR/<class name>/<image>."}
+    )
     validation_dir: str | None = field(default=None, metadata={"help": "An imagefolder of validation images."})
     builtin_dataset: str = field(
         default="digits",
@@ -76,29 +136,81 @@ class DataArguments:
                           "fashion_mnist (Debian package dataset-fashion-mnist)."},
     )
     image_column_name: str = field(default="image", metadata={"help": "Column holding the images."})
-    label_column_name: str = field(default="label", metadata={"help": "Column holding the integer labels."})
+    label_column_name: str = field(
+        default="label", metadata={"help": "Column holding the labels (class labels, integers or strings)."}
+    )
     validation_split_name: str = field(default="validation", metadata={"help": "Split to evaluate on."})
+    train_val_split: float = field(
+        default=0.15,
+        metadata={"help": "Fraction of the training split held out for evaluation when the data has no "
+                          "--validation_split_name split, in (0, 1)."},
+    )
     max_train_samples: int | None = field(default=None, metadata={"help": "Truncate the training set (debugging)."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Truncate the evaluation set."})
 
 
-def parse_arguments(argv: list[str] | None = None):
-    """(model, data, pruning, training) arguments: recipe defaults < ``--config file.yaml`` < command line."""
+@dataclass
+class RunArguments:
+    _argument_group_name = "run"
+
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Start over in an --output_dir that holds files or checkpoints (its checkpoint folders "
+                          "are removed). Without it, a run resumes from the last checkpoint there, or refuses."},
+    )
+
+
+class _TrainingArguments(TrainingArguments):
+    """TrainingArguments in their own `--help` group."""
+
+    _argument_group_name = "training (TrainingArguments)"
+
+
+# --------------------------------------------------------------------------- arguments
+
+
+def build_parser(prog: str | None = None, full: bool = True) -> HfArgumentParser:
+    """The recipe's parser; with ``full=False`` its help lists only ``COMMON_TRAINING_FLAGS`` of TrainingArguments."""
+    pruning = pruning_arguments()
+    pruning._argument_group_name = "pruning (PruningConfig and every method's options)"
+    epilog = (f"Every other TrainingArguments field is a flag too ({len(dataclasses.fields(TrainingArguments))} "
+              f"in all): see --help-all or {TRAINING_ARGUMENTS_DOCS}. "
+              f"--config FILE.yaml supplies any of these arguments from a file.")
+    parser = HfArgumentParser((ModelArguments, DataArguments, RunArguments, pruning, _TrainingArguments), prog=prog,
+                              usage="%(prog)s [options]", epilog=None if full else epilog,
+                              description="Prune an image classifier end to end: evaluate it, prune it with "
+                                          "PruningTrainer, fine-tune, time it, save it with its card.")
+    if not full:
+        training = {f.name for f in dataclasses.fields(TrainingArguments)}
+        for action in parser._actions:
+            if action.dest in training and action.dest not in COMMON_TRAINING_FLAGS:
+                action.help = argparse.SUPPRESS
+    return parser
+
+
+def parse_arguments(argv: list[str] | None = None, prog: str | None = None):
+    """(model, data, run, pruning config, training) arguments: recipe defaults < ``--config file.yaml`` < command line."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if "-h" in argv or "--help" in argv or "--help-all" in argv:
+        print(build_parser(prog, full="--help-all" in argv).format_help())
+        raise SystemExit(0)
     from_file: list[str] = []
     if "--config" in argv:
         index = argv.index("--config")
         if index + 1 >= len(argv):
-            raise SystemExit("--config needs a YAML file path, e.g. --config examples/configs/digits.yaml")
+            raise RecipeError("--config needs a YAML file path, e.g. --config examples/configs/digits.yaml", 2)
         path = Path(argv[index + 1])
         del argv[index : index + 2]
         if not path.is_file():
-            raise SystemExit(f"--config {path}: no such file.")
+            raise RecipeError(f"--config {path}: no such file.", 2)
         import yaml
 
-        values = yaml.safe_load(path.read_text()) or {}
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as error:
+            raise RecipeError(f"--config {path} is not valid YAML: {' '.join(str(error).split())}", 2) from None
         if not isinstance(values, dict):
-            raise SystemExit(f"--config {path} must hold a mapping of argument names to values.")
+            raise RecipeError(f"--config {path} must hold a mapping of argument names to values.", 2)
         from_file = _as_argv(values)
     given = from_file + argv
     defaults = dict(RECIPE_DEFAULTS)
@@ -107,15 +219,51 @@ def parse_arguments(argv: list[str] | None = None):
     if "--output_dir" not in given:  # outputs/vit-digits-<method>
         method = given[given.index("--method") + 1] if "--method" in given[:-1] else DEFAULT_METHOD
         defaults["output_dir"] = f"outputs/vit-digits-{method}"
-    defaults = _as_argv(defaults)
-    parser = HfArgumentParser((ModelArguments, DataArguments, pruning_arguments(), TrainingArguments))
-    model_args, data_args, pruning_args, training_args = parser.parse_args_into_dataclasses(
-        args=defaults + from_file + argv)
+    if not _accelerator_present():  # pinned memory only helps copies to an accelerator; torch warns without one
+        defaults["dataloader_pin_memory"] = "false"
+    parser = build_parser(prog)
+    *parsed, unknown = parser.parse_args_into_dataclasses(args=_as_argv(defaults) + given,
+                                                          return_remaining_strings=True)
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)} (see --help, or --help-all for every "
+                     f"TrainingArguments flag)")
+    model_args, data_args, run_args, pruning_args, training_args = parsed
+    training_args = _plain_training_arguments(training_args)
     try:
         pruning_config = config_from_arguments(pruning_args)
     except ValueError as error:
-        raise SystemExit(f"error: {error}") from None
-    return model_args, data_args, pruning_config, training_args
+        raise RecipeError(str(error), 2) from None
+    _check_unused_flags(given, training_args)
+    if not 0 < data_args.train_val_split < 1:
+        raise RecipeError(f"--train_val_split {data_args.train_val_split}: must be in (0, 1), e.g. 0.15.", 2)
+    return model_args, data_args, run_args, pruning_config, training_args
+
+
+def _plain_training_arguments(args: TrainingArguments) -> TrainingArguments:
+    """The parsed ``_TrainingArguments`` as an ordinary ``TrainingArguments`` (same values)."""
+    plain = TrainingArguments.__new__(TrainingArguments)
+    plain.__dict__.update(args.__dict__)
+    return plain
+
+
+def _accelerator_present() -> bool:
+    accelerator = getattr(torch, "accelerator", None)
+    if accelerator is not None and hasattr(accelerator, "is_available"):
+        return bool(accelerator.is_available())
+    return torch.cuda.is_available()
+
+
+def _check_unused_flags(given: list[str], training_args: TrainingArguments) -> None:
+    """TrainingArguments' do_train/do_eval/do_predict mean nothing to the recipe, which always trains and evaluates."""
+    for name in ("do_train", "do_eval", "do_predict"):
+        if any(token == f"--{name}" or token.startswith(f"--{name}=") for token in given):
+            value = getattr(training_args, name)
+            if name == "do_predict" and value:
+                raise RecipeError("--do_predict is not supported by the pruning recipe; evaluate the saved model on "
+                                  "your test split with Trainer.predict or `hf-vitprune report`.", 2)
+            if name != "do_predict" and not value:
+                raise RecipeError(f"--{name} false is not supported: the recipe always prunes (trains) and evaluates "
+                                  f"the dense and the pruned model; drop the flag.", 2)
 
 
 def _as_argv(values: dict) -> list[str]:
@@ -129,85 +277,342 @@ def _as_argv(values: dict) -> list[str]:
     return argv
 
 
+# --------------------------------------------------------------------------- output directory and Hub
+
+
+def resolve_checkpoint(training_args: TrainingArguments, run_args: RunArguments, method: str) -> str | None:
+    """The checkpoint to resume from (``--resume_from_checkpoint``, or the last one in ``--output_dir``), or None.
+
+    Like transformers' run_image_classification: an ``--output_dir`` holding checkpoints resumes from the
+    last one, a non-empty one without checkpoints is refused, unless ``--overwrite_output_dir``.
+    """
+    from .state import FINETUNE, STATE_JSON
+
+    output_dir = Path(training_args.output_dir)
+    phases = (FINETUNE, get_method(method).phase_name)
+    folders = " or ".join(str(output_dir / phase) for phase in phases)
+    value = training_args.resume_from_checkpoint
+    if value is not None and value.strip().lower() not in ("", "false", "no"):
+        if value.strip().lower() in ("true", "yes", "last"):
+            last = _last_checkpoint(output_dir, phases)
+            if last is None:
+                raise RecipeError(f"--resume_from_checkpoint {value}: no checkpoint found under {folders}; run "
+                                  f"without it to start, or pass a checkpoint-N directory.")
+            return last
+        path = Path(value)
+        if not path.is_dir():
+            raise RecipeError(f"--resume_from_checkpoint {value}: no such directory. Pass a checkpoint-N directory "
+                              f"(under {folders}), or true for the last one in --output_dir.")
+        if not (path / STATE_JSON).is_file():
+            raise RecipeError(f"--resume_from_checkpoint {value} is not a PruningTrainer checkpoint (it has no "
+                              f"{STATE_JSON}). Pass a checkpoint-N directory under {folders}.")
+        return str(path)
+    if not output_dir.is_dir():
+        return None
+    if run_args.overwrite_output_dir:
+        for phase in phases:
+            if (output_dir / phase).is_dir():
+                logger.warning("--overwrite_output_dir: removing the checkpoints of an earlier run in %s",
+                               output_dir / phase)
+                shutil.rmtree(output_dir / phase)
+        return None
+    last = _last_checkpoint(output_dir, phases)
+    if last is not None:
+        logger.info("Checkpoint detected, resuming training from %s. Pass --overwrite_output_dir true to start over "
+                    "instead.", last)
+        return last
+    if any(output_dir.iterdir()):
+        raise RecipeError(f"--output_dir {output_dir} already exists and is not empty (and holds no checkpoint to "
+                          f"resume). Pass --overwrite_output_dir true to write over it, or choose another --output_dir.")
+    return None
+
+
+def _last_checkpoint(output_dir: Path, phases) -> str | None:
+    """The newest checkpoint of the latest phase that has one (fine-tuning first), as PruningTrainer resumes."""
+    for phase in phases:
+        folder = output_dir / phase
+        last = get_last_checkpoint(str(folder)) if folder.is_dir() else None
+        if last is not None:
+            return last
+    return None
+
+
+def check_hub_access(training_args: TrainingArguments) -> None:
+    """With ``--push_to_hub``, fail before any work if there is no token or the Hub is switched off."""
+    if not training_args.push_to_hub:
+        return
+    from huggingface_hub import constants, get_token
+
+    if constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
+        raise RecipeError("--push_to_hub needs the Hub, but HF_HUB_OFFLINE is set: unset it, or drop --push_to_hub.")
+    if not (training_args.hub_token or get_token()):
+        raise RecipeError("--push_to_hub needs a Hub token with write access: pass --hub_token, set HF_TOKEN, or run "
+                          "`hf auth login` first.")
+
+
+def _is_connection_error(error: BaseException) -> bool:
+    if isinstance(error, ConnectionError):
+        return True
+    import importlib
+
+    for module in ("httpx2", "httpx"):  # huggingface_hub's HTTP client (httpx2 in newer releases)
+        try:
+            transport_error = importlib.import_module(module).TransportError
+        except (ImportError, AttributeError):
+            continue
+        if isinstance(error, transport_error):
+            return True
+    return False
+
+
+def _hub_endpoint() -> str:
+    from huggingface_hub import constants
+
+    return constants.ENDPOINT
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__
+
+
 # --------------------------------------------------------------------------- data
 
 
-def load_data(data_args: DataArguments, model_name_or_path: str | None):
-    """(train, eval, label names); image datasets get the model's processor and torch augmentation."""
-    from datasets import load_dataset
+@dataclass
+class Data:
+    """What the job trains and evaluates on, and how a user's image becomes ``pixel_values``."""
 
+    train: object
+    evaluation: object
+    labels: list[str]
+    processor: object
+    config: object = None  # the pretrained model's config (None for the offline default)
+    config_labels: int | None = None  # its number of classes before the data's labels were set
+
+
+def load_data(data_args: DataArguments, model_args: ModelArguments, seed: int = 0) -> Data:
+    """Train and eval sets, label names and image processor; image datasets get the model's processor and
+    torch augmentation (per image, seeded by seed, epoch and index, so a resumed run sees the same crops)."""
     if data_args.dataset_name or data_args.train_dir:
-        if data_args.dataset_name:
-            raw = load_dataset(data_args.dataset_name, data_args.dataset_config_name)
-        else:
-            files = {"train": data_args.train_dir}
-            if data_args.validation_dir:
-                files["validation"] = data_args.validation_dir
-            raw = load_dataset("imagefolder", data_files=_imagefolder_files(files))
-        if model_name_or_path is None:
-            raise SystemExit("--dataset_name/--train_dir need --model_name_or_path (the model to prune).")
+        if model_args.model_name_or_path is None:
+            raise RecipeError("--dataset_name/--train_dir need --model_name_or_path (the model to prune).", 2)
+        raw = _load_raw(data_args, model_args)
         train, evaluation = raw["train"], _eval_split(raw, data_args)
-        labels = train.features[data_args.label_column_name].names
-        processor = AutoImageProcessor.from_pretrained(model_name_or_path)
+        for split, dataset in (("train", train), ("evaluation", evaluation)):
+            _check_columns(dataset, data_args, split)
+        labels, encode = _labels(train, evaluation, data_args.label_column_name)
+        config = _load_config(model_args)
+        config_labels = config.num_labels
+        _check_label_count(model_args, config, labels)
+        processor = _load_processor(model_args)
+        mode = IMAGE_MODES.get(int(getattr(config, "num_channels", 3)))
+        if mode is None:
+            raise RecipeError(f"{model_args.model_name_or_path} takes {config.num_channels}-channel images; the recipe "
+                              f"feeds 1 (greyscale), 3 (RGB) or 4 (RGBA) channels.")
         train = _limit(train, data_args.max_train_samples)
         evaluation = _limit(evaluation, data_args.max_eval_samples)
-        train.set_transform(_image_transform(processor, data_args, augment=True))
-        evaluation.set_transform(_image_transform(processor, data_args, augment=False))
-        return train, evaluation, labels
-    from .data import load_digits_dataset, load_fashion_mnist
+        columns = data_args.image_column_name, data_args.label_column_name
+        train = ImageClassificationData(train, processor, *columns, mode=mode, encode=encode, augment=True, seed=seed)
+        evaluation = ImageClassificationData(evaluation, processor, *columns, mode=mode, encode=encode)
+        return Data(train, evaluation, labels, processor, config, config_labels)
+    from .data import builtin_image_processor, load_digits_dataset, load_fashion_mnist
 
     loaders = {"digits": load_digits_dataset, "fashion_mnist": load_fashion_mnist}
     if data_args.builtin_dataset not in loaders:
-        raise SystemExit(f"--builtin_dataset {data_args.builtin_dataset!r}: choose {' or '.join(loaders)}.")
-    splits = loaders[data_args.builtin_dataset]()
+        raise RecipeError(f"--builtin_dataset {data_args.builtin_dataset!r}: choose {' or '.join(loaders)}.", 2)
+    try:
+        splits = loaders[data_args.builtin_dataset]()
+    except FileNotFoundError as error:
+        raise RecipeError(_first_line(error)) from None
     labels = splits["train"].features["labels"].names
-    return (_limit(splits["train"], data_args.max_train_samples),
-            _limit(splits["validation"], data_args.max_eval_samples), labels)
+    processor = builtin_image_processor(splits["train"])
+    return Data(_limit(splits["train"], data_args.max_train_samples),
+                _limit(splits["validation"], data_args.max_eval_samples), labels, processor)
 
 
-def _imagefolder_files(files: dict[str, str]) -> dict[str, str]:
-    """Glob patterns per split; class names come from the sub-directory names (imagefolder convention)."""
+def _load_raw(data_args: DataArguments, model_args: ModelArguments):
+    from datasets import load_dataset
+
+    if data_args.dataset_name:
+        name = data_args.dataset_name
+        try:
+            return load_dataset(name, data_args.dataset_config_name, cache_dir=model_args.cache_dir,
+                                token=model_args.token)
+        except Exception as error:  # datasets raises ConnectionError, DatasetNotFoundError, ValueError, httpx errors
+            if not (_is_connection_error(error) or isinstance(error, (OSError, ValueError))):
+                raise
+            raise RecipeError(
+                f"could not load --dataset_name {name} ({type(error).__name__}: {_first_line(error)}). Without "
+                f"network, pass --train_dir DIR (an imagefolder, DIR/<class>/<image>), or set HF_HUB_OFFLINE=1 "
+                f"to use a copy already in the datasets cache."
+            ) from None
+    files = {"train": data_args.train_dir}
+    if data_args.validation_dir:
+        files["validation"] = data_args.validation_dir
     for split, directory in files.items():
+        flag = f"--{split}_dir"
         if not Path(directory).is_dir():
-            raise SystemExit(f"--{split}_dir {directory}: not a directory (expected class sub-directories of images).")
-    return {split: f"{directory}/**" for split, directory in files.items()}
+            raise RecipeError(f"{flag} {directory}: not a directory. Expected an imagefolder: {directory}/<class "
+                              f"name>/<image>.png (or .jpg, ...), one sub-directory per class.")
+        if not _has_images(Path(directory)):
+            raise RecipeError(f"{flag} {directory} holds no images. Expected an imagefolder: {directory}/<class "
+                              f"name>/<image>.png (or .jpg, ...), one sub-directory per class.")
+    try:
+        return load_dataset("imagefolder", data_files={split: f"{d}/**" for split, d in files.items()},
+                            cache_dir=model_args.cache_dir)
+    except (ValueError, OSError) as error:
+        raise RecipeError(f"could not read the imagefolder {', '.join(files.values())}: {_first_line(error)}") from None
+
+
+def _has_images(directory: Path) -> bool:
+    from PIL import Image
+
+    extensions = {extension.lower() for extension in Image.registered_extensions()}
+    return any(path.is_file() and path.suffix.lower() in extensions for path in directory.rglob("*"))
 
 
 def _eval_split(raw, data_args: DataArguments):
     if data_args.validation_split_name in raw:
         return raw[data_args.validation_split_name]
-    split = raw["train"].train_test_split(test_size=0.15, seed=0, stratify_by_column=data_args.label_column_name)
+    from datasets import ClassLabel
+
+    label = data_args.label_column_name
+    stratify = label if isinstance(raw["train"].features.get(label), ClassLabel) else None
+    split = raw["train"].train_test_split(test_size=data_args.train_val_split, seed=0, stratify_by_column=stratify)
     raw["train"] = split["train"]
     return split["test"]
+
+
+def _check_columns(dataset, data_args: DataArguments, split: str) -> None:
+    columns = dataset.column_names
+    for flag, name in (("--image_column_name", data_args.image_column_name),
+                       ("--label_column_name", data_args.label_column_name)):
+        if name not in columns:
+            raise RecipeError(f"{flag} {name!r} is not a column of the {split} split; its columns are "
+                              f"{', '.join(columns)}. Pass {flag} with one of them.", 2)
+
+
+def _labels(train, evaluation, column: str):
+    """(label names, encode) where ``encode`` maps a raw label to its id (None: the raw label is the id)."""
+    from datasets import ClassLabel, Value
+
+    feature = train.features[column]
+    if isinstance(feature, ClassLabel):
+        return list(feature.names), None
+    if isinstance(feature, Value) and (feature.dtype.startswith("int") or feature.dtype.startswith("uint")):
+        values = set(train[column]) | set(evaluation[column])
+        if min(values) < 0:
+            raise RecipeError(f"--label_column_name {column!r} holds negative labels ({min(values)}); labels must be "
+                              f"class ids 0..N-1 or class names.")
+        return [str(i) for i in range(max(values) + 1)], None
+    if isinstance(feature, Value) and feature.dtype in ("string", "large_string"):
+        names = sorted(set(train[column]) | set(evaluation[column]))
+        ids = {name: i for i, name in enumerate(names)}
+        return names, ids.__getitem__
+    raise RecipeError(f"--label_column_name {column!r} holds {feature!r}; the recipe needs class labels, integer "
+                      f"class ids or class-name strings.")
+
+
+def _pretrained_kwargs(model_args: ModelArguments) -> dict:
+    return {"cache_dir": model_args.cache_dir, "revision": model_args.model_revision, "token": model_args.token,
+            "trust_remote_code": model_args.trust_remote_code}
+
+
+def _load_config(model_args: ModelArguments):
+    name = model_args.config_name or model_args.model_name_or_path
+    try:
+        return AutoConfig.from_pretrained(name, **_pretrained_kwargs(model_args))
+    except (OSError, ValueError) as error:
+        flag = "--config_name" if model_args.config_name else "--model_name_or_path"
+        raise RecipeError(f"could not load the model config of {flag} {name}: {_first_line(error)}") from None
+
+
+def _check_label_count(model_args: ModelArguments, config, labels: list[str]) -> None:
+    if config.num_labels == len(labels) or model_args.ignore_mismatched_sizes:
+        return
+    name = model_args.model_name_or_path
+    fix = (f"Pass --ignore_mismatched_sizes true to train a new {len(labels)}-class head (the dense baseline is then "
+           f"untrained on these labels), or prune a model fine-tuned on these labels.")
+    if len(labels) > config.num_labels:
+        raise RecipeError(f"the data has {len(labels)} labels, but {name} classifies {config.num_labels} classes: label "
+                          f"ids {config.num_labels}..{len(labels) - 1} do not fit its head. {fix}")
+    raise RecipeError(f"{name} classifies {config.num_labels} classes but the data has {len(labels)} labels. {fix}")
+
+
+def _load_processor(model_args: ModelArguments):
+    name = model_args.image_processor_name or model_args.model_name_or_path
+    try:
+        return AutoImageProcessor.from_pretrained(name, **_pretrained_kwargs(model_args))
+    except (OSError, ValueError) as error:
+        raise RecipeError(f"could not load an image processor from {name} ({_first_line(error)}); pass "
+                          f"--image_processor_name with a directory or Hub id that has a preprocessor_config.json.") \
+            from None
 
 
 def _limit(dataset, count: int | None):
     return dataset if count is None else dataset.select(range(min(count, len(dataset))))
 
 
-def _image_transform(processor, data_args: DataArguments, augment: bool):
-    """The model's own preprocessing, plus random crops and flips in torch for training."""
+class ImageClassificationData(torch.utils.data.Dataset):
+    """An image dataset as ``{"pixel_values", "labels"}`` examples: the model's processor, then for training a
+    random crop and flip drawn from a generator seeded by (seed, epoch, index), not the global RNG, so that a
+    resumed run augments exactly as the interrupted one (the data loader prefetches ahead of checkpoints)."""
 
-    def transform(batch):
-        images = [image.convert("RGB") for image in batch[data_args.image_column_name]]
-        pixels = processor(images, return_tensors="pt")["pixel_values"]
-        if augment:
-            pixels = _augment(pixels)
-        return {"pixel_values": pixels, "labels": torch.as_tensor(batch[data_args.label_column_name])}
+    def __init__(self, dataset, processor, image_column: str, label_column: str, mode: str = "RGB", encode=None,
+                 augment: bool = False, seed: int = 0):
+        self.dataset, self.processor, self.mode, self.encode = dataset, processor, mode, encode
+        self.image_column, self.label_column = image_column, label_column
+        self.augment, self.seed, self.epoch = augment, seed, 0
 
-    return transform
+    @property
+    def info(self):  # the card's dataset name
+        return self.dataset.info
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict:
+        example = self.dataset[int(index)]
+        image = example[self.image_column]
+        if image.mode != self.mode:
+            image = image.convert(self.mode)
+        pixels = self.processor(image, return_tensors="pt")["pixel_values"][0]
+        if self.augment:
+            generator = torch.Generator().manual_seed((self.seed << 40) + (self.epoch << 24) + int(index))
+            pixels = _augment(pixels[None], generator)[0]
+        label = example[self.label_column]
+        label = self.encode(label) if self.encode is not None else label
+        return {"pixel_values": pixels, "labels": torch.tensor(label, dtype=torch.long)}
 
 
-def _augment(pixels: torch.Tensor) -> torch.Tensor:
+class AugmentationEpochCallback(TrainerCallback):
+    """Tells the training set which epoch of the current phase begins (counted from steps, so resuming agrees)."""
+
+    def __init__(self, dataset: ImageClassificationData):
+        self.dataset = dataset
+
+    def on_epoch_begin(self, args, state, control, train_dataloader=None, **kwargs):
+        if train_dataloader is None:
+            return
+        per_epoch = max(math.ceil(len(train_dataloader) / args.gradient_accumulation_steps), 1)
+        phase_offset = state.max_steps - args.max_steps if args.max_steps > 0 else 0
+        self.dataset.set_epoch(max(state.global_step - phase_offset, 0) // per_epoch)
+
+
+def _augment(pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """Random horizontal flip and a random crop of up to 1/8 padding, per image."""
     size = pixels.shape[-1]
     pad = max(size // 8, 1)
     padded = torch.nn.functional.pad(pixels, (pad, pad, pad, pad), mode="reflect")
     out = torch.empty_like(pixels)
     for i in range(pixels.shape[0]):
-        top, left = torch.randint(0, 2 * pad + 1, (2,)).tolist()
+        top, left = torch.randint(0, 2 * pad + 1, (2,), generator=generator).tolist()
         crop = padded[i, :, top : top + size, left : left + size]
-        out[i] = crop.flip(-1) if torch.rand(()) < 0.5 else crop
+        out[i] = crop.flip(-1) if torch.rand((), generator=generator) < 0.5 else crop
     return out
 
 
@@ -222,13 +627,32 @@ def small_vit_for_digits(labels: list[str]) -> ViTForImageClassification:
     return ViTForImageClassification(config)
 
 
-def load_or_train_dense(model_args: ModelArguments, train, evaluation, labels, training_args: TrainingArguments):
+def load_or_train_dense(model_args: ModelArguments, data: Data, training_args: TrainingArguments):
     """The dense model to prune: from the Hub/a directory, or the cached offline default (trained once)."""
     kwargs = {"attn_implementation": model_args.attn_implementation} if model_args.attn_implementation else {}
+    labels = data.labels
     if model_args.model_name_or_path:
-        return AutoModelForImageClassification.from_pretrained(
-            model_args.model_name_or_path, num_labels=len(labels), id2label=dict(enumerate(labels)),
-            label2id={name: i for i, name in enumerate(labels)}, ignore_mismatched_sizes=True, **kwargs)
+        config = data.config if data.config is not None else _load_config(model_args)
+        if data.config is None:  # the built-in data: the model must take its images as they are
+            _check_builtin_fit(model_args, config, data)
+        _check_label_count(model_args, config, labels)
+        old_labels = config.num_labels if data.config_labels is None else data.config_labels
+        config.num_labels = len(labels)
+        config.id2label, config.label2id = dict(enumerate(labels)), {name: i for i, name in enumerate(labels)}
+        try:
+            model = AutoModelForImageClassification.from_pretrained(
+                model_args.model_name_or_path, config=config, ignore_mismatched_sizes=model_args.ignore_mismatched_sizes,
+                **_pretrained_kwargs(model_args), **kwargs)
+        except (OSError, ValueError) as error:
+            raise RecipeError(f"could not load --model_name_or_path {model_args.model_name_or_path}: "
+                              f"{_first_line(error)}") from None
+        if old_labels != len(labels):
+            logger.warning(
+                "The %d-class classification head of %s was re-initialised for the %d labels of the data "
+                "(--ignore_mismatched_sizes): the dense baseline is untrained on these labels, so its accuracy is "
+                "chance level and the before/after comparison measures fine-tuning as much as pruning.",
+                old_labels, model_args.model_name_or_path, len(labels))
+        return model
     cache = Path(model_args.dense_cache_dir)
     if (cache / "config.json").is_file():
         logger.info("Reusing the dense model cached in %s", cache)
@@ -240,33 +664,67 @@ def load_or_train_dense(model_args: ModelArguments, train, evaluation, labels, t
                              learning_rate=training_args.learning_rate, weight_decay=training_args.weight_decay,
                              warmup_steps=training_args.warmup_steps, save_strategy="no", report_to=[],
                              logging_steps=training_args.logging_steps, seed=training_args.seed,
-                             use_cpu=training_args.use_cpu, disable_tqdm=training_args.disable_tqdm)
-    Trainer(model=model, args=args, train_dataset=train).train()
+                             use_cpu=training_args.use_cpu, disable_tqdm=training_args.disable_tqdm,
+                             dataloader_pin_memory=training_args.dataloader_pin_memory)
+    Trainer(model=model, args=args, train_dataset=data.train).train()
     model.save_pretrained(cache)
+    data.processor.save_pretrained(cache)
     return model
+
+
+def _check_builtin_fit(model_args: ModelArguments, config, data: Data) -> None:
+    channels, height, width = data.train.features["pixel_values"].shape
+    size = getattr(config, "image_size", None)
+    size = (size, size) if isinstance(size, int) else tuple(size or ())
+    if getattr(config, "num_channels", 3) != channels or size != (height, width):
+        raise RecipeError(
+            f"{model_args.model_name_or_path} takes {getattr(config, 'num_channels', 3)}x{size} images, but the built-in "
+            f"data are {channels}x{(height, width)}: pass --train_dir or --dataset_name with images for it.")
 
 
 # --------------------------------------------------------------------------- the job
 
 
-def run(model_args, data_args, pruning_config: PruningConfig, training_args: TrainingArguments) -> dict:
+def run(model_args, data_args, pruning_config: PruningConfig, training_args: TrainingArguments,
+        run_args: RunArguments | None = None) -> dict:
     """Prune end to end; returns the before/after figures it printed (the card records the same)."""
     from .trainer import PruningTrainer
 
-    images = bool(data_args.dataset_name or data_args.train_dir)
-    if images:  # the transform needs the raw image and label columns
-        training_args.remove_unused_columns = False
-    train, evaluation, labels = load_data(data_args, model_args.model_name_or_path)
-    dense = load_or_train_dense(model_args, train, evaluation, labels, training_args)
-    trainer = PruningTrainer(model=dense, args=training_args, train_dataset=train, eval_dataset=evaluation,
-                             compute_metrics=make_compute_metrics(), pruning_config=pruning_config)
-    trainer.evaluate_dense()
-    trainer.train()
-    trainer.measure_speed()
-    record = trainer.run_record()
-    if trainer.is_world_process_zero():
-        print(format_table(record))
-    trainer.save_model(training_args.output_dir)  # with --push_to_hub, Trainer.save_model also pushes
+    run_args = run_args or RunArguments()
+    checkpoint = resolve_checkpoint(training_args, run_args, pruning_config.method)
+    check_hub_access(training_args)
+    data = load_data(data_args, model_args, seed=training_args.seed)
+    dense = load_or_train_dense(model_args, data, training_args)
+    try:
+        trainer = PruningTrainer(model=dense, args=training_args, train_dataset=data.train,
+                                 eval_dataset=data.evaluation, processing_class=data.processor,
+                                 compute_metrics=make_compute_metrics(), pruning_config=pruning_config)
+        if isinstance(data.train, ImageClassificationData):
+            trainer.add_callback(AugmentationEpochCallback(data.train))
+        dense_metrics = trainer.evaluate_dense()
+        output = trainer.train(resume_from_checkpoint=checkpoint)
+        trainer.measure_speed()
+        record = trainer.run_record()
+        if trainer.is_world_process_zero():
+            print(format_table(record))
+        trainer.save_model(training_args.output_dir)  # with --push_to_hub, Trainer.save_model also pushes
+    except Exception as error:
+        if training_args.push_to_hub and _is_connection_error(error):
+            raise RecipeError(f"could not reach the Hugging Face Hub at {_hub_endpoint()} ({type(error).__name__}: "
+                              f"{_first_line(error)}). Check the network and HF_ENDPOINT, or drop --push_to_hub.") \
+                from None
+        raise
+    metrics = dict(output.metrics)
+    eval_metrics = {key: value for key, value in metrics.items() if key.startswith("eval_")}
+    train_metrics = {key: value for key, value in metrics.items() if key not in eval_metrics}
+    train_metrics["train_samples"] = len(data.train)
+    eval_metrics["eval_samples"] = len(data.evaluation)
+    trainer.log_metrics("train", train_metrics)
+    trainer.save_metrics("train", train_metrics)
+    trainer.log_metrics("eval", eval_metrics)
+    trainer.save_metrics("eval", eval_metrics)
+    trainer.save_metrics("dense", dense_metrics)
+    trainer.save_state()
     return {
         "dense_accuracy": record.metrics_dense["accuracy"],
         "pruned_accuracy": record.metrics_pruned["accuracy"],
@@ -297,8 +755,16 @@ def format_table(report) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    model_args, data_args, pruning_config, training_args = parse_arguments(argv)
-    logging.basicConfig(level=logging.INFO if training_args.should_log else logging.WARNING)
-    run(model_args, data_args, pruning_config, training_args)
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    """Run the recipe; returns the exit status (0 done, 1 failed, 2 bad arguments). ``prog`` names it in messages."""
+    prog = prog or Path(sys.argv[0]).name or "prune_imagenet.py"
+    try:
+        model_args, data_args, run_args, pruning_config, training_args = parse_arguments(argv, prog)
+        logging.basicConfig(level=logging.INFO if training_args.should_log else logging.WARNING)
+        run(model_args, data_args, pruning_config, training_args, run_args)
+    except SystemExit as exit_:  # argparse: --help (0) or a usage error (2, message already printed)
+        return exit_.code if isinstance(exit_.code, int) else 2
+    except RecipeError as error:
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        return error.status
     return 0

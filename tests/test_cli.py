@@ -15,6 +15,7 @@ import torch
 from transformers import ViTConfig, ViTForImageClassification
 
 import hf_vitprune
+import hf_vitprune.cli
 from hf_vitprune import PruningConfig, PruningPlan, apply_plan, model_stats
 from hf_vitprune.cli import main
 from hf_vitprune.reporting import REPORT_FILE, PruningReport, render_model_card, write_model_card
@@ -170,12 +171,56 @@ def test_card_without_report_or_with_a_broken_one(saved, tmp_path, capsys):
 def test_prune_forwards_its_arguments(monkeypatch):
     seen = []
     recipe = types.ModuleType("hf_vitprune.recipe")
-    recipe.main = lambda argv: seen.append(argv) or 3
+    recipe.main = lambda argv, prog: seen.append((argv, prog)) or 3
     monkeypatch.setitem(sys.modules, "hf_vitprune.recipe", recipe)
     monkeypatch.setattr(hf_vitprune, "recipe", recipe, raising=False)
     argv = ["--config", "x.yaml", "--help", "positional", "--output_dir=out"]
     assert main(["prune", *argv]) == 3
-    assert seen == [argv]
+    assert seen == [(argv, "hf-vitprune prune")]
+
+
+def test_prune_help_is_short_and_names_the_command(capsys):
+    assert main(["prune", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: hf-vitprune prune [options]")
+    assert "--resume_from_checkpoint" in out and "--target_sparsity" in out and "--help-all" in out
+    assert "--adam_beta1" not in out  # one of the ~100 TrainingArguments flags only --help-all lists
+    assert len(out.splitlines()) < 320
+    assert main(["prune", "--help-all"]) == 0
+    assert "--adam_beta1" in capsys.readouterr().out
+
+
+HELP_SCRIPT = """
+import importlib.util, sys
+spec = importlib.util.spec_from_file_location("standalone_cli", sys.argv[1])
+cli = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(cli)
+try:
+    cli.main(["--help"])
+finally:
+    heavy = sorted(name for name in ("torch", "transformers", "datasets") if name in sys.modules)
+    print("HEAVY", heavy)
+"""
+
+
+def test_cli_help_imports_no_torch_or_transformers(tmp_path):
+    """cli.py's own top level stays light: `--help` needs neither torch nor transformers."""
+    script = tmp_path / "help.py"
+    script.write_text(HELP_SCRIPT)
+    result = subprocess.run([sys.executable, str(script), hf_vitprune.cli.__file__], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "usage: hf-vitprune" in result.stdout and "HEAVY []" in result.stdout
+
+
+def test_report_on_a_device_this_torch_lacks(saved, capsys):
+    if torch.cuda.is_available():
+        assert main(["report", str(saved.dense), "--device", "cuda:99", *FAST]) == 1
+        assert "there are only" in capsys.readouterr().err
+    else:
+        assert main(["report", str(saved.dense), "--device", "cuda", *FAST]) == 1
+        err = capsys.readouterr().err
+        assert "no usable cuda device" in err and "--device cpu" in err and "Traceback" not in err
 
 
 def test_console_script(saved, tmp_path):

@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -81,6 +83,143 @@ def test_example_on_an_imagefolder_in_one_process(imagefolder, tmp_path):
     assert result.returncode == 0, result.stderr[-4000:]
     assert "pruned / dense" in result.stdout
     _assert_saved_model_matches_its_plan(output_dir)
+    results = json.loads((output_dir / "all_results.json").read_text())
+    assert {"train_loss", "eval_accuracy", "dense_accuracy", "train_samples", "eval_samples"} <= set(results)
+    assert json.loads((output_dir / "trainer_state.json").read_text())["global_step"] == 6
+    assert (output_dir / "preprocessor_config.json").is_file()
+    assert "pin_memory" not in result.stderr
+
+
+def _weights(directory: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(directory / "model.safetensors")
+
+
+def test_cli_resumes_a_killed_run_bit_exactly(imagefolder, tmp_path):
+    """SIGKILL during the search phase, resume (explicitly and by detection): the final weights are bit-identical."""
+    cli = [sys.executable, "-m", "hf_vitprune.cli", "prune"]
+    steps = ["--max_steps", "40", "--save_strategy", "steps", "--save_steps", "10"]
+    reference = tmp_path / "reference"
+    arguments = [*_example_arguments(imagefolder, reference), *steps]
+    result = subprocess.run([*cli, *arguments], capture_output=True, text=True, timeout=300, env=_env(), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-4000:]
+
+    killed = tmp_path / "killed"
+    process = subprocess.Popen([*cli, *_example_arguments(imagefolder, killed), *steps], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, env=_env(), cwd=tmp_path)
+    first = killed / "admm" / "checkpoint-10"
+    deadline = time.monotonic() + 240
+    while not ((first / "pruning_state.json").is_file() and (first / "pruning_state.safetensors").is_file()):
+        assert process.poll() is None, "the run ended before its first checkpoint was written"
+        assert time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.005)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=60)
+    assert not (killed / "model.safetensors").exists(), "the run was killed before it finished"
+
+    # a wrong path fails, says so, and writes nothing
+    before = sorted(str(path) for path in killed.rglob("*"))
+    wrong = subprocess.run([*cli, *_example_arguments(imagefolder, killed), *steps, "--resume_from_checkpoint",
+                            str(tmp_path / "nope")], capture_output=True, text=True, timeout=300, env=_env(),
+                           cwd=tmp_path)
+    assert wrong.returncode == 1 and "no such directory" in wrong.stderr and str(tmp_path / "nope") in wrong.stderr
+    assert sorted(str(path) for path in killed.rglob("*")) == before
+
+    resumed = subprocess.run([*cli, *_example_arguments(imagefolder, killed), *steps], capture_output=True, text=True,
+                             timeout=300, env=_env(), cwd=tmp_path)  # no flag: the checkpoint is detected
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert "Checkpoint detected, resuming training from" in resumed.stderr
+    expected, got = _weights(reference), _weights(killed)
+    assert expected.keys() == got.keys()
+    for name in expected:
+        assert torch.equal(expected[name], got[name]), name
+
+
+PIPELINE_SCRIPT = """
+import json, sys
+import numpy as np
+from PIL import Image
+from transformers import pipeline
+assert "hf_vitprune" not in sys.modules
+classifier = pipeline("image-classification", model=sys.argv[1], trust_remote_code=True, device="cpu")
+images = [Image.fromarray(np.load(sys.argv[2])[i], mode=sys.argv[3]) for i in range(len(np.load(sys.argv[2])))]
+print(json.dumps([result[0]["label"] for result in classifier(images)]))
+assert not any(name.startswith("hf_vitprune") for name in sys.modules), "the pipeline must not need hf_vitprune"
+"""
+
+
+def _pipeline_labels(output_dir: Path, images: np.ndarray, mode: str, tmp_path: Path) -> list[str]:
+    np.save(tmp_path / "images.npy", images)
+    script = tmp_path / "pipe.py"
+    script.write_text(PIPELINE_SCRIPT)
+    result = subprocess.run([sys.executable, str(script), str(output_dir), str(tmp_path / "images.npy"), mode],
+                            capture_output=True, text=True, timeout=300, env=_env(), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def _in_process_labels(output_dir: Path, pixel_values: torch.Tensor) -> list[str]:
+    model = AutoModelForImageClassification.from_pretrained(output_dir).eval()
+    with torch.no_grad():
+        ids = model(pixel_values=pixel_values).logits.argmax(-1).tolist()
+    return [model.config.id2label[i] for i in ids]
+
+
+def test_pipeline_runs_on_the_cli_output_without_hf_vitprune(imagefolder, tmp_path):
+    output_dir = tmp_path / "out"
+    result = subprocess.run([sys.executable, "-m", "hf_vitprune.cli", "prune",
+                             *_example_arguments(imagefolder, output_dir)],
+                            capture_output=True, text=True, timeout=600, env=_env(), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-4000:]
+    train, _, _ = imagefolder
+    paths = sorted(train.rglob("*.png"))[::4]
+    images = np.stack([np.asarray(Image.open(path).convert("RGB")) for path in paths])
+    processor = ViTImageProcessor.from_pretrained(output_dir)
+    pixel_values = processor([Image.fromarray(image) for image in images], return_tensors="pt")["pixel_values"]
+    assert _pipeline_labels(output_dir, images, "RGB", tmp_path) == _in_process_labels(output_dir, pixel_values)
+
+
+PROCESSOR_SCRIPT = """
+import json, sys
+import numpy as np
+import torch
+from PIL import Image
+from transformers import AutoImageProcessor, AutoModelForImageClassification
+processor = AutoImageProcessor.from_pretrained(sys.argv[1])
+model = AutoModelForImageClassification.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
+images = [Image.fromarray(image, mode="L") for image in np.load(sys.argv[2])]
+with torch.no_grad():
+    ids = model(**processor(images, return_tensors="pt")).logits.argmax(-1).tolist()
+print(json.dumps([model.config.id2label[i] for i in ids]))
+assert not any(name.startswith("hf_vitprune") for name in sys.modules), "loading must not need hf_vitprune"
+"""
+
+
+def test_offline_default_saves_a_matching_image_processor(tmp_path):
+    """The digits default saves an image processor that maps 8-bit greyscale digits to the training pixels.
+
+    (transformers' pipeline converts every image to RGB, which a 1-channel model cannot take, so this
+    checks the processor and the remote-code model directly, in a process without hf_vitprune.)
+    """
+    from sklearn.datasets import load_digits
+
+    output_dir = tmp_path / "out"
+    arguments = ["--output_dir", str(output_dir), "--dense_cache_dir", str(tmp_path / "dense"), "--dense_epochs", "1",
+                 "--max_steps", "4", "--calibration_samples", "16", "--admm_update_steps", "2", "--use_cpu", "true",
+                 "--disable_tqdm", "true", "--max_eval_samples", "32"]
+    result = subprocess.run([sys.executable, "-m", "hf_vitprune.cli", "prune", *arguments], capture_output=True,
+                            text=True, timeout=600, env=_env(), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "pin_memory" not in result.stderr
+    images = np.round(load_digits().images[:12] / 16.0 * 255).astype(np.uint8)
+    np.save(tmp_path / "images.npy", images)
+    (tmp_path / "load.py").write_text(PROCESSOR_SCRIPT)
+    loaded = subprocess.run([sys.executable, str(tmp_path / "load.py"), str(output_dir), str(tmp_path / "images.npy")],
+                            capture_output=True, text=True, timeout=300, env=_env(), cwd=tmp_path)
+    assert loaded.returncode == 0, loaded.stderr[-4000:]
+    pixel_values = torch.tensor((images / 255.0 - 0.5) / 0.5, dtype=torch.float32)[:, None]
+    assert json.loads(loaded.stdout.strip().splitlines()[-1]) == _in_process_labels(output_dir, pixel_values)
 
 
 def test_example_under_torchrun_with_two_processes(imagefolder, tmp_path):
