@@ -43,7 +43,7 @@ def tiny_models(cls=ViTForImageClassification):
     return dense, pruned
 
 
-def make_report(speed=None, **fields) -> PruningReport:
+def make_report(speed=None, pruning_config=None, **fields) -> PruningReport:
     dense, pruned = tiny_models()
     fields = {
         "base_model": "google/vit-base-patch16-224",
@@ -55,7 +55,8 @@ def make_report(speed=None, **fields) -> PruningReport:
         **fields,
     }
     return PruningReport.from_models(
-        dense, pruned, pruning_config=PruningConfig(target_sparsity=0.4), plan=PLAN, speed=speed, **fields
+        dense, pruned, pruning_config=pruning_config or PruningConfig(target_sparsity=0.4), plan=PLAN, speed=speed,
+        **fields
     )
 
 
@@ -368,12 +369,13 @@ def test_card_of_a_real_run_and_its_checkpoint(tmp_path):
 
 def test_recipe_states_the_rho_schedule_that_ran():
     dense, pruned = tiny_models()
-    fixed = render_model_card(make_report()).text
-    assert "rho from 0.001 growing ×1.3 per update" in fixed
+    scheduled = render_model_card(make_report()).text
+    assert "rho from 0.1 growing geometrically to 10.0 at the last update" in scheduled and "×1.3" not in scheduled
     report = PruningReport.from_models(dense, pruned, plan=PLAN, created="2025-01-02T03:04:05+00:00",
-                                       pruning_config=PruningConfig(target_sparsity=0.4, admm_rho_final=0.5))
-    scheduled = render_model_card(report).text
-    assert "rho from 0.001 growing geometrically to 0.5 at the last update" in scheduled and "×1.3" not in scheduled
+                                       pruning_config=PruningConfig(target_sparsity=0.4, admm_rho=0.001,
+                                                                    admm_rho_final=None))
+    fixed = render_model_card(report).text
+    assert "rho from 0.001 growing ×1.3 per update" in fixed and "geometrically" not in fixed
 
 
 # --------------------------------------------------------------------------- what the card takes from the method
@@ -395,8 +397,8 @@ def citation_titles(text: str) -> list[str]:
     return [line[:-1] for line in section.splitlines() if line.endswith(":") and not line.startswith("#")]
 
 
-def test_default_card_recipe_and_citations_read_as_before():
-    """The default config's recipe and citations, word for word as the card printed them before methods wrote them."""
+def test_default_card_recipe_and_citations():
+    """The default config's recipe and citations, word for word."""
     text = render_model_card(make_report()).text
     assert recipe_lines(text) == [
         "Method: `gohsp` — GOHSP: attention heads ranked by a graph-based (Markov chain) importance, then ADMM-based "
@@ -405,10 +407,11 @@ def test_default_card_recipe_and_citations_read_as_before():
         "19.8% of the FLOPs removed.",
         "Pruned units: attention heads (at least 1 per layer, in multiples of 1) and MLP neurons (at least 1 per "
         "layer, in multiples of 1).",
-        "Ranking: 256 calibration images; head graph with edge statistic `output`, damping 0.85, importance "
-        "exponent 1.0.",
-        "Schedule: ADMM for the first 50% of the optimizer steps (Z/U update every 20 steps, rho from 0.001 growing "
-        "×1.3 per update), then a hard prune to the ADMM solution, physical compaction, and fine-tuning of the "
+        "Ranking: 256 calibration images; heads and MLP neurons by output energy, heads weighted by a directed head "
+        "graph with edge statistic `output`, damping 0.85, importance exponent 1.0, norm exponent 0.5.",
+        "Schedule: ADMM for the first 50% of the optimizer steps (Z/U update every 20 steps, rho from 0.1 growing "
+        "geometrically to 10.0 at the last update, support frozen for the last 25% of the updates, constant learning "
+        "rate after warm-up), then a hard prune to the ADMM solution, physical compaction, and fine-tuning of the "
         "compacted model with a fresh optimizer for the remaining steps.",
         "Distillation: from the frozen dense model during fine-tuning, weight 0.5, temperature 2.0 (through the "
         "distillation token where the model has one).",
@@ -452,12 +455,13 @@ OLD_FLAT_CONFIG = {
 def test_report_written_before_method_cards_loads_and_renders_the_same_card(tmp_path, stage):
     from hf_vitprune.methods import method_card
 
-    report = make_report(stage=stage)
+    report = make_report(stage=stage, pruning_config=PruningConfig.from_dict(OLD_FLAT_CONFIG))
     old = {key: value for key, value in report.to_dict().items() if key != "method_card"}
     old["pruning_config"] = OLD_FLAT_CONFIG
     (tmp_path / REPORT_FILE).write_text(json.dumps(old))
     loaded = PruningReport.from_pretrained(tmp_path)
-    assert loaded.method_card == method_card(PruningConfig(target_sparsity=0.4)) == report.method_card
+    assert loaded.method_card == method_card(PruningConfig.from_dict(OLD_FLAT_CONFIG)) == report.method_card
+    assert "rho from 0.001 growing ×1.3 per update" in " ".join(loaded.method_card["recipe"])
     assert loaded == report
     assert str(render_model_card(loaded)) == str(render_model_card(report))
 
@@ -519,3 +523,85 @@ def test_card_and_text_show_the_same_comparison():
 )
 def test_latency_ratio_says_faster_or_slower(pruned_ms, dense_ms, expected):
     assert latency_ratio(pruned_ms, dense_ms) == expected
+
+
+# --------------------------------------------------------------------------- what the card leaves out
+
+
+@pytest.mark.parametrize("classes, top5", [(3, False), (5, False), (6, True), (10, True)])
+def test_top5_accuracy_only_with_more_than_five_classes(classes, top5):
+    from transformers import EvalPrediction
+
+    from hf_vitprune.metrics import make_compute_metrics
+
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(40, classes, generator=generator).numpy()
+    labels = torch.randint(0, classes, (40,), generator=generator).numpy()
+    metrics = make_compute_metrics()(EvalPrediction(predictions=logits, label_ids=labels))
+    assert metrics["accuracy"] == float((logits.argmax(-1) == labels).mean())
+    assert ("top5_accuracy" in metrics) == top5
+    if top5:
+        ranks = (logits > logits[range(40), labels][:, None]).sum(-1)
+        assert metrics["top5_accuracy"] == float((ranks < 5).mean()) < 1
+
+
+def test_a_three_class_card_shows_no_top5_accuracy(tmp_path):
+    torch.manual_seed(0)
+    dense = ViTForImageClassification(ViTConfig(**TINY, num_labels=3))
+    pruned = apply_plan(copy.deepcopy(dense), PLAN)
+    metrics = {"accuracy": 0.75, "top5_accuracy": 1.0}  # as the metric computed it before: always 1 for 3 classes
+    report = PruningReport.from_models(dense, pruned, pruning_config=PruningConfig(target_sparsity=0.4),
+                                       metrics_dense=dict(metrics), metrics_pruned=dict(metrics))
+    assert report.num_labels == 3 and report.metrics_pruned == report.metrics_dense == {"accuracy": 0.75}
+    card = write_model_card(tmp_path, report)
+    assert "top5" not in str(card)
+    assert [row[0] for row in table(card.text, "### Evaluation")] == ["accuracy"]
+    # a report saved before num_labels was recorded keeps what it has; with num_labels it drops the top-5
+    saved = json.loads((tmp_path / REPORT_FILE).read_text())
+    assert PruningReport.from_dict({**saved, "metrics_pruned": metrics}).metrics_pruned == {"accuracy": 0.75}
+    del saved["num_labels"]
+    assert PruningReport.from_dict({**saved, "metrics_pruned": metrics}).metrics_pruned == metrics
+    # ten classes: top-5 stays
+    ten = make_report(metrics_pruned={"accuracy": 0.5, "top5_accuracy": 0.9}, num_labels=10)
+    assert "| top5_accuracy |" in render_model_card(ten).text
+
+
+@pytest.mark.parametrize("schedule, shown, hidden", [
+    ({"max_steps": 7, "num_train_epochs": 3}, "`max_steps=7`", "num_train_epochs"),
+    ({"num_train_epochs": 3}, "`num_train_epochs=3`", "max_steps"),
+])
+def test_the_card_lists_only_the_length_setting_that_governed(tmp_path, schedule, shown, hidden):
+    args = TrainingArguments(str(tmp_path), report_to=[], **schedule)
+    summary = training_summary(args)
+    assert hidden not in summary
+    line = recipe_lines(render_model_card(make_report(training=summary)).text)[-1]
+    assert line.startswith("Training arguments:") and shown in line and hidden not in line
+    # a report saved with both (as before) renders only the one that governed
+    both = {"max_steps": args.max_steps, "num_train_epochs": args.num_train_epochs, "seed": 42}
+    line = recipe_lines(render_model_card(make_report(training=both)).text)[-1]
+    assert shown in line and hidden not in line
+
+
+def test_base_model_is_a_hub_id_or_nothing(tmp_path):
+    dense, pruned = tiny_models()
+
+    def base(name_or_path):
+        dense.config._name_or_path = str(name_or_path)
+        report = PruningReport.from_models(dense, pruned, pruning_config=PruningConfig(target_sparsity=0.4))
+        assert report.base_model == render_model_card(report).data.to_dict().get("base_model")
+        return report.base_model
+
+    assert base("google/vit-base-patch16-224") == "google/vit-base-patch16-224"
+    # a snapshot folder of the Hub cache (what snapshot_download returns) stands for its repository
+    snapshot = tmp_path / "hub" / "models--google--vit-base-patch16-224" / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    assert base(snapshot) == "google/vit-base-patch16-224"
+    assert base(snapshot / "subfolder") is None
+    # a local folder saved from a Hub model records no Hub id (transformers 5 writes no _name_or_path): omitted
+    hub_named = ViTForImageClassification(ViTConfig(**TINY, num_labels=5))
+    hub_named.config._name_or_path = "google/vit-base-patch16-224"
+    hub_named.save_pretrained(tmp_path / "saved")
+    reloaded = ViTForImageClassification.from_pretrained(tmp_path / "saved")
+    assert reloaded.config.name_or_path == str(tmp_path / "saved")
+    assert base(reloaded.config.name_or_path) is None
+    assert base(tmp_path / "missing" / "dir") is None and base("./vit") is None

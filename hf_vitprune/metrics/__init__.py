@@ -14,7 +14,10 @@ def load_top_k_accuracy():
 
 
 def make_compute_metrics():
-    """A Trainer ``compute_metrics`` giving top-1 and top-5 accuracy (DeiT's two-head output handled)."""
+    """A Trainer ``compute_metrics`` giving top-1 and top-5 accuracy (DeiT's two-head output handled).
+
+    ``top5_accuracy`` is reported only for tasks with more than 5 classes: with 5 or fewer it is always 1.
+    """
     metric = load_top_k_accuracy()
 
     def compute_metrics(prediction) -> dict[str, float]:
@@ -22,6 +25,9 @@ def make_compute_metrics():
         if isinstance(logits, tuple):  # DeiT with teacher: (logits, cls_logits, distillation_logits)
             logits = logits[0]
         result = metric.compute(predictions=np.asarray(logits), references=np.asarray(prediction.label_ids))
-        return {"accuracy": result["top1"], "top5_accuracy": result["top5"]}
+        metrics = {"accuracy": result["top1"]}
+        if "top5" in result:
+            metrics["top5_accuracy"] = result["top5"]
+        return metrics
 
     return compute_metrics

@@ -128,9 +128,35 @@ def metrics_from_logs(log_history: list[dict], prefix: str = "eval_") -> dict[st
 
 
 def training_summary(args) -> dict:
-    """The schedule-describing ``TrainingArguments`` (:data:`TRAINING_KEYS`) as JSON values, for ``training=``."""
+    """The schedule-describing ``TrainingArguments`` (:data:`TRAINING_KEYS`) as JSON values, for ``training=``.
+
+    Of ``max_steps`` and ``num_train_epochs`` only the one that set the length is kept (:func:`governing_schedule`).
+    """
     values = {key: getattr(args, key) for key in TRAINING_KEYS if hasattr(args, key)}
-    return {key: (value.value if hasattr(value, "value") else value) for key, value in values.items()}
+    return governing_schedule({key: (value.value if hasattr(value, "value") else value) for key, value in values.items()})
+
+
+def governing_schedule(training: dict) -> dict:
+    """``training`` without the length setting that did not govern: Trainer ignores ``num_train_epochs``
+    when ``max_steps > 0``, and ``max_steps`` (-1) otherwise."""
+    if "max_steps" not in training:
+        return dict(training)
+    ignored = "num_train_epochs" if isinstance(training["max_steps"], int) and training["max_steps"] > 0 else "max_steps"
+    return {key: value for key, value in training.items() if key != ignored}
+
+
+# top-k accuracies that need more than k classes to mean anything: "top5_accuracy", "top_5_accuracy"
+_TOP_K_METRIC = re.compile(r"top_?(?P<k>\d+)_accuracy")
+
+
+def informative_metrics(metrics: dict[str, float] | None, num_labels: int | None) -> dict[str, float] | None:
+    """``metrics`` without top-k accuracies where k >= ``num_labels`` (always 1: every label is in the top k)."""
+    if metrics is None or not num_labels:
+        return metrics
+    return {
+        name: value for name, value in metrics.items()
+        if not ((match := _TOP_K_METRIC.fullmatch(name)) and int(match.group("k")) >= num_labels)
+    }
 
 
 def dataset_name(dataset) -> str | None:
@@ -143,11 +169,31 @@ def dataset_name(dataset) -> str | None:
     return None
 
 
+_HUB_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")
+# a snapshot in the Hub cache: <cache>/models--<org>--<name>/snapshots/<revision>
+_CACHE_SNAPSHOT = re.compile(r"models--(?P<repo>[\w.-]+?(--[\w.-]+)?)")
+
+
 def hub_model_id(name: str | None) -> str | None:
-    """``name`` if it reads as a Hub model id (``org/name`` or ``name``) and is not a local path; else None."""
-    if not name or os.path.exists(name) or name.startswith((".", "/", "~")):
+    """The Hub model id that ``name`` (a model's ``name_or_path``) stands for, or None.
+
+    ``name`` itself when it reads as a Hub id (``org/name`` or ``name``) and is not a local path; the
+    repository's id when it is a snapshot folder of the Hub cache (``.../models--org--name/snapshots/<sha>``,
+    what ``snapshot_download`` returns); None for any other local path. What a local folder's own
+    files say is not used: transformers 5 saves no ``_name_or_path`` or ``_commit_hash`` in
+    ``config.json``, and an older ``_name_or_path`` or a README's ``base_model`` names the model
+    it was trained *from*, not the model it is.
+    """
+    if not name:
         return None
-    return name if re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name) and "--" not in name and ".." not in name else None
+    parts = Path(name).parts
+    match = _CACHE_SNAPSHOT.fullmatch(parts[-3]) if len(parts) >= 3 and parts[-2] == "snapshots" else None
+    if match:
+        repo = match.group("repo").replace("--", "/")
+        return repo if _HUB_ID.fullmatch(repo) and ".." not in repo else None
+    if os.path.exists(name) or name.startswith((".", "/", "~")):
+        return None
+    return name if _HUB_ID.fullmatch(name) and "--" not in name and ".." not in name else None
 
 
 @dataclass
@@ -178,6 +224,7 @@ class PruningReport:
     training: dict | None = None
     method_card: dict | None = None
     stage: str = "final"
+    num_labels: int | None = None
     versions: dict[str, str] = field(default_factory=library_versions)
     created: str = field(default_factory=lambda: datetime.now(timezone.utc).replace(microsecond=0).isoformat())
 
@@ -199,8 +246,13 @@ class PruningReport:
             self.plan = self.plan.to_dict()
         elif self.plan is not None:
             self.plan = PruningPlan.from_dict(dict(self.plan)).to_dict()
-        self.metrics_dense = _metrics(self.metrics_dense, "metrics_dense")
-        self.metrics_pruned = _metrics(self.metrics_pruned, "metrics_pruned")
+        if self.num_labels is not None and (isinstance(self.num_labels, bool) or not isinstance(self.num_labels, int)
+                                            or self.num_labels < 1):
+            raise ValueError(f"PruningReport.num_labels={self.num_labels!r} must be a positive integer or None.")
+        self.metrics_dense = informative_metrics(_metrics(self.metrics_dense, "metrics_dense"), self.num_labels)
+        self.metrics_pruned = informative_metrics(_metrics(self.metrics_pruned, "metrics_pruned"), self.num_labels)
+        if self.training is not None and isinstance(self.training, dict):
+            self.training = governing_schedule(self.training)
         if not isinstance(self.stage, str) or not STAGE_PATTERN.fullmatch(self.stage):
             raise ValueError(
                 f"PruningReport.stage={self.stage!r} is unknown; use 'final' or '<phase>-checkpoint' with a "
@@ -242,6 +294,8 @@ class PruningReport:
             base_model = getattr(pruned.config, "name_or_path", None)
         architectures = getattr(pruned.config, "architectures", None) or [type(pruned).__name__]
         fields.setdefault("architecture", architectures[0])
+        if "ForImageClassification" in fields["architecture"]:
+            fields.setdefault("num_labels", getattr(pruned.config, "num_labels", None))
         return cls(
             method=config["method"],
             pruning_config=config,
