@@ -109,9 +109,26 @@ class EncoderLayer:
         return getattr(self.mlp, self.mlp_out_name)
 
     @property
+    def attention_scale(self) -> torch.Tensor | None:
+        """The per-channel layer scale on the attention branch's output (DINOv2 ``layer_scale1``, BEiT ``lambda_1``)."""
+        return _layer_scale(self.module, "layer_scale1", "lambda_1")
+
+    @property
+    def mlp_scale(self) -> torch.Tensor | None:
+        """The per-channel layer scale on the MLP branch's output (DINOv2 ``layer_scale2``, BEiT ``lambda_2``)."""
+        return _layer_scale(self.module, "layer_scale2", "lambda_2")
+
+    @property
     def position_bias(self) -> nn.Module | None:
         """The layer's own relative position bias (BEiT), a table of shape (distances, heads)."""
         return getattr(self.module, "relative_position_bias", None)
+
+
+def _layer_scale(layer: nn.Module, module_name: str, parameter_name: str) -> torch.Tensor | None:
+    scale = getattr(getattr(layer, module_name, None), "lambda1", None)
+    if scale is None:
+        scale = getattr(layer, parameter_name, None)
+    return scale if isinstance(scale, torch.Tensor) else None
 
 
 def _mlp_layout(mlp: nn.Module) -> tuple[tuple[str, ...], str] | None:

@@ -23,8 +23,9 @@ import os
 from collections import defaultdict
 
 import torch
-from transformers import Trainer, TrainerCallback
+from transformers import Trainer, TrainerCallback, TrainerState, get_scheduler
 from transformers.trainer_utils import get_last_checkpoint, set_seed
+from transformers.utils import logging as hf_logging
 
 from .architectures import family_of, find_encoder_layers
 from .config import PruningConfig
@@ -41,9 +42,19 @@ from .reporting import (
     training_summary,
     write_model_card,
 )
-from .state import FINETUNE, PruningState
+from .state import (
+    FINETUNE,
+    STATE_JSON,
+    STATE_TENSORS,
+    PruningState,
+    checkpoints_newest_first,
+    config_differences,
+    missing_files,
+)
 from .stats import model_stats
 from .surgery import apply_plan
+
+logger = hf_logging.get_logger(__name__)
 
 class SearchStepCallback(TrainerCallback):
     """Calls the method's per-step work after every optimizer step of the search phase."""
@@ -97,8 +108,12 @@ class PruningTrainer(Trainer):
         if not isinstance(pruning_config, PruningConfig):
             raise TypeError(f"pruning_config must be a PruningConfig, got {type(pruning_config).__name__}.")
         super().__init__(*args, **kwargs)
+        if (self.args.log_level if self.args.should_log else self.args.log_level_replica) != "passive":
+            logger.setLevel(self.args.get_process_log_level())  # as Trainer sets transformers' verbosity
         family_of(self.model)  # unsupported models fail here, before any work
         find_encoder_layers(self.model)
+        if not self.label_names:  # DeiT's two-head model takes no labels, but its loss here needs them
+            self.label_names = ["labels"]
         self.pruning_config = pruning_config
         self.method: PruningMethod = get_method(pruning_config.method)(pruning_config)
         self.phase: str | None = None
@@ -130,6 +145,8 @@ class PruningTrainer(Trainer):
                 f"{checkpoint} was written in the {saved.phase!r} phase, which method {self.pruning_config.method!r} "
                 f"does not have; resume it with the method that wrote it."
             )
+        if saved is not None:
+            self._check_same_config(saved, checkpoint)
         total = self._total_optimizer_steps()
         if total < 2:
             raise ValueError(
@@ -137,6 +154,12 @@ class PruningTrainer(Trainer):
                 f"{total}. Raise num_train_epochs or max_steps."
             )
         search_steps = self.method.search_steps(total)
+        budget = self.pruning_config.budget
+        self._narrate(
+            "Pruning with %s: search for %d steps, then fine-tuning for %d steps (budget: remove %s of the %s)%s",
+            self.pruning_config.method, search_steps, total - search_steps, f"{budget.fraction * 100:g}%",
+            budget.unit_name, f"; resuming the {saved.phase} phase from {checkpoint}" if saved is not None else "",
+        )
         self._search_state = None
         try:
             if saved is None or saved.phase == self.method.phase_name:
@@ -164,7 +187,13 @@ class PruningTrainer(Trainer):
             self.method.setup(SearchContext(model=model, budget=self.pruning_config.budget, search_steps=steps,
                                             calibration_batches=self._calibration_batches, seed=self.args.seed))
         self.args.output_dir, self.args.max_steps = os.path.join(base_output_dir, self.phase), steps
-        super().train(resume_from_checkpoint=checkpoint, trial=trial, **kwargs)
+        state_file = os.path.join(checkpoint, "trainer_state.json") if checkpoint else None
+        if state_file and os.path.isfile(state_file) and TrainerState.load_from_json(state_file).global_step >= steps:
+            # the search had ended at this checkpoint: Trainer would take one more step past max_steps
+            self._load_from_checkpoint(checkpoint)
+            self.state = TrainerState.load_from_json(state_file)
+        else:
+            super().train(resume_from_checkpoint=checkpoint, trial=trial, **kwargs)
         model = self.accelerator.unwrap_model(self.model)
         self.plan = self.method.finalize(model)
         self._compact(self.plan)
@@ -210,6 +239,18 @@ class PruningTrainer(Trainer):
         self.state.max_steps = offset + max_steps
         return epochs_trained, skipped
 
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        """The method may ask for its own learning-rate schedule during the search (ADMM: constant)."""
+        kind = self.method.search_lr_scheduler() if self.phase == self.method.phase_name else None
+        if kind is None or self.lr_scheduler is not None:
+            return super().create_scheduler(num_training_steps, optimizer)
+        self.lr_scheduler = get_scheduler(
+            kind, optimizer=optimizer if optimizer is not None else self.optimizer,
+            num_warmup_steps=self.args.get_warmup_steps(num_training_steps), num_training_steps=num_training_steps,
+        )
+        self._created_lr_scheduler = True
+        return self.lr_scheduler
+
     def _compact(self, plan: PruningPlan) -> None:
         model = self.accelerator.unwrap_model(self.model)
         apply_plan(model, plan)
@@ -222,6 +263,14 @@ class PruningTrainer(Trainer):
             flops=stats.flops,
             params_ratio=stats.params / self.dense_stats.params,
             flops_ratio=stats.flops / self.dense_stats.flops,
+        )
+        dense = self.dense_stats
+        self._narrate(
+            "Compacted: kept %d/%d heads, %d/%d MLP neurons, %s parameters (%.1f%% of %s), %s FLOPs per image "
+            "(%.1f%% of %s)",
+            self._latest["kept_heads"], sum(layer.heads for layer in dense.layers), self._latest["kept_neurons"],
+            sum(layer.neurons for layer in dense.layers), f"{stats.params:,}", 100 * stats.params / dense.params,
+            f"{dense.params:,}", f"{stats.flops:,}", 100 * stats.flops / dense.flops, f"{dense.flops:,}",
         )
 
     def _restore_compacted(self, saved: PruningState) -> None:
@@ -257,7 +306,8 @@ class PruningTrainer(Trainer):
         The label loss is ``super().compute_loss``'s, so ``problem_type``, ``label_smoothing_factor``
         and ``compute_loss_func`` keep working; it is a per-batch mean (``num_items_in_batch`` is
         not passed on) because the distillation and method terms are per-batch means too. DeiT's
-        two-head model computes no loss itself: its class-token head gets the label loss, DeiT-style.
+        two-head model computes no loss itself: its class-token head gets the label loss, DeiT-style,
+        and its distillation head too whenever nothing distils through it.
         """
         inputs = dict(inputs)
         labels = inputs.get("labels")
@@ -266,8 +316,11 @@ class PruningTrainer(Trainer):
         if _has_distillation_head(self.accelerator.unwrap_model(model)):
             outputs = model(**{key: value for key, value in inputs.items() if key != "labels"})
             logits, distil_logits = classification_logits(outputs)
-            loss = torch.nn.functional.cross_entropy(logits.float(), labels,
-                                                     label_smoothing=self.args.label_smoothing_factor)
+            loss = self._label_loss(logits, labels)
+            if not self._distils_through_token():
+                # nothing distils into the distillation head now, yet evaluation averages both heads:
+                # it learns from the labels too (DeiT's hard-label variant)
+                loss = 0.5 * (loss + self._label_loss(distil_logits, labels))
         else:
             loss, outputs = super().compute_loss(model, dict(inputs), return_outputs=True)
             _, distil_logits = classification_logits(outputs)
@@ -282,6 +335,12 @@ class PruningTrainer(Trainer):
         if model.training:
             self._check_finite(loss)
         return (loss, outputs) if return_outputs else loss
+
+    def _label_loss(self, logits, labels):
+        return torch.nn.functional.cross_entropy(logits.float(), labels, label_smoothing=self.args.label_smoothing_factor)
+
+    def _distils_through_token(self) -> bool:
+        return self.phase == FINETUNE and self.teacher is not None and self.pruning_config.use_distillation_token
 
     def _distil(self, loss, distil_logits, outputs, inputs):
         config = self.pruning_config
@@ -394,6 +453,9 @@ class PruningTrainer(Trainer):
                 self.measure_speed()
             record = self.run_record()
         write_model_card(directory, record)
+        if not checkpoint:
+            what = "the pruned model" if self.plan is not None else "the model (not pruned yet: train() has not run)"
+            self._narrate("Saved %s, its card and %s to %s", what, REPORT_FILE, directory)
 
     def create_model_card(self, language=None, license=None, tags=None, model_name=None, finetuned_from=None,
                           tasks=None, dataset_tags=None, dataset=None, dataset_args=None, **kwargs) -> None:
@@ -443,23 +505,61 @@ class PruningTrainer(Trainer):
         target.load_state_dict(loaded.state_dict(), strict=True)
 
     def pruning_state(self) -> PruningState:
-        return PruningState(self.phase or self.method.phase_name, self.plan, self.method.state_dict())
+        return PruningState(self.phase or self.method.phase_name, self.plan, self.method.state_dict(),
+                            self.pruning_config.to_dict())
 
     def _resolve_checkpoint(self, resume_from_checkpoint, output_dir: str) -> str | None:
+        """The checkpoint to resume: the explicit path (which must be complete), or with True the newest
+        complete one, in the fine-tuning folder first, then the search folder; incomplete ones are skipped."""
         if not resume_from_checkpoint:
             return None
-        if resume_from_checkpoint is True:
-            phases = (FINETUNE, self.method.phase_name)
-            for phase in phases:
-                folder = os.path.join(output_dir, phase)
-                last = get_last_checkpoint(folder) if os.path.isdir(folder) else None
-                if last is not None:
-                    return last
+        if resume_from_checkpoint is not True:
+            checkpoint = str(resume_from_checkpoint)
+            missing = missing_files(checkpoint)
+            if STATE_JSON in missing or STATE_TENSORS in missing:
+                PruningState.load(checkpoint)  # raises, naming the missing pruning-state file
+            if missing:
+                raise FileNotFoundError(
+                    f"Cannot resume from {checkpoint}: it lacks {', '.join(missing)}, so it is incomplete (its save "
+                    f"was interrupted, or files were removed). Resume from an earlier checkpoint, or pass "
+                    f"resume_from_checkpoint=True to pick the newest complete one."
+                )
+            return checkpoint
+        folders = [os.path.join(output_dir, phase) for phase in (FINETUNE, self.method.phase_name)]
+        skipped = []
+        for folder in folders:
+            for candidate in checkpoints_newest_first(folder):
+                missing = missing_files(candidate)
+                if not missing:
+                    if skipped:
+                        self._narrate("Resuming from %s, the newest complete checkpoint.", candidate)
+                    return str(candidate)
+                skipped.append(f"{candidate} (lacks {', '.join(missing)})")
+                self._narrate("Skipping checkpoint %s: it lacks %s (its save was interrupted?).", candidate,
+                              ", ".join(missing), level=hf_logging.WARNING)
+        found = f" Incomplete, skipped: {'; '.join(skipped)}." if skipped else ""
+        raise ValueError(
+            f"No complete PruningTrainer checkpoint found under {' or '.join(folders)}.{found} Train from the start "
+            f"(resume_from_checkpoint=None, or a new output_dir), or pass the path of a checkpoint-N folder."
+        )
+
+    def _check_same_config(self, saved: PruningState, checkpoint: str) -> None:
+        """Refuse to continue a checkpoint written with another PruningConfig (older checkpoints store none)."""
+        if saved.config is None:
+            return
+        differences = config_differences(saved.config, self.pruning_config.to_dict())
+        if differences:
             raise ValueError(
-                f"No PruningTrainer checkpoint found under {' or '.join(os.path.join(output_dir, p) for p in phases)}."
+                f"Cannot resume from {checkpoint}: it was written with another PruningConfig, and continuing it "
+                f"would mix two runs. Differences: {'; '.join(differences)}. Resume with the checkpoint's config "
+                f"(the 'config' entry of {os.path.join(checkpoint, STATE_JSON)}, which "
+                f"PruningConfig.from_dict reads), or start the new config in a new output_dir."
             )
-        PruningState.load(resume_from_checkpoint)  # clear error if it is not ours
-        return str(resume_from_checkpoint)
+
+    def _narrate(self, message: str, *args, level: int = hf_logging.INFO) -> None:
+        """Tell the user what the pruning does, once: on the main process (``args.should_log``) only."""
+        if self.args.should_log:
+            logger.log(level, message, *args)
 
     def _total_optimizer_steps(self) -> int:
         if self.args.max_steps > 0:

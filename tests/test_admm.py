@@ -134,7 +134,8 @@ def test_update_projects_w_plus_u_onto_the_plan(model, seed):
         assert not z.index_select(dim, dropped.nonzero().flatten()).any()  # exactly zero where dropped
         kept = (~dropped).nonzero().flatten()
         assert torch.equal(z.index_select(dim, kept), w_plus_u.index_select(dim, kept))
-        torch.testing.assert_close(state.U[key], old_u[key] + p.detach() - z, rtol=0, atol=1e-6)
+        # scaled form: U = (U + W - Z) * rho_old / rho_new
+        torch.testing.assert_close(state.U[key], (old_u[key] + p.detach() - z) * (0.5 / 0.75), rtol=0, atol=1e-6)
     assert state.rho == 0.75 and state.plan == plan and state.step == 1
 
 

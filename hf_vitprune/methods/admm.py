@@ -9,16 +9,18 @@ The formulation is Zhang et al. 2018 ("A Systematic DNN Weight Pruning Framework
 applied to groups: minimise ``f(W)`` subject to W having whole heads and MLP neurons zero and
 fitting a budget. Training minimises the augmented loss ``f(W) + rho/2 * sum ||W - Z + U||^2``
 (:meth:`ADMMState.penalty`, added to the loss in ``compute_loss``, never to ``.grad``); every k
-steps the trainer
+steps :class:`ADMMSearch`
 
-1. scores units: ``combine_scores(importance, state.group_norms(model), alpha)`` (GOHSP's soft
-   guideline: graph importance times the normalised group norm of W + U),
+1. scores units from the importance and the group norms of W + U (the method's soft guideline),
 2. picks the support with :func:`hf_vitprune.budget.select_plan` (identical on every process,
-   since W, U and the importance are),
-3. calls :meth:`ADMMState.update`: ``Z = Proj_plan(W + U)``, ``U = U + W - Z``, ``rho *= growth``.
+   since W, U and the importance are) -- or keeps the last support once it is frozen, for the
+   last ``admm_freeze_fraction`` of the updates,
+3. calls :meth:`ADMMState.update`: ``Z = Proj_plan(W + U)``, ``U = (U + W - Z) rho / rho_new``.
 
-After the last round :meth:`ADMMState.hard_prune` zeroes the dropped groups in W and
-:func:`hf_vitprune.surgery.apply_plan` removes them.
+After the last W-step :meth:`ADMMState.hard_prune` zeroes W outside the *last Z's support* and
+:func:`hf_vitprune.surgery.apply_plan` removes those groups. The primal residual
+``||W - Z|| / ||W||`` at that moment says how far W was from Z: ADMM's guarantee assumes it is
+small, so it is logged at every update and at the hard prune, and stated on the model card.
 
 The prunable tensors of layer ``i`` are found structurally (:func:`find_encoder_layers`) and keyed
 ``"{i}.attention.q_proj.weight"``, ``"{i}.mlp.fc1.bias"`` and so on, so the same state works on a
@@ -29,18 +31,21 @@ neuron is a column). Output biases and BEiT's relative position bias are not con
 (``apply_plan`` slices the bias table itself).
 
 Z and U are kept in at least float32, on the device of the weights they shadow; they follow the
-model if it moves. Choice: U is *not* rescaled when rho grows (as in Zhang et al.'s code); with a
-growth near 1 the difference is small.
+model if it moves. U is the *scaled* dual variable (Y / rho), so it is rescaled by
+rho_old / rho_new whenever rho grows (Boyd et al., "Distributed Optimization and Statistical
+Learning via ADMM", 3.4.1); Zhang et al.'s code skips that, which lets the dual grow with rho.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from transformers.utils import logging
 
 from ..architectures import EncoderLayer, find_encoder_layers
 from ..budget import Budget, select_plan, unit_costs
@@ -234,17 +239,21 @@ class ADMMState:
     def update(self, model: nn.Module, plan: PruningPlan) -> None:
         """Z-step and U-step on ``plan``'s support, then ``rho *= rho_growth``.
 
-        ``Z = Proj_plan(W + U)`` (W + U with the dropped heads and neurons zeroed), ``U = U + W - Z``.
-        The caller picks ``plan`` (select_plan on combine_scores of importance and group_norms).
+        ``Z = Proj_plan(W + U)`` (W + U with the dropped heads and neurons zeroed), ``U = U + W - Z``,
+        then U is multiplied by ``rho_old / rho_new``: U is the scaled dual ``Y / rho``, and without
+        the rescale a growing rho would inflate the dual variable it stands for. The caller picks
+        ``plan`` (select_plan on the method's scores of W + U).
         """
         plan.validate(model)
+        rho = self.rho * self.rho_growth
+        rescale = self.rho / rho  # scaled form: U = Y / rho, so a new rho rescales U (Boyd et al. 3.4.1)
         for key, group, tensor, layer in self._pairs(model):
             w = tensor.detach().to(self.Z[key].dtype)
             v = w + self.U[key]
             z = v * _unit_mask(group, layer, plan, v)
             self.Z[key] = z
-            self.U[key] = self.U[key] + w - z
-        self.rho *= self.rho_growth
+            self.U[key] = (self.U[key] + w - z) * rescale
+        self.rho = rho
         self.plan = plan
         self.step += 1
 
@@ -359,23 +368,42 @@ def _help(text: str, **kwargs) -> dict:
 class ADMMOptions(MethodOptions):
     """The ADMM schedule every ADMM-based method shares."""
 
-    admm_rho: float = field(default=1e-3, **_help("Initial ADMM penalty weight rho."))
-    admm_rho_growth: float = field(default=1.3, **_help("rho is multiplied by this at every Z/U update."))
+    admm_rho: float = field(
+        default=0.1,
+        **_help("Initial ADMM penalty weight rho. With AdamW the step size does not grow with the gradient, so rho "
+                "must make the penalty dominate the loss on the dropped units: values tuned for SGD (1e-3) are far "
+                "too small."),
+    )
+    admm_rho_growth: float = field(
+        default=1.3, **_help("rho is multiplied by this at every Z/U update (only when admm_rho_final is None).")
+    )
     admm_rho_final: float | None = field(
-        default=None,
-        **_help("If set, rho grows geometrically from admm_rho to this value at the ADMM phase's last Z/U update, "
-                "whatever the phase's length (admm_rho_growth is then ignored). Use it for short runs, where a "
-                "fixed growth leaves rho too small for W to reach the sparse support before the hard prune."),
+        default=10.0,
+        **_help("rho grows geometrically from admm_rho to this value at the ADMM phase's last Z/U update, whatever "
+                "the phase's length; None grows it by admm_rho_growth per update instead."),
     )
     admm_update_steps: int = field(default=20, **_help("Optimizer steps between ADMM Z/U updates."))
     admm_fraction: float = field(
         default=0.5, **_help("Share of the training steps spent in ADMM; the rest fine-tunes the compacted model.")
+    )
+    admm_freeze_fraction: float = field(
+        default=0.25,
+        **_help("Share of the Z/U updates, at the end of ADMM, that keep the last support instead of choosing "
+                "it again: W then settles on the units that will survive the hard prune. 0 never freezes."),
+    )
+    admm_constant_lr: bool = field(
+        default=True,
+        **_help("Keep the learning rate constant (after warm-up) during ADMM, so that it does not anneal to zero "
+                "just as rho peaks; False uses the TrainingArguments schedule in both phases."),
     )
 
     def __post_init__(self):
         super().__post_init__()
         self._check_int("admm_update_steps", 1)
         self._check_number("admm_fraction", low=0, high=1)
+        self._check_number("admm_freeze_fraction", low=0, high=1, low_open=False)
+        if not isinstance(self.admm_constant_lr, bool):
+            raise ValueError(f"{type(self).__name__}.admm_constant_lr={self.admm_constant_lr!r} must be True or False.")
         self._check_number("admm_rho", low=0)
         self._check_number("admm_rho_growth", low=1, low_open=False)
         if self.admm_rho_final is not None:
@@ -410,6 +438,10 @@ ADMM_CITATION = {
 
 IMPORTANCE_PREFIX = "importance."
 ADMM_PREFIX = "admm."
+FREEZE_KEY = "admm_schedule.freeze_after"
+NEVER = 2**62
+
+logger = logging.get_logger(__name__)
 
 
 class ADMMSearch(PruningMethod):
@@ -422,12 +454,15 @@ class ADMMSearch(PruningMethod):
 
     options_class = ADMMOptions
     phase_name = "admm"
+    rescale_kinds = True  # rescale head and neuron scores to one scale (for scores in unrelated units)
 
     def __init__(self, config):
         super().__init__(config)
         self.importance: UnitScores | None = None
         self.admm: ADMMState | None = None
         self.finished = False
+        self.freeze_after = 0  # Z/U updates after which the support stays as it is
+        self.final_residual: float | None = None
         self._logs: dict[str, float] = {}
 
     # ------------------------------------------------------------------ what subclasses decide
@@ -452,6 +487,8 @@ class ADMMSearch(PruningMethod):
         self._logs["ranking_seconds"] = time.perf_counter() - started
         model, options = context.model, self.options
         growth = options.rho_growth(context.search_steps)
+        updates = context.search_steps // options.admm_update_steps
+        self.freeze_after = math.ceil(updates * (1 - options.admm_freeze_fraction))
         self.admm = ADMMState.initialize(model, options.admm_rho, rho_growth=growth)
         plan = self.project(model)
         self.admm = ADMMState.initialize(model, options.admm_rho, rho_growth=growth, plan=plan)
@@ -464,9 +501,16 @@ class ADMMSearch(PruningMethod):
         if step % self.options.admm_update_steps == 0:
             self.update(model)
 
+    def search_lr_scheduler(self) -> str | None:
+        return "constant_with_warmup" if self.options.admm_constant_lr else None
+
     def finalize(self, model) -> PruningPlan:
-        """Z's support after the last W-step; the dropped groups of W are zeroed."""
-        plan = self.project(model)
+        """The last Z's support: W is hard-pruned to it (the residual to Z is recorded first)."""
+        plan = self.admm.plan if self.admm.plan is not None else self.project(model)
+        self.final_residual = float(self.admm.residual(model))
+        self._logs["admm_residual_at_hard_prune"] = self.final_residual
+        logger.info("ADMM ended: ||W - Z|| / ||W|| = %.4f at the hard prune, after %d Z/U updates (rho %.4g).",
+                    self.final_residual, self.admm.step, self.admm.rho)
         self.admm.hard_prune(model, plan)
         self.finished = True
         return plan
@@ -477,6 +521,7 @@ class ADMMSearch(PruningMethod):
             tensors.update(scores_to_tensors(self.importance, IMPORTANCE_PREFIX))
         if self.admm is not None and not self.finished:
             tensors.update({f"{ADMM_PREFIX}{k}": v for k, v in self.admm.state_dict().items()})
+            tensors[FREEZE_KEY] = torch.tensor(self.freeze_after, dtype=torch.int64)
         return tensors
 
     def load_state_dict(self, state: dict[str, torch.Tensor], model) -> None:
@@ -484,6 +529,8 @@ class ADMMSearch(PruningMethod):
         admm = {k[len(ADMM_PREFIX):]: v for k, v in state.items() if k.startswith(ADMM_PREFIX)}
         if admm:
             self.admm = ADMMState.from_state_dict(admm, model=model)
+        # checkpoints written before the support could be frozen never freeze it
+        self.freeze_after = int(state[FREEZE_KEY]) if FREEZE_KEY in state else NEVER
 
     def log_values(self) -> dict[str, float]:
         return dict(self._logs)
@@ -494,12 +541,14 @@ class ADMMSearch(PruningMethod):
         """Z's support: the budgeted plan that keeps the best units by :meth:`projection_scores`."""
         head_norms, neuron_norms = self.admm.group_norms(model)
         heads, neurons = self.projection_scores(head_norms, neuron_norms)
-        heads, neurons = balance_kinds(model, heads, neurons, self.config.budget)
+        if self.rescale_kinds:
+            heads, neurons = balance_kinds(model, heads, neurons, self.config.budget)
         return select_plan(model, heads, neurons, **self.config.selection_arguments())
 
     def update(self, model) -> None:
-        """Z = projection of W + U onto the budget, U += W - Z, rho grows; logs the residual and the plan."""
-        plan = self.project(model)
+        """Z = projection of W + U onto the budget (or the frozen support), U += W - Z, rho grows; logs them."""
+        frozen = self.admm.step >= self.freeze_after and self.admm.plan is not None
+        plan = self.admm.plan if frozen else self.project(model)
         self.admm.update(model, plan)
         self._log_plan(model, plan)
 
@@ -522,13 +571,19 @@ class ADMMSearch(PruningMethod):
             growth = f"growing geometrically to {options.admm_rho_final} at the last update"
         else:
             growth = f"growing ×{options.admm_rho_growth} per update"
-        return [
+        lines = [
             self.ranking_sentence() + ".",
             f"Schedule: ADMM for the first {options.admm_fraction:.0%} of the optimizer steps (Z/U update every "
-            f"{options.admm_update_steps} steps, rho from {options.admm_rho} {growth}), then a hard prune to the "
-            "ADMM solution, physical compaction, and fine-tuning of the compacted model with a fresh optimizer for the "
-            "remaining steps.",
+            f"{options.admm_update_steps} steps, rho from {options.admm_rho} {growth}"
+            + (f", support frozen for the last {options.admm_freeze_fraction:.0%} of the updates"
+               if options.admm_freeze_fraction > 0 else "")
+            + (", constant learning rate after warm-up" if options.admm_constant_lr else "")
+            + "), then a hard prune to the ADMM solution, physical compaction, and fine-tuning of the compacted model "
+            "with a fresh optimizer for the remaining steps.",
         ]
+        if self.final_residual is not None:
+            lines.append(f"ADMM residual ||W - Z|| / ||W|| at the hard prune: {self.final_residual:.4f}.")
+        return lines
 
     def ranking_sentence(self) -> str:
         return f"Ranking: {self.config.calibration_samples} calibration images"

@@ -136,6 +136,10 @@ class PruningMethod:
     def load_state_dict(self, state: dict[str, torch.Tensor], model: nn.Module) -> None:
         """Restore :meth:`state_dict` output when a run resumes (``model`` is the dense model)."""
 
+    def search_lr_scheduler(self) -> str | None:
+        """A ``transformers.get_scheduler`` name for the search phase, or None for ``args.lr_scheduler_type``."""
+        return None
+
     def log_values(self) -> dict[str, float]:
         """Figures added to every Trainer log while this method's state exists (residuals, ...)."""
         return {}

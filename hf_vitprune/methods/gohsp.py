@@ -1,17 +1,34 @@
-"""GOHSP (Yin et al., AAAI 2023): graph-ranked heads as ADMM's soft guideline.
+"""GOHSP (Yin et al., AAAI 2023): a graph ranking of heads and data-driven unit importance as the
+soft guideline of an ADMM search over heads and MLP neurons.
 
-Heads are ranked once by the stationary distribution of a Markov chain over head correlations
-(:func:`hf_vitprune.importance.score_graph`); at every Z-step a head's score is that importance
-``** importance_alpha`` times its normalised group norm of W + U, and MLP neurons are scored by
-their group norm (the plain Euclidean projection).
+The ranking, computed once on the dense model from one calibration pass
+(:func:`hf_vitprune.importance.graph.collect_calibration_statistics`):
+
+- every head and MLP neuron gets its *output energy*, the mean squared norm of what it writes
+  into the residual stream (:mod:`hf_vitprune.importance.energy`): an estimate of the loss
+  increase its removal causes, on one scale for heads and neurons of every layer. This is the
+  paper's "soft guideline" extended to neurons, which the paper prunes too but does not rank;
+- within each layer a head's energy is weighted by its stationary probability in the *directed*
+  Markov chain over head correlations (:func:`hf_vitprune.importance.graph.stationary_importance`),
+  relative to the layer's mean and raised to ``importance_alpha``: heads that feed heads that
+  matter downstream keep more.
+
+At every Z-step a unit's score is that importance times ``(its group norm of W + U / the largest
+of its layer) ** norm_exponent``, so units that ADMM has driven towards zero lose their place.
+Heads and neurons are compared directly (no per-kind rescaling: they share the energy scale).
+Departures from the paper, which leaves these open: the energy scale, the direction of the
+chain and the combination (see docs/methods.md).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..importance import EDGE_STATISTICS, ImportanceOptions, UnitScores, check_edge_statistic, score_graph
-from .admm import ADMMOptions, ADMMSearch, _help, combine_scores
+import torch
+
+from ..importance import EDGE_STATISTICS, ImportanceOptions, UnitScores, check_edge_statistic, empty_calibration_error
+from ..importance.graph import collect_calibration_statistics, stationary_importance
+from .admm import ADMMOptions, ADMMSearch, _help
 from .base import SearchContext, register_method
 
 GOHSP_CITATION = {
@@ -40,7 +57,13 @@ class GOHSPOptions(ADMMOptions):
     ranking_tolerance: float = field(default=1e-8, **_help("Power-iteration tolerance for the stationary distribution."))
     ranking_max_iterations: int = field(default=1000, **_help("Power-iteration limit; not converging is an error."))
     importance_alpha: float = field(
-        default=1.0, **_help("Weight of the graph importance in the head score: importance**alpha * normalised norm.")
+        default=1.0,
+        **_help("Exponent of a head's graph importance (relative to its layer's mean) in its score; 0 ignores the graph."),
+    )
+    norm_exponent: float = field(
+        default=0.5,
+        **_help("Exponent of the normalised squared group norm of W + U in every score at a projection: 0.5 is the "
+                "unsquared norm ratio, 0 ignores the weights."),
     )
 
     def __post_init__(self):
@@ -50,6 +73,7 @@ class GOHSPOptions(ADMMOptions):
         self._check_number("ranking_tolerance", low=0)
         self._check_int("ranking_max_iterations", 1)
         self._check_number("importance_alpha", low=0, low_open=False)
+        self._check_number("norm_exponent", low=0, low_open=False)
 
     def importance_options(self) -> ImportanceOptions:
         return ImportanceOptions(damping=self.damping, tolerance=self.ranking_tolerance,
@@ -65,19 +89,52 @@ class GOHSP(ADMMSearch):
     description = ("GOHSP: attention heads ranked by a graph-based (Markov chain) importance, then ADMM-based "
                    "structured pruning of heads and MLP neurons (Yin et al., AAAI 2023)")
 
+    rescale_kinds = False  # heads and neurons share the output-energy scale
+
     def rank(self, context: SearchContext) -> UnitScores:
-        return score_graph(context.model, context.calibration_batches(), options=self.options.importance_options())
+        options = self.options
+        graph, energy = collect_calibration_statistics(context.model, context.calibration_batches(),
+                                                       options.edge_statistic)
+        graph.all_reduce()
+        energy.all_reduce()
+        if graph.num_images == 0:
+            raise empty_calibration_error(self.name)
+        chain = stationary_importance(graph, options.damping, options.ranking_tolerance,
+                                      options.ranking_max_iterations)
+        heads = [e * relative_to_layer_mean(pi).pow(options.importance_alpha)
+                 for e, pi in zip(energy.head_energy(), chain)]
+        return UnitScores(heads=heads, neurons=energy.neuron_energy(context.model))
 
     def projection_scores(self, head_norms, neuron_norms):
-        return combine_scores(self.importance.heads, head_norms, self.options.importance_alpha), neuron_norms
+        exponent = self.options.norm_exponent
+        return (guided_scores(self.importance.heads, head_norms, exponent),
+                guided_scores(self.importance.neurons, neuron_norms, exponent))
 
     def ranking_sentence(self) -> str:
         options = self.options
-        return (f"{super().ranking_sentence()}; head graph with edge statistic `{options.edge_statistic}`, "
-                f"damping {options.damping}, importance exponent {options.importance_alpha}")
+        return (f"{super().ranking_sentence()}; heads and MLP neurons by output energy, heads weighted by a directed "
+                f"head graph with edge statistic `{options.edge_statistic}`, damping {options.damping}, importance "
+                f"exponent {options.importance_alpha}, norm exponent {options.norm_exponent}")
 
     def citations(self) -> list[dict[str, str]]:
         return [GOHSP_CITATION, *super().citations()]
 
 
-__all__ = ["EDGE_STATISTICS", "GOHSP", "GOHSPOptions"]
+def relative_to_layer_mean(scores: torch.Tensor) -> torch.Tensor:
+    """``scores / scores.mean()`` (1 where the layer's mean is 0): redistributes within a layer only."""
+    mean = scores.mean() if scores.numel() else scores.new_zeros(())
+    return scores / mean if mean > 0 else torch.ones_like(scores)
+
+
+def guided_scores(importance, squared_norms, exponent: float) -> list[torch.Tensor]:
+    """``importance * (squared norm / the layer's largest) ** exponent``, per layer, float64 on CPU."""
+    result = []
+    for scores, norms in zip(importance, squared_norms):
+        norms = torch.as_tensor(norms).detach().to("cpu", torch.float64)
+        largest = float(norms.max()) if norms.numel() else 0.0
+        ratio = norms / largest if largest > 0 else torch.zeros_like(norms)
+        result.append(scores.to(torch.float64) * ratio.pow(exponent))
+    return result
+
+
+__all__ = ["EDGE_STATISTICS", "GOHSP", "GOHSPOptions", "guided_scores", "relative_to_layer_mean"]
