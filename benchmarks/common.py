@@ -54,12 +54,13 @@ class Settings:
     weight_decay: float = 0.05
     warmup: float = 0.05  # fraction of each phase's steps (TrainingArguments.warmup_steps < 1)
     admm_fraction: float = 0.5
-    admm_rho_final: float | None = None  # PruningConfig.admm_rho_final (None: the default fixed growth)
+    admm_rho_final: float | None = None  # the ADMM options' admm_rho_final (None: the library's default)
     distillation_weight: float = 0.5
     max_train_samples: int | None = None
     augment: bool = False  # random flips and shifts of the training images (dense training and pruning runs)
     label_smoothing: float = 0.0  # of the dense model's cross-entropy (TrainingArguments.label_smoothing_factor)
     dense_processes: int = 1  # processes training the dense model together (torchrun, DDP); same global batch
+    speed_shapes: str = "full"  # preset of benchmarks.speed_shapes run after the accuracy runs ("none" skips it)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -90,9 +91,9 @@ FASHION_MNIST = dict(
     calibration_samples=256,
     admm_update_steps=20,
     logging_steps=50,
-    methods=["gohsp", "magnitude", "taylor", "random"],
+    methods=["gohsp", "magnitude", "taylor", "random", "torch_pruning"],  # torch_pruning: benchmarks/torch_pruning_peer.py
     sparsities=[0.4, 0.6],
-    seeds=[0, 1],
+    seeds=[0, 1, 2],
     threads=1,
     workers=2,
     speed_threads=1,
@@ -120,8 +121,9 @@ DIGITS_QUICK = dict(
     batch_size=64,
     eval_batch_size=512,
     calibration_samples=64,
-    admm_update_steps=5,
+    admm_update_steps=5,  # a smoke test: too few W-steps per update for ADMM to converge (docs/methods.md)
     logging_steps=10,
+    seeds=[0, 1],
     workers=1,
     speed_repeats=5,
     step_repeats=5,
@@ -130,6 +132,7 @@ DIGITS_QUICK = dict(
     output_dir="outputs/benchmarks-quick",
     markdown_file="outputs/benchmarks-quick/BENCHMARKS.md",
     results_name="digits_quick",
+    speed_shapes="quick",
 )
 
 
@@ -202,7 +205,9 @@ def training_arguments(settings: Settings, output_dir: str | Path, *, epochs: fl
 def pruning_config(settings: Settings, method: str, sparsity: float, seed: int) -> PruningConfig:
     """The benchmark's recipe for ``method``; the seed reaches the methods that draw at random."""
     options = dict(admm_update_steps=settings.admm_update_steps, admm_fraction=settings.admm_fraction,
-                   admm_rho_final=settings.admm_rho_final, random_seed=seed)
+                   random_seed=seed)
+    if settings.admm_rho_final is not None:
+        options["admm_rho_final"] = settings.admm_rho_final
     known = {f.name for f in dataclasses.fields(get_method(method).options_class)}
     return PruningConfig(method=method, target_sparsity=sparsity, calibration_samples=settings.calibration_samples,
                          distillation_weight=settings.distillation_weight,

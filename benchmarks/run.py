@@ -1,15 +1,18 @@
-"""Benchmark hf_vitprune: GOHSP against magnitude, Taylor and random structured pruning.
+"""Benchmark hf_vitprune: GOHSP against magnitude, Taylor and random structured pruning, and Torch-Pruning as a peer.
 
-Full run on Fashion-MNIST (``apt-get install -y dataset-fashion-mnist``), about 41 minutes on 2 CPU
-cores (28 of them training the dense ViT on both cores under torchrun; it is cached in ``--cache_dir`` and
-reused afterwards). Run from the repository root::
+Full run on Fashion-MNIST (``apt-get install -y dataset-fashion-mnist``, ``pip install -e ".[bench]"``):
+5 methods x 2 sparsities x 3 seeds, then the speed section at real model shapes
+(``benchmarks/speed_shapes.py``, about 15 minutes); up to 90 minutes on 2 CPU cores with the dense ViT
+cached in ``--cache_dir`` (training it takes another ~28 minutes the first time, on both cores under
+torchrun). Run from the repository root::
 
     python -m benchmarks.run
 
 It writes ``benchmarks/results/fashion_mnist.json``, the plot
 ``benchmarks/results/fashion_mnist_accuracy.png`` and the table ``BENCHMARKS.md``.
 
-Smoke run on scikit-learn's digits (under 3 minutes; writes under ``outputs/benchmarks-quick``)::
+Smoke run on scikit-learn's digits (under 4 minutes, 2 seeds, torch_pruning included, the speed
+section on a 2-layer DeiT-Tiny at 32x32; writes under ``outputs/benchmarks-quick``)::
 
     python -m benchmarks.run --quick
 
@@ -19,14 +22,19 @@ Rebuild the table and the plot from an existing JSON without running anything::
 
 What is measured (every figure on the full test set, on this machine, in this process):
 
-- test top-1 accuracy of each (method, sparsity, seed); mean and spread over seeds;
+- test top-1 accuracy of each (method, sparsity, seed); mean and spread over seeds; ``torch_pruning``
+  (``benchmarks/torch_pruning_peer.py``) is one more method: Torch-Pruning from the same dense model to
+  the same parameter budget, the same epochs, learning rate and distillation;
+- the ADMM residual ||W - Z|| / ||W|| at the hard prune (the last one the search logged), per run;
 - parameters and FLOPs per image (``hf_vitprune.model_stats``);
 - CPU latency at batch 1 and throughput at batch 64, pruned against dense, interleaved, median of
   ``speed_repeats`` (``hf_vitprune.speed.measure_speed``), with ``torch.set_num_threads(speed_threads)``;
   the throughput speedup divided by the FLOPs ratio (dense FLOPs / pruned FLOPs);
 - the ranking's share of the whole ``PruningTrainer.train()`` wall time (``ranking_seconds``);
 - one ADMM step against one plain step, and peak memory of the ADMM phase against plain
-  fine-tuning (see ``benchmarks/measure.py`` for exactly what is compared).
+  fine-tuning (see ``benchmarks/measure.py`` for exactly what is compared);
+- throughput at batch 64 against the FLOPs ratio at DeiT-Tiny, DeiT-Small and ViT-Base shapes, eager
+  and ``torch.compile`` (``benchmarks/speed_shapes.py``).
 """
 
 from __future__ import annotations
@@ -65,6 +73,7 @@ from .common import (
     train_or_reuse_dense,
     training_arguments,
 )
+from . import speed_shapes, torch_pruning_peer
 from .measure import measure_memory, time_training_steps
 from .report import summarise, write_reports
 
@@ -75,7 +84,7 @@ logger = logging.getLogger("benchmarks")
 class BenchmarkArguments:
     """Command-line flags; anything left unset takes the preset's value (Fashion-MNIST, or digits with --quick)."""
 
-    quick: bool = field(default=False, metadata={"help": "Smoke run on scikit-learn's digits (under 3 minutes)."})
+    quick: bool = field(default=False, metadata={"help": "Smoke run on scikit-learn's digits (under 4 minutes)."})
     report_only: bool = field(
         default=False, metadata={"help": "Only rebuild the Markdown table and the plot from the results JSON."}
     )
@@ -98,12 +107,16 @@ class BenchmarkArguments:
     )
     speed_threads: int | None = field(default=None, metadata={"help": "torch threads while timing."})
     speed_repeats: int | None = field(default=None, metadata={"help": "Timed repeats per speed figure (>= 5)."})
+    speed_shapes: str | None = field(
+        default=None, metadata={"help": "Preset of benchmarks.speed_shapes (full, quick) or none to skip it."}
+    )
 
 
 def resolve_settings(args: BenchmarkArguments) -> Settings:
     values = dict(DIGITS_QUICK if args.quick else FASHION_MNIST)
     for key in ("output_dir", "markdown_file", "cache_dir", "methods", "sparsities", "seeds", "dense_epochs",
-                "prune_epochs", "max_train_samples", "threads", "workers", "dense_processes", "speed_threads", "speed_repeats"):
+                "prune_epochs", "max_train_samples", "threads", "workers", "dense_processes", "speed_threads", "speed_repeats",
+                "speed_shapes"):
         value = getattr(args, key)
         if value is not None:
             values[key] = value
@@ -140,7 +153,13 @@ def evaluate(model, settings: Settings, dataset, prefix: str) -> dict:
 
 
 def prune_once(settings: Settings, data, method: str, sparsity: float, seed: int, save_dir: str | Path) -> dict:
-    """One PruningTrainer run from the cached dense model, evaluated on the test split; saves the pruned model."""
+    """One PruningTrainer run from the cached dense model, evaluated on the test split; saves the pruned model.
+
+    ``method="torch_pruning"`` is the Torch-Pruning peer (``benchmarks.torch_pruning_peer.prune_once``), which
+    returns the same record.
+    """
+    if method == torch_pruning_peer.NAME:
+        return torch_pruning_peer.prune_once(settings, data, sparsity, seed, save_dir)
     model = load_dense(settings)
     config = pruning_config(settings, method, sparsity, seed)
     with tempfile.TemporaryDirectory() as tmp:
@@ -294,6 +313,10 @@ def run(settings: Settings, command: str, resume: bool = False) -> dict:
     logger.info("training step: %s", results["training_step"])
     results["memory"] = measure_memory(settings)
     logger.info("memory: ratio %.3f", results["memory"]["ratio"])
+    if settings.speed_shapes != "none":
+        results["speed_shapes"] = speed_shapes.run(settings.speed_shapes, methods=list(settings.methods),
+                                                   output=Path(settings.output_dir) / f"{settings.results_name}_speed_shapes.json",
+                                                   log=lambda message: logger.info("%s", message))
     results["summary"] = summarise(results)
     results["total_seconds"] = time.perf_counter() - started
     results["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
