@@ -91,7 +91,12 @@ class Budget:
         if self.metric not in self.METRICS:
             raise ValueError(f"Budget.metric={self.metric!r} is unknown; use 'params' or 'flops'.")
         value = self.fraction
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not 0 < value < 1:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(
+                f"{self.target_name}={value!r} must be a number (the fraction of the {self.unit_name} to remove), "
+                f"e.g. 0.4, not a {type(value).__name__}."
+            )
+        if not math.isfinite(value) or not 0 < value < 1:
             raise ValueError(
                 f"{self.target_name}={value!r} must lie strictly between 0 and 1 (the fraction of the "
                 f"{self.unit_name} to remove), e.g. 0.4."

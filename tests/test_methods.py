@@ -210,10 +210,12 @@ def test_an_option_of_another_method_is_refused_with_its_owner():
     ({"edge_statistic": "weights"}, "edge_statistic='weights' is not a known edge statistic"),
     ({"calibration_samples": 1.5}, "calibration_samples=1.5 must be an integer >= 1"),
     ({"prune_heads": "no"}, "prune_heads='no' must be True or False"),
+    ({"target_sparsity": "0.4"}, "target_sparsity='0.4' must be a number .* not a str"),
+    ({"admm_update_steps": "20"}, "admm_update_steps='20' must be an integer >= 1"),
 ])
 def test_bad_options_name_the_field(bad, message):
     with pytest.raises(ValueError, match=message):
-        PruningConfig(target_sparsity=0.4, **bad)
+        PruningConfig(**{"target_sparsity": 0.4, **bad})
 
 
 def test_flat_config_files_written_before_the_plug_ins_still_load():
