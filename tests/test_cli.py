@@ -232,3 +232,26 @@ def test_console_script(saved, tmp_path):
     result = subprocess.run([*command, "report", str(missing)], capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 1
     assert f"hf-vitprune report: error: {missing} does not exist" in result.stderr
+
+
+LAUNCHER_SCRIPT = """
+import sys
+import hf_vitprune_cli
+code = hf_vitprune_cli.main(sys.argv[1:])
+heavy = sorted(name for name in ("torch", "transformers", "datasets", "hf_vitprune") if name in sys.modules)
+print("EXIT", code, "HEAVY", heavy)
+"""
+
+
+@pytest.mark.parametrize("argv, code", [(["--help"], 0), ([], 2), (["no-such-command"], 2)])
+def test_the_console_script_answers_help_and_usage_errors_without_importing_torch(argv, code):
+    """`hf-vitprune --help` is instant: the launcher imports neither the package nor torch for it."""
+    result = subprocess.run([sys.executable, "-c", LAUNCHER_SCRIPT, *argv], capture_output=True, text=True, timeout=120)
+    assert f"EXIT {code} HEAVY []" in result.stdout, result.stdout + result.stderr
+    assert "usage: hf-vitprune" in result.stdout + result.stderr
+
+
+def test_the_console_script_runs_commands_through_the_package(tmp_path):
+    import hf_vitprune_cli
+
+    assert hf_vitprune_cli.main(["card", str(tmp_path / "missing")]) == 1  # the real command, its own error
