@@ -106,6 +106,9 @@ ROWS = [
      ["--damping is an option of gohsp"], "--method gohsp"),
     ("push-without-token", lambda f, o: base(f, o, "--push_to_hub", "true", "--hub_model_id", "me/x"), 1,
      ["--push_to_hub needs a Hub token"], "--hub_token"),
+    ("push-unreachable-endpoint",
+     lambda f, o: base(f, o, "--push_to_hub", "true", "--hub_model_id", "me/x", "--hub_token", "hf_x"), 1,
+     ["could not reach the Hugging Face Hub at http://127.0.0.1:9"], "HF_ENDPOINT"),
     ("push-offline", lambda f, o: base(f, o, "--push_to_hub", "true", "--hub_model_id", "me/x", "--hub_token", "hf_x"), 1,
      ["HF_HUB_OFFLINE is set"], "unset it"),
     ("unknown-flag", lambda f, o: base(f, o, "--bogus_flag", "1"), 2, ["--bogus_flag"], "usage: hf-vitprune prune"),
@@ -126,9 +129,14 @@ def test_bad_input(name, build, status, problem, fix, files, tmp_path, monkeypat
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets_cache"))
-    if name == "push-without-token":
+    if name in ("push-without-token", "push-unreachable-endpoint"):
         monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
         monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    if name == "push-unreachable-endpoint":  # a closed port on this machine: the connection is refused at once
+        import huggingface_hub.hf_api
+
+        monkeypatch.setattr("huggingface_hub.constants.ENDPOINT", "http://127.0.0.1:9")
+        monkeypatch.setattr(huggingface_hub.hf_api.api, "endpoint", "http://127.0.0.1:9")
     if name == "card-read-only":  # root ignores permission bits: the file system says no instead
         def read_only(directory, **changes):
             raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(directory))
@@ -143,7 +151,9 @@ def test_bad_input(name, build, status, problem, fix, files, tmp_path, monkeypat
     for text in problem:
         assert text in err, (text, err)
     assert fix in err, (fix, err)
-    if status == 1 and build(files, out)[0] == "prune":
+    if name == "push-unreachable-endpoint":  # fails after the data and model loaded (their progress bars)
+        assert err.strip().splitlines()[-1].startswith("hf-vitprune prune: error: "), err
+    elif status == 1 and build(files, out)[0] == "prune":
         assert err.startswith("hf-vitprune prune: error: ") and len(err.strip().splitlines()) == 1, err
     assert not out.exists() or not any(out.iterdir()), "nothing may be written for a failed run"
     assert sorted(str(path) for path in files.rglob("*")) == existing, "the inputs must stay as they were"
