@@ -214,6 +214,31 @@ def pruning_config(settings: Settings, method: str, sparsity: float, seed: int) 
                          method_options={key: value for key, value in options.items() if key in known})
 
 
+def run_figures(method: str, sparsity: float, seed: int, test: dict, validation: dict, stats, dense_stats,
+                train_seconds: float, ranking_seconds: float, finetune_steps: int) -> dict:
+    """The figures every pruning run of the benchmark records, whichever tool pruned it."""
+    return {
+        "method": method,
+        "sparsity": sparsity,
+        "seed": seed,
+        "test_accuracy": test["test_accuracy"],
+        "test_top5_accuracy": test["test_top5_accuracy"],
+        "validation_accuracy": validation["validation_accuracy"],
+        "params": stats.params,
+        "flops": stats.flops,
+        "params_ratio": stats.params / dense_stats.params,
+        "flops_ratio": stats.flops / dense_stats.flops,
+        "achieved_sparsity": 1 - stats.params / dense_stats.params,
+        "flops_speedup": dense_stats.flops / stats.flops,
+        "heads_per_layer": [layer.heads for layer in stats.layers],
+        "neurons_per_layer": [layer.neurons for layer in stats.layers],
+        "train_seconds": train_seconds,
+        "ranking_seconds": ranking_seconds,
+        "ranking_share": ranking_seconds / train_seconds,
+        "finetune_steps": finetune_steps,
+    }
+
+
 def dense_identity(settings: Settings) -> dict:
     """What the cached dense model must have been trained with to be reused."""
     keys = ("dataset", "model", "dense_epochs", "dense_learning_rate", "batch_size", "weight_decay", "warmup",

@@ -70,6 +70,7 @@ from .common import (
     load_data,
     load_dense,
     pruning_config,
+    run_figures,
     train_or_reuse_dense,
     training_arguments,
 )
@@ -177,25 +178,10 @@ def prune_once(settings: Settings, data, method: str, sparsity: float, seed: int
         validation = trainer.evaluate(eval_dataset=data["validation"], metric_key_prefix="validation")
     trainer.model.save_pretrained(save_dir)
     stats, dense_stats = model_stats(trainer.model), trainer.dense_stats
+    total_steps = trainer.state.max_steps  # one TrainerState across the search and the fine-tuning
     return {
-        "method": method,
-        "sparsity": sparsity,
-        "seed": seed,
-        "test_accuracy": test["test_accuracy"],
-        "test_top5_accuracy": test["test_top5_accuracy"],
-        "validation_accuracy": validation["validation_accuracy"],
-        "params": stats.params,
-        "flops": stats.flops,
-        "params_ratio": stats.params / dense_stats.params,
-        "flops_ratio": stats.flops / dense_stats.flops,
-        "achieved_sparsity": 1 - stats.params / dense_stats.params,
-        "flops_speedup": dense_stats.flops / stats.flops,
-        "heads_per_layer": [layer.heads for layer in stats.layers],
-        "neurons_per_layer": [layer.neurons for layer in stats.layers],
-        "train_seconds": train_seconds,
-        "ranking_seconds": ranking,
-        "ranking_share": ranking / train_seconds,
-        "finetune_steps": trainer.state.global_step,  # the trainer's state after train() is the fine-tuning phase's
+        **run_figures(method, sparsity, seed, test, validation, stats, dense_stats, train_seconds, ranking,
+                      finetune_steps=total_steps - trainer.method.search_steps(total_steps)),
         # ||W - Z|| / ||W|| in the last log of the ADMM phase: how far W still was from Z's support when pruned
         "admm_residual_last_logged": residuals[-1] if residuals else None,
     }

@@ -49,7 +49,7 @@ from hf_vitprune.distillation import distillation_loss
 from hf_vitprune.metrics import make_compute_metrics
 from hf_vitprune.modeling import convert_to_pruned
 
-from .common import Settings, load_dense, training_arguments
+from .common import Settings, load_dense, run_figures, training_arguments
 
 NAME = "torch_pruning"
 
@@ -63,7 +63,7 @@ def torch_pruning_version() -> str:
 def unit_counts(model) -> tuple[int, int]:
     """(heads, MLP neurons) of the whole model."""
     stats = model_stats(model)
-    return sum(layer.heads for layer in stats.layers), sum(layer.neurons for layer in stats.layers)
+    return stats.heads, stats.neurons
 
 
 def units_to_remove(model, sparsity: float, fewer_heads: int = 0) -> dict:
@@ -155,8 +155,7 @@ def _prune_once_with_torch_pruning(model, sparsity, calibration, importance, few
     widths = {layer.attention.o_proj.out_features for layer in find_encoder_layers(model)}
     if widths != {model.config.hidden_size}:
         raise AssertionError(f"Torch-Pruning changed the embedding width ({widths}); it must stay untouched.")
-    removed = {"heads": counts["total_heads"] - sum(l.heads for l in stats.layers),
-               "neurons": counts["total_neurons"] - sum(l.neurons for l in stats.layers)}
+    removed = {"heads": counts["total_heads"] - stats.heads, "neurons": counts["total_neurons"] - stats.neurons}
     if removed != {"heads": counts["heads"], "neurons": counts["neurons"]}:
         raise AssertionError(f"Torch-Pruning removed {removed}, asked for {counts}.")
     return {**counts, "params": stats.params, "params_gap_to_budget": counts["limit"] - stats.params,
@@ -213,24 +212,9 @@ def prune_once(settings: Settings, data, sparsity: float, seed: int, save_dir) -
     stats = model_stats(model)
     convert_to_pruned(model).save_pretrained(save_dir)
     return {
-        "method": NAME,
-        "sparsity": sparsity,
-        "seed": seed,
-        "test_accuracy": test["test_accuracy"],
-        "test_top5_accuracy": test["test_top5_accuracy"],
-        "validation_accuracy": validation["validation_accuracy"],
-        "params": stats.params,
-        "flops": stats.flops,
-        "params_ratio": stats.params / dense_stats.params,
-        "flops_ratio": stats.flops / dense_stats.flops,
-        "achieved_sparsity": 1 - stats.params / dense_stats.params,
-        "flops_speedup": dense_stats.flops / stats.flops,
-        "heads_per_layer": [layer.heads for layer in stats.layers],
-        "neurons_per_layer": [layer.neurons for layer in stats.layers],
-        "train_seconds": train_seconds,
-        "ranking_seconds": pruning["seconds"],  # importance (calibration gradients) + pruning
-        "ranking_share": pruning["seconds"] / train_seconds,
-        "finetune_steps": trainer.state.global_step,
+        # importance (calibration gradients) + pruning stand where the in-project methods' ranking stands
+        **run_figures(NAME, sparsity, seed, test, validation, stats, dense_stats, train_seconds, pruning["seconds"],
+                      finetune_steps=trainer.state.global_step),
         "admm_residual_last_logged": None,  # no ADMM: one-shot pruning
         "torch_pruning": {key: pruning[key] for key in ("importance", "heads", "neurons", "limit", "head_cost",
                                                          "neuron_cost", "params_gap_to_budget", "heads_given_back")}

@@ -126,6 +126,16 @@ class ModelStats:
     tokens: int
     layers: tuple[LayerStats, ...]
 
+    @property
+    def heads(self) -> int:
+        """Attention heads of all layers."""
+        return sum(layer.heads for layer in self.layers)
+
+    @property
+    def neurons(self) -> int:
+        """MLP neurons of all layers."""
+        return sum(layer.neurons for layer in self.layers)
+
     def to_dict(self) -> dict:
         data = asdict(self)
         data["layers"] = tuple(layer.to_dict() for layer in self.layers)

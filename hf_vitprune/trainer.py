@@ -257,8 +257,8 @@ class PruningTrainer(Trainer):
         self.model = self.model_wrapped = model
         stats = model_stats(model)
         self._latest.update(
-            kept_heads=sum(layer.heads for layer in stats.layers),
-            kept_neurons=sum(layer.neurons for layer in stats.layers),
+            kept_heads=stats.heads,
+            kept_neurons=stats.neurons,
             params=stats.params,
             flops=stats.flops,
             params_ratio=stats.params / self.dense_stats.params,
@@ -268,8 +268,7 @@ class PruningTrainer(Trainer):
         self._narrate(
             "Compacted: kept %d/%d heads, %d/%d MLP neurons, %s parameters (%.1f%% of %s), %s FLOPs per image "
             "(%.1f%% of %s)",
-            self._latest["kept_heads"], sum(layer.heads for layer in dense.layers), self._latest["kept_neurons"],
-            sum(layer.neurons for layer in dense.layers), f"{stats.params:,}", 100 * stats.params / dense.params,
+            stats.heads, dense.heads, stats.neurons, dense.neurons, f"{stats.params:,}", 100 * stats.params / dense.params,
             f"{dense.params:,}", f"{stats.flops:,}", 100 * stats.flops / dense.flops, f"{dense.flops:,}",
         )
 

@@ -192,12 +192,6 @@ def _head_contributions(layer: EncoderLayer, context: torch.Tensor) -> torch.Ten
     return torch.einsum("bnhk,dhk->bhnd", context, weight)
 
 
-def _head_outputs(layer: EncoderLayer, context: torch.Tensor) -> torch.Tensor:
-    """Per-head residual contributions flattened to (batch, heads, tokens*hidden)."""
-    per_head = _head_contributions(layer, context)
-    return per_head.reshape(per_head.shape[0], per_head.shape[1], -1)
-
-
 def _attention_maps(layer: EncoderLayer, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
     """Per-head attention maps (batch, heads, tokens * tokens) from q_proj/k_proj outputs (batch, tokens, heads*d_h)."""
     heads, head_dim = layer.num_heads, layer.head_dim

@@ -555,8 +555,8 @@ class ADMMSearch(PruningMethod):
     def _log_plan(self, model, plan: PruningPlan) -> None:
         stats = model_stats(model, plan)
         self._logs.update(
-            kept_heads=sum(layer.heads for layer in stats.layers),
-            kept_neurons=sum(layer.neurons for layer in stats.layers),
+            kept_heads=stats.heads,
+            kept_neurons=stats.neurons,
             params=stats.params,
             flops=stats.flops,
             admm_residual=float(self.admm.residual(model)),

@@ -28,7 +28,7 @@ import torch
 
 from ..importance import EDGE_STATISTICS, ImportanceOptions, UnitScores, check_edge_statistic, empty_calibration_error
 from ..importance.graph import collect_calibration_statistics, stationary_importance
-from .admm import ADMMOptions, ADMMSearch, _help
+from .admm import ADMMOptions, ADMMSearch, _help, combine_scores
 from .base import SearchContext, register_method
 
 GOHSP_CITATION = {
@@ -106,9 +106,10 @@ class GOHSP(ADMMSearch):
         return UnitScores(heads=heads, neurons=energy.neuron_energy(context.model))
 
     def projection_scores(self, head_norms, neuron_norms):
+        # importance * (norm / layer max) ** e  ==  combine_scores(importance, norm ** e), as x ** e is increasing
         exponent = self.options.norm_exponent
-        return (guided_scores(self.importance.heads, head_norms, exponent),
-                guided_scores(self.importance.neurons, neuron_norms, exponent))
+        return (combine_scores(self.importance.heads, [n.double().pow(exponent) for n in head_norms]),
+                combine_scores(self.importance.neurons, [n.double().pow(exponent) for n in neuron_norms]))
 
     def ranking_sentence(self) -> str:
         options = self.options
@@ -126,15 +127,4 @@ def relative_to_layer_mean(scores: torch.Tensor) -> torch.Tensor:
     return scores / mean if mean > 0 else torch.ones_like(scores)
 
 
-def guided_scores(importance, squared_norms, exponent: float) -> list[torch.Tensor]:
-    """``importance * (squared norm / the layer's largest) ** exponent``, per layer, float64 on CPU."""
-    result = []
-    for scores, norms in zip(importance, squared_norms):
-        norms = torch.as_tensor(norms).detach().to("cpu", torch.float64)
-        largest = float(norms.max()) if norms.numel() else 0.0
-        ratio = norms / largest if largest > 0 else torch.zeros_like(norms)
-        result.append(scores.to(torch.float64) * ratio.pow(exponent))
-    return result
-
-
-__all__ = ["EDGE_STATISTICS", "GOHSP", "GOHSPOptions", "guided_scores", "relative_to_layer_mean"]
+__all__ = ["EDGE_STATISTICS", "GOHSP", "GOHSPOptions", "relative_to_layer_mean"]

@@ -68,8 +68,8 @@ def template_path(name: str = TEMPLATE_NAME) -> Path:
 
 def _summary(report: PruningReport) -> str:
     dense, pruned = report.dense_stats, report.pruned_stats
-    heads = (sum(layer.heads for layer in pruned.layers), sum(layer.heads for layer in dense.layers))
-    neurons = (sum(layer.neurons for layer in pruned.layers), sum(layer.neurons for layer in dense.layers))
+    heads = (pruned.heads, dense.heads)
+    neurons = (pruned.neurons, dense.neurons)
     base = (
         f"[{report.base_model}](https://huggingface.co/{report.base_model})"
         if report.base_model

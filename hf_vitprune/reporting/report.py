@@ -23,7 +23,7 @@ from typing import Any
 from torch import nn
 
 from ..config import PruningConfig
-from ..fileio import atomic_directory, reject_unknown_fields
+from ..fileio import atomic_directory, read_json_object, reject_unknown_fields
 from ..plan import PruningPlan
 from ..stats import ModelStats, model_stats
 
@@ -371,10 +371,5 @@ class PruningReport:
                 f"No {REPORT_FILE} at {path}. PruningTrainer.save_model() writes it; or build one with "
                 f"PruningReport.from_models(dense, pruned, pruning_config=...) and call save_pretrained(dir)."
             )
-        try:
-            return cls.from_json_string(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as error:
-            raise ValueError(
-                f"{path} is not valid JSON ({error}); re-save it with PruningReport.save_pretrained."
-            ) from None
+        return cls.from_dict(read_json_object(path, "Re-save it with PruningReport.save_pretrained."))
 

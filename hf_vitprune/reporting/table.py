@@ -86,8 +86,8 @@ def size_rows(dense: ModelStats | None, pruned: ModelStats) -> list[Row]:
     values = [
         ("Parameters", pruned.params, None if dense is None else dense.params, size_ratio),
         ("FLOPs per image", pruned.flops, None if dense is None else dense.flops, size_ratio),
-        ("Attention heads", _heads(pruned), None if dense is None else _heads(dense), fraction),
-        ("MLP neurons", _neurons(pruned), None if dense is None else _neurons(dense), fraction),
+        ("Attention heads", pruned.heads, None if dense is None else dense.heads, fraction),
+        ("MLP neurons", pruned.neurons, None if dense is None else dense.neurons, fraction),
     ]
     return [
         Row(name, MISSING if before is None else count(before), count(after),
@@ -130,12 +130,6 @@ def comparison_rows(
     return [*metric_rows(metrics_dense, metrics_pruned), *size_rows(dense, pruned), *speed_rows(speed)]
 
 
-def _heads(stats: ModelStats) -> int:
-    return sum(layer.heads for layer in stats.layers)
-
-
-def _neurons(stats: ModelStats) -> int:
-    return sum(layer.neurons for layer in stats.layers)
 
 
 # --------------------------------------------------------------------------- forms
