@@ -131,7 +131,7 @@ def _layer_scale(layer: nn.Module, module_name: str, parameter_name: str) -> tor
     return scale if isinstance(scale, torch.Tensor) else None
 
 
-def _mlp_layout(mlp: nn.Module) -> tuple[tuple[str, ...], str] | None:
+def mlp_layout(mlp: nn.Module) -> tuple[tuple[str, ...], str] | None:
     for in_names, out_name in MLP_LAYOUTS:
         if all(isinstance(getattr(mlp, n, None), nn.Linear) for n in (*in_names, out_name)):
             return in_names, out_name
@@ -145,7 +145,7 @@ def _as_encoder_layer(index: int, layer: nn.Module) -> EncoderLayer | None:
         return None
     if not all(isinstance(getattr(attention, n, None), nn.Linear) for n in ("o_proj",)):
         return None
-    layout = _mlp_layout(mlp)
+    layout = mlp_layout(mlp)
     if layout is None or not hasattr(attention, "head_dim"):
         return None
     return EncoderLayer(index, layer, attention, mlp, *layout)
@@ -184,6 +184,19 @@ def num_tokens(model: nn.Module) -> int:
             )
             return int(patch_embeddings.num_patches + extra)
     raise ValueError(f"{type(model).__name__} has no patch embeddings; cannot count its tokens.")
+
+
+def embeddings_module(model: nn.Module) -> nn.Module:
+    """The module holding ``patch_embeddings`` (and the tokens and position embeddings)."""
+    for module in model.modules():
+        if hasattr(getattr(module, "patch_embeddings", None), "projection"):
+            return module
+    raise ValueError(f"{type(model).__name__} has no patch embeddings with a projection; its width cannot be pruned.")
+
+
+def embedding_width(model: nn.Module) -> int:
+    """The residual stream's width: the patch embedding's output channels."""
+    return int(embeddings_module(model).patch_embeddings.projection.out_channels)
 
 
 def layer_tokens(model: nn.Module) -> list[int]:
@@ -258,8 +271,14 @@ class UnitKind:
     the units' channels (consecutive, ``channels`` each) so that training-time masks can gate them.
 
     Kinds own disjoint slices: a layer's cost is its fixed part plus, per kind, count times unit
-    cost, which is what lets budgets be exact. A kind cutting into another's slices (q/k dims
-    inside heads) must come with per-unit costs of the other kind that read the shapes it leaves.
+    cost, which is what lets budgets be exact. A kind cutting across another's slices (head dims
+    across heads) sets ``linear_cost=False``: it owns no slice and reports zero unit cost, its
+    effect shows in the other kind's unit costs (which read the current shapes), budgets cannot
+    select it, and ``model_stats`` costs a plan that changes it from the compacted shapes.
+    ``output_gates(layer)``, if given, names modules whose *output* channels hold the units,
+    tiled ``repeat`` times (a head-dim channel in every head of q, k and v).
+    ``default(config)``, if given, is the count every layer has unless pruned; a kind whose
+    layers all have it is not recorded in ``per_layer_config`` nor listed in statistics.
     """
 
     name: str  # plural; the PruningPlan field / JSON key and the score key, e.g. "heads"
@@ -273,10 +292,13 @@ class UnitKind:
     flops_per_unit: Callable[[EncoderLayer, int], int]
     compact: Callable[[EncoderLayer, Sequence[int]], None]
     gate: Callable[[EncoderLayer], tuple[nn.Module, int]] | None = None
+    output_gates: Callable[[EncoderLayer], tuple[tuple[nn.Module, ...], int]] | None = None
+    linear_cost: bool = True
+    default: Callable[[object], int] | None = None
 
 
 UNIT_KINDS: dict[str, UnitKind] = {}
-BUILTIN_UNIT_KINDS = ("heads", "neurons")
+BUILTIN_UNIT_KINDS = ("heads", "neurons")  # PruningPlan fields of their own
 
 
 def register_unit_kind(kind: UnitKind) -> UnitKind:
@@ -300,7 +322,7 @@ def register_unit_kind(kind: UnitKind) -> UnitKind:
 
 def unregister_unit_kind(name: str) -> None:
     """Remove a kind added with :func:`register_unit_kind` (heads and neurons are built in)."""
-    if name in BUILTIN_UNIT_KINDS:
+    if name in (*BUILTIN_UNIT_KINDS, "head_dims"):
         raise ValueError(f"Unit kind {name!r} is built in and cannot be unregistered.")
     if name not in UNIT_KINDS:
         raise ValueError(f"No unit kind {name!r} is registered; registered kinds are {list(UNIT_KINDS)}.")
@@ -446,6 +468,58 @@ register_unit_kind(
         flops_per_unit=_neuron_flops,
         compact=_compact_neurons,
         gate=lambda layer: (layer.mlp_out, 1),
+    )
+)
+
+
+# head dims: channel c of every head of a layer, cut from q, k and v alike (so q/k width = v
+# width) and from o_proj's matching input columns. The attention keeps its scaling (that of the
+# dense head_dim): the logits then equal the dense model's with those channels zeroed.
+
+
+def dense_head_dim(config) -> int:
+    """The head_dim a config's layers are built with (an explicit ``head_dim``, else hidden / heads)."""
+    head_dim = getattr(config, "head_dim", None)
+    return int(head_dim) if head_dim else config.hidden_size // config.num_attention_heads
+
+
+def _head_dim_rows(layer: EncoderLayer, channels: Sequence[int]) -> torch.Tensor:
+    """The q/k/v rows (and o_proj columns) of ``channels`` in every head of ``layer``."""
+    starts = torch.arange(layer.num_heads).reshape(-1, 1) * layer.head_dim
+    return (starts + _index(channels)).reshape(-1)
+
+
+def _compact_head_dims(layer: EncoderLayer, channels: Sequence[int]) -> None:
+    attention = layer.attention
+    rows = _head_dim_rows(layer, channels)
+    for name in ATTENTION_PROJECTIONS[:3]:
+        if hasattr(attention, name):  # an AttentionRemoved block has only o_proj
+            setattr(attention, name, sliced_linear(getattr(attention, name), rows, None))
+    attention.o_proj = sliced_linear(attention.o_proj, None, rows)
+    attention.head_dim = len(channels)  # attention.scaling stays that of the dense head_dim
+
+
+def _head_dim_gates(layer: EncoderLayer) -> tuple[tuple[nn.Module, ...], int]:
+    attention = layer.attention
+    projections = tuple(getattr(attention, n) for n in ATTENTION_PROJECTIONS[:3] if hasattr(attention, n))
+    return projections, layer.num_heads
+
+
+register_unit_kind(
+    UnitKind(
+        name="head_dims",
+        singular="head_dim",
+        label="head dims",
+        config_key="head_dim",
+        allow_empty="allow_empty_head_dims",
+        count=lambda layer: layer.head_dim,
+        parameters=lambda layer: iter(()),  # owns no slice of its own: heads own q/k/v/o
+        params_per_unit=lambda layer, shared_bias_rows: 0,
+        flops_per_unit=lambda layer, tokens: 0,
+        compact=_compact_head_dims,
+        output_gates=_head_dim_gates,
+        linear_cost=False,
+        default=dense_head_dim,
     )
 )
 

@@ -262,6 +262,12 @@ def _choices(keywords: dict[str, tuple], scores, minimums, roundings) -> list[_C
             choices.append(_Choice(kind, False, kind.name in scores, minimums.get(kind.name, 1),
                                    roundings.get(kind.name, 1), scores.get(kind.name)))
     for choice in choices:
+        if choice.pruned and not choice.kind.linear_cost:
+            raise ValueError(
+                f"Unit kind {choice.kind.name!r} cannot be selected by a budget: its units cut across another kind's "
+                f"(linear_cost=False), so their cost is not additive. Compact it first (apply_plan), then select."
+            )
+    for choice in choices:
         _check_int(choice.min_name, choice.minimum, 0)
     for choice in choices:
         _check_int(choice.round_name, choice.rounding, 1)

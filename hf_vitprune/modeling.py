@@ -51,10 +51,14 @@ from .architectures import (
     BUILTIN_UNIT_KINDS,
     UNIT_KINDS,
     Family,
+    UnitKind,
     compact_units,
+    dense_head_dim,
+    embedding_width,
     family_of,
     find_encoder_layers,
     find_shared_position_bias,
+    mlp_layout,
 )
 from .fileio import atomic_directory
 
@@ -305,6 +309,32 @@ def _stock_class_guard(family: Family, auto: str) -> dict:
     }
 
 
+def _mlp_ratio_for(mlp: nn.Module, config: PreTrainedConfig, width: int, needed: int) -> int:
+    """The smallest integer ``mlp_ratio`` with which ``type(mlp)`` builds at least ``needed`` neurons for ``width``."""
+    ratio = max(1, -(-needed // width))
+    view = copy.copy(config)
+    view.hidden_size = width
+    while True:
+        view.mlp_ratio = ratio
+        with torch.device("meta"):
+            built = type(mlp)(view)
+        in_names, out_name = mlp_layout(built)
+        if getattr(built, out_name).in_features >= needed:
+            return ratio
+        ratio += 1
+
+
+def is_recorded(kind: UnitKind, counts: list[int], config: PreTrainedConfig) -> bool:
+    """Whether ``kind``, with these per-layer ``counts``, is recorded in per_layer_config (and listed in
+    statistics): heads and neurons always; another kind where some layer has units of it, or, for a kind
+    with a ``default``, where some layer differs from it."""
+    if kind.name in BUILTIN_UNIT_KINDS:
+        return True
+    if kind.default is not None:
+        return any(n != kind.default(dense_view(config)) for n in counts)
+    return any(counts)
+
+
 def convert_to_pruned(model: nn.Module) -> nn.Module:
     """Turn a (just compacted) stock model into its pruned class, with a config built from its shapes."""
     family = family_of(model)
@@ -314,13 +344,20 @@ def convert_to_pruned(model: nn.Module) -> nn.Module:
     values = dense_view(old).to_dict()
     for key in ("model_type", "per_layer_config", "auto_map", "architectures", "transformers_version"):
         values.pop(key, None)
-    values["head_dim"] = layers[0].head_dim
+    # the width the layers are built with before compaction (and the one attention scaling derives from)
+    values["head_dim"] = dense_head_dim(dense_view(old))
     counts = [{kind.config_key: kind.count(layer) for kind in UNIT_KINDS.values()} for layer in layers]
+    width = embedding_width(model)
+    if width != values["hidden_size"]:
+        if "mlp_ratio" in values:  # DINOv2 derives the MLP width from hidden_size (an integer ratio)
+            needed = max(c["intermediate_size"] for c in counts)
+            values["mlp_ratio"] = _mlp_ratio_for(layers[0].mlp, dense_view(old), width, needed)
+        values["hidden_size"] = width
     # every layer has heads and neurons (maybe none left); another kind is recorded where the model has it
     keys = [
         kind.config_key
         for kind in UNIT_KINDS.values()
-        if kind.name in BUILTIN_UNIT_KINDS or any(c[kind.config_key] for c in counts)
+        if is_recorded(kind, [c[kind.config_key] for c in counts], old)
     ]
     for key in keys:  # a global value too, for configs that derive it (Dinov2's intermediate_size)
         values.setdefault(key, max(c[key] for c in counts))

@@ -14,6 +14,7 @@ from pathlib import Path
 from torch import nn
 
 from .architectures import BUILTIN_UNIT_KINDS, UNIT_KINDS, UnitKind, find_encoder_layers, unit_kind
+from .embedding import embedding_width
 from .fileio import atomic_directory, read_json_object
 
 PLAN_FILE = "pruning_plan.json"
@@ -79,6 +80,8 @@ class PruningPlan:
     to the model the plan is applied to. A layer may keep no unit of a kind only when that is
     allowed: ``allow_empty_attention`` (heads), ``allow_empty_mlp`` (neurons), or the kind's
     name in ``other_allow_empty``; the branch then reduces to what its units do not own.
+    ``embedding`` lists the residual-stream channels the whole model keeps (``None``: all of
+    them; see :mod:`hf_vitprune.embedding`).
     """
 
     heads: dict[int, list[int]] = field(default_factory=dict)
@@ -87,8 +90,17 @@ class PruningPlan:
     allow_empty_mlp: bool = False
     other_units: dict[str, dict[int, list[int]]] = field(default_factory=dict)
     other_allow_empty: frozenset[str] = frozenset()
+    embedding: list[int] | None = None
 
     def __post_init__(self):
+        if self.embedding is not None:
+            try:
+                kept = _index_map("embedding", {0: self.embedding})[0]
+            except ValueError as error:
+                raise ValueError(str(error).replace("embedding[0]", "embedding")) from None
+            if not kept:
+                raise ValueError("PruningPlan.embedding keeps no channel; keep at least one, or None to keep all.")
+            self.embedding = kept
         self.heads = _index_map("heads", self.heads)
         self.neurons = _index_map("neurons", self.neurons)
         if not isinstance(self.other_units, Mapping):
@@ -172,6 +184,14 @@ class PruningPlan:
 
     def _check_fits(self, model: nn.Module) -> None:
         layers = find_encoder_layers(model)
+        if self.embedding is not None:
+            width = embedding_width(model)
+            out_of_range = [i for i in self.embedding if i >= width]
+            if out_of_range:
+                raise ValueError(
+                    f"PruningPlan.embedding keeps {out_of_range}, but the model's embedding width is {width} "
+                    f"(valid indices 0..{width - 1})."
+                )
         for kind in UNIT_KINDS.values():
             name = kind.name
             for index, kept in self.units_of(name).items():
@@ -201,6 +221,8 @@ class PruningPlan:
         }
         for name, mapping in self.other_units.items():
             data[name] = {str(k): v for k, v in mapping.items()}
+        if self.embedding is not None:
+            data["embedding"] = list(self.embedding)
         for name in {*self.other_units, *self.other_allow_empty}:
             data[unit_kind(name).allow_empty] = name in self.other_allow_empty
         return data
@@ -208,7 +230,7 @@ class PruningPlan:
     @classmethod
     def from_dict(cls, data: dict) -> PruningPlan:
         data = dict(data)
-        fields = ["heads", "neurons", "allow_empty_attention", "allow_empty_mlp"]
+        fields = ["heads", "neurons", "allow_empty_attention", "allow_empty_mlp", "embedding"]
         other, allow_empty = {}, set()
         for kind in UNIT_KINDS.values():
             if kind.name in BUILTIN_UNIT_KINDS:

@@ -13,9 +13,11 @@ heads, neurons), with the tokens each layer sees, so the same numbers predict wh
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 
+import torch
 from torch import nn
 
 from .architectures import (
@@ -28,6 +30,7 @@ from .architectures import (
     layer_tokens,
     num_tokens,
 )
+from .modeling import is_recorded
 from .plan import PruningPlan
 
 
@@ -185,11 +188,29 @@ def _flops_outside_encoder(modules: list[nn.Module]) -> int:
     return flops
 
 
+def _costs_linearly(plan: PruningPlan) -> bool:
+    """Whether the per-unit costs of the model's current shapes price ``plan`` (no embedding width, no
+    kind with ``linear_cost=False`` narrowed)."""
+    return plan.embedding is None and all(kind.linear_cost or not plan.units_of(kind.name) for kind in UNIT_KINDS.values())
+
+
+def _compacted_on_meta(model: nn.Module, plan: PruningPlan) -> nn.Module:
+    """``model`` with ``plan`` applied, on the meta device: the shapes without copying any weight."""
+    from .surgery import apply_plan  # surgery imports modeling, which needs nothing from here
+
+    memo = {id(t): nn.Parameter(torch.empty_like(t, device="meta"), requires_grad=t.requires_grad)
+            for t in model.parameters()}
+    memo.update({id(t): torch.empty_like(t, device="meta") for t in model.buffers()})
+    return apply_plan(copy.deepcopy(model, memo), plan)
+
+
 def model_stats(model: nn.Module, plan: PruningPlan | None = None) -> ModelStats:
     """Total and per-layer parameters and FLOPs per image; with ``plan``, those the plan would leave."""
     family_of(model)  # other architectures (Swin, masked-image heads) would get silently wrong numbers
     if plan is not None:
         plan.validate(model)
+        if not _costs_linearly(plan):
+            return model_stats(_compacted_on_meta(model, plan))
     layers = find_encoder_layers(model)
     tokens = num_tokens(model)
     outside, outside_params = _outside_encoder(model, layers)
@@ -200,13 +221,15 @@ def model_stats(model: nn.Module, plan: PruningPlan | None = None) -> ModelStats
         table = getattr(*shared).relative_position_bias_table
         shared_rows, outside_params = table.shape[0], outside_params - table.numel()
     outside_flops = _flops_outside_encoder(outside)
+    listed = {kind.name for kind in UNIT_KINDS.values() if kind.name not in BUILTIN_UNIT_KINDS
+              and is_recorded(kind, [kind.count(layer) for layer in layers], model.config)}
     per_layer = []
     for layer, tokens_seen in zip(layers, layer_tokens(model)):
         cost = layer_cost(layer, tokens_seen, shared_rows)
         counts = {kind.name: kind.count(layer) for kind in UNIT_KINDS.values()}
         if plan is not None:
             counts = {name: len(plan.kept(name, layer.index, n)) for name, n in counts.items()}
-        other = {name: n for name, n in counts.items() if name not in BUILTIN_UNIT_KINDS and n}
+        other = {name: n for name, n in counts.items() if name in listed and n}
         params, flops = cost.params(**counts), cost.flops(**counts)
         per_layer.append(LayerStats(layer.index, counts["heads"], counts["neurons"], params, flops, other))
     return ModelStats(

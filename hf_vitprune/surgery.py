@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from .architectures import UNIT_KINDS, compact_units, family_of, find_encoder_layers, unshare_position_bias
+from .embedding import EmbeddingGate, compact_embedding
 from .modeling import convert_to_pruned
 from .plan import PruningPlan
 
@@ -33,7 +34,8 @@ def apply_plan(model: nn.Module, plan: PruningPlan | Mapping) -> nn.Module:
     ``Pruned*`` class with a config recording every layer's widths, so ``save_pretrained``
     and ``from_pretrained`` round-trip it. Masks attached with :func:`attach_masks` are dropped
     with the modules they were hooked on. Other registered unit kinds are cut by their own
-    ``UnitKind.compact``. ``plan`` may be a dict in :meth:`PruningPlan.from_dict` form.
+    ``UnitKind.compact``, the embedding width by :func:`embedding.compact_embedding`. ``plan``
+    may be a dict in :meth:`PruningPlan.from_dict` form.
     """
     family_of(model)
     plan = _as_plan(plan)
@@ -42,6 +44,8 @@ def apply_plan(model: nn.Module, plan: PruningPlan | Mapping) -> nn.Module:
     for layer in find_encoder_layers(model):
         kept = {kind.name: plan.kept(kind.name, layer.index, kind.count(layer)) for kind in UNIT_KINDS.values()}
         compact_units(layer, kept)
+    if plan.embedding is not None:
+        compact_embedding(model, plan.embedding)
     return convert_to_pruned(model)
 
 
@@ -51,22 +55,33 @@ class UnitMasks:
     A gate multiplies a unit's channels at the input of the module its kind names (a head's
     context before ``o_proj``, a neuron's activation before the MLP output projection), so a
     zero gate gives exactly the logits of the compacted model and no gradient reaches the gated
-    unit's weights through the forward pass. Gates may be fractional (soft masks). ``gates[kind]``
-    holds one tensor per layer; ``head_gates`` / ``neuron_gates`` are those of heads and neurons.
-    Use :func:`attach_masks` to create one; ``remove()`` detaches it.
+    unit's weights through the forward pass. Kinds with ``output_gates`` (head dims) multiply
+    the outputs of the modules named (q, k and v). Gates may be fractional (soft masks).
+    ``gates[kind]`` holds one tensor per layer; ``head_gates`` / ``neuron_gates`` are those of
+    heads and neurons. With ``embedding=True`` the residual stream is gated too
+    (``embedding.gate``, an :class:`EmbeddingGate`; it recomputes every LayerNorm, so it is off
+    unless asked for). Use :func:`attach_masks` to create one; ``remove()`` detaches it.
     """
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, embedding: bool = False):
         self.layers = find_encoder_layers(model)
-        kinds = [kind for kind in UNIT_KINDS.values() if kind.gate is not None]
+        kinds = [kind for kind in UNIT_KINDS.values() if kind.gate is not None or kind.output_gates is not None]
         self.gates: dict[str, list[torch.Tensor]] = {
             kind.name: [torch.ones(kind.count(layer)) for layer in self.layers] for kind in kinds
         }
         self._handles = []
         for layer in self.layers:
             for kind in kinds:
-                module, channels = kind.gate(layer)
-                self._handles.append(module.register_forward_pre_hook(self._gate(kind.name, layer.index, channels)))
+                if kind.gate is not None:
+                    module, channels = kind.gate(layer)
+                    hook = self._gate(kind.name, layer.index, channels)
+                    self._handles.append(module.register_forward_pre_hook(hook))
+                if kind.output_gates is not None:
+                    modules, copies = kind.output_gates(layer)
+                    for module in modules:
+                        hook = self._output_gate(kind.name, layer.index, copies)
+                        self._handles.append(module.register_forward_hook(hook))
+        self.embedding = EmbeddingGate(model) if embedding else None
 
     @property
     def head_gates(self) -> list[torch.Tensor]:
@@ -94,20 +109,38 @@ class UnitMasks:
 
         return hook
 
+    def _output_gate(self, kind: str, index: int, copies: int):
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+            gate = self.gates[kind][index].to(device=output.device, dtype=output.dtype)
+            return output * gate.repeat(copies)
+
+        return hook
+
     def set_plan(self, plan: PruningPlan) -> UnitMasks:
         """Gate to zero exactly the units ``plan`` drops (and open all others)."""
         _check_gateable(plan)
+        if plan.embedding is not None and self.embedding is None:
+            raise ValueError(
+                "The plan prunes the embedding width, but these masks do not gate it: create them with "
+                "UnitMasks(model, embedding=True), or use attach_masks(model, plan)."
+            )
         for layer in self.layers:
             for name, per_layer in self.gates.items():
                 gate = torch.zeros(len(per_layer[layer.index]))
                 gate[plan.kept(name, layer.index, len(gate))] = 1.0
                 per_layer[layer.index] = gate
+        if self.embedding is not None:
+            gate = torch.zeros(len(self.embedding.gate))
+            gate[plan.embedding if plan.embedding is not None else slice(None)] = 1.0
+            self.embedding.gate = gate
         return self
 
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        if self.embedding is not None:
+            self.embedding.remove()
 
     def __enter__(self) -> UnitMasks:
         return self
@@ -121,7 +154,7 @@ class UnitMasks:
 
 def _check_gateable(plan: PruningPlan) -> None:
     for kind in UNIT_KINDS.values():
-        if kind.gate is None and plan.units_of(kind.name):
+        if kind.gate is None and kind.output_gates is None and plan.units_of(kind.name):
             raise ValueError(
                 f"The plan keeps a subset of {kind.name}, but unit kind {kind.name!r} has no gate "
                 f"(UnitKind.gate), so masks cannot drop its units; use apply_plan to remove them."
@@ -129,13 +162,14 @@ def _check_gateable(plan: PruningPlan) -> None:
 
 
 def attach_masks(model: nn.Module, plan: PruningPlan | Mapping | None = None) -> UnitMasks:
-    """Attach gates to every head and MLP neuron of ``model``; with ``plan`` (or its dict), close the dropped ones."""
+    """Attach gates to every head, MLP neuron and head dim of ``model`` (and the embedding width when ``plan``
+    prunes it); with ``plan`` (or its dict), close the dropped ones."""
     family_of(model)
     if plan is not None:
         plan = _as_plan(plan)
         plan.validate(model)  # before hooking anything: a bad plan must not leave gates attached
         _check_gateable(plan)
-    masks = UnitMasks(model)
+    masks = UnitMasks(model, embedding=plan is not None and plan.embedding is not None)
     if plan is not None:
         masks.set_plan(plan)
     return masks

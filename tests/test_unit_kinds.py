@@ -263,7 +263,7 @@ def test_registry_refuses_clashes_and_builtins(adapter_kind):
                                        "allow_empty": "allow_empty_other"}))
     with pytest.raises(ValueError, match="built in"):
         unregister_unit_kind("heads")
-    assert list(UNIT_KINDS) == ["heads", "neurons", KIND]  # registry order: the budget's tie-break order
+    assert list(UNIT_KINDS) == ["heads", "neurons", "head_dims", KIND]  # registry order: the budget's tie-break order
 
 
 # --------------------------------------------------------------------------- budgets
