@@ -205,6 +205,14 @@ def layer_tokens(model: nn.Module) -> list[int]:
     return [num_tokens(model)] * len(find_encoder_layers(model))
 
 
+def meta_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with every tensor on the meta device: its shapes, without copying a weight."""
+    memo = {id(t): nn.Parameter(torch.empty_like(t, device="meta"), requires_grad=t.requires_grad)
+            for t in model.parameters()}
+    memo.update({id(t): torch.empty_like(t, device="meta") for t in model.buffers()})
+    return copy.deepcopy(model, memo)
+
+
 # --------------------------------------------------------------------------- compaction
 
 

@@ -121,13 +121,16 @@ def _head_columns(linear: nn.Linear, width: int, index: torch.Tensor) -> torch.T
     return torch.cat([index + copy * width for copy in range(copies)])
 
 
-def gated_layer_norm(norm: nn.LayerNorm, hidden: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-    """``norm`` over the channels weighted by ``gate``, its output multiplied by ``gate``.
+def gated_layer_norm(norm: nn.LayerNorm, hidden: torch.Tensor, gate: torch.Tensor,
+                     weights: torch.Tensor | None = None) -> torch.Tensor:
+    """``norm`` with its statistics over the channels weighted by ``weights`` (default: ``gate``), its output
+    multiplied by ``gate``.
 
-    With a 0/1 gate this is the LayerNorm of the kept channels (zeros elsewhere): what the
-    compacted LayerNorm computes.
+    With 0/1 weights this is the LayerNorm of the kept channels (zeros elsewhere, where the gate
+    is 0 too): what the compacted LayerNorm computes, times ``gate``.
     """
-    weights = gate / gate.sum()
+    weights = gate if weights is None else weights
+    weights = weights / weights.sum()
     mean = (hidden * weights).sum(-1, keepdim=True)
     variance = ((hidden - mean).square() * weights).sum(-1, keepdim=True)
     normed = (hidden - mean) * torch.rsqrt(variance + norm.eps)

@@ -13,11 +13,9 @@ heads, neurons), with the tokens each layer sees, so the same numbers predict wh
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 
-import torch
 from torch import nn
 
 from .architectures import (
@@ -28,6 +26,7 @@ from .architectures import (
     find_encoder_layers,
     find_shared_position_bias,
     layer_tokens,
+    meta_copy,
     num_tokens,
 )
 from .modeling import is_recorded
@@ -198,10 +197,7 @@ def _compacted_on_meta(model: nn.Module, plan: PruningPlan) -> nn.Module:
     """``model`` with ``plan`` applied, on the meta device: the shapes without copying any weight."""
     from .surgery import apply_plan  # surgery imports modeling, which needs nothing from here
 
-    memo = {id(t): nn.Parameter(torch.empty_like(t, device="meta"), requires_grad=t.requires_grad)
-            for t in model.parameters()}
-    memo.update({id(t): torch.empty_like(t, device="meta") for t in model.buffers()})
-    return apply_plan(copy.deepcopy(model, memo), plan)
+    return apply_plan(meta_copy(model), plan)
 
 
 def model_stats(model: nn.Module, plan: PruningPlan | None = None) -> ModelStats:

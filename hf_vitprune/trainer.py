@@ -57,10 +57,15 @@ from .surgery import apply_plan
 logger = hf_logging.get_logger(__name__)
 
 class SearchStepCallback(TrainerCallback):
-    """Calls the method's per-step work after every optimizer step of the search phase."""
+    """Calls the method's per-step work around every optimizer step of the search phase."""
 
     def __init__(self, trainer: PruningTrainer):
         self.trainer = trainer
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        trainer = self.trainer
+        if trainer.phase == trainer.method.phase_name:
+            trainer.method.before_optimizer_step(trainer.accelerator.unwrap_model(trainer.model))
 
     def on_step_end(self, args, state, control, **kwargs):
         trainer = self.trainer
@@ -238,6 +243,17 @@ class PruningTrainer(Trainer):
                 self.state.num_input_tokens_seen = search.num_input_tokens_seen
         self.state.max_steps = offset + max_steps
         return epochs_trained, skipped
+
+    def create_optimizer(self, *args, **kwargs):
+        """Trainer's optimizer, plus the method's own parameter groups while searching (before the scheduler
+        is made, so its schedule covers them too)."""
+        optimizer = super().create_optimizer(*args, **kwargs)
+        if self.phase == self.method.phase_name:
+            known = {id(p) for group in optimizer.param_groups for p in group["params"]}
+            for group in self.method.parameter_groups():
+                if not any(id(p) in known for p in group["params"]):
+                    optimizer.add_param_group(group)
+        return optimizer
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
         """The method may ask for its own learning-rate schedule during the search (ADMM: constant)."""

@@ -16,6 +16,7 @@ from .base import (
 from .admm import ADMMOptions, ADMMSearch, ADMMState, balance_kinds, combine_scores  # noqa: E402
 from .baselines import Magnitude, Random, RandomOptions, Taylor, TaylorOptions  # noqa: E402
 from .gohsp import GOHSP, GOHSPOptions  # noqa: E402
+from .ofb import OFB, OFBOptions  # noqa: E402
 
 DEFAULT_METHOD = GOHSP.name  # what PruningConfig() prunes with
 
@@ -33,6 +34,8 @@ __all__ = [
     "GOHSP",
     "GOHSPOptions",
     "METHODS",
+    "OFB",
+    "OFBOptions",
     "Magnitude",
     "MethodOptions",
     "PruningMethod",

@@ -7,7 +7,11 @@ drives through a few hooks; the trainer itself names no method:
 2. :meth:`PruningMethod.setup` - once, on the dense model, before the search trains (ranking,
    masks, ...). It gets a :class:`SearchContext`: the model, the budget and calibration data.
 3. :meth:`PruningMethod.loss_terms` - extra loss terms added in ``compute_loss`` while searching.
-4. :meth:`PruningMethod.on_step_end` - per optimizer step work (a callback calls it).
+4. :meth:`PruningMethod.on_step_end` - per optimizer step work (a callback calls it);
+   :meth:`PruningMethod.parameter_groups` - the method's own trainable tensors (architecture
+   logits, ...) as optimizer parameter groups; :meth:`PruningMethod.before_optimizer_step` -
+   work on their gradients (averaging them over processes: they live outside the model, so
+   DDP does not).
 5. :meth:`PruningMethod.state_dict` / :meth:`PruningMethod.load_state_dict` - the method's state,
    saved in every checkpoint so ``resume_from_checkpoint`` continues exactly.
 6. :meth:`PruningMethod.finalize` - after the search: the :class:`~hf_vitprune.plan.PruningPlan`
@@ -124,6 +128,14 @@ class PruningMethod:
 
     def on_step_end(self, model: nn.Module, step: int) -> None:
         """Per-step work of the search, after optimizer step ``step`` (1-based, of the search phase)."""
+
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """Optimizer parameter groups (``{"params": [...], "lr": ..., ...}``) of the method's own trainable
+        tensors, added to the search phase's optimizer after the model's groups."""
+        return []
+
+    def before_optimizer_step(self, model: nn.Module) -> None:
+        """Called on every process right before each optimizer step of the search."""
 
     def finalize(self, model: nn.Module) -> PruningPlan:
         """End the search: leave ``model`` ready to compact and return the plan to compact it to."""

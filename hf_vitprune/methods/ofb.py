@@ -1,0 +1,623 @@
+"""OFB (Ye et al., CVPR 2024, "Once for Both"): one search for importance and sparsity, over heads,
+head dims, MLP width and the embedding width, with a differentiable bi-mask.
+
+Every searched *module* (a layer's heads, head dims or MLP neurons; the model's embedding
+width) has
+
+- a learned importance score per unit, ``s`` (its mask is ``sigmoid(s)``), and
+- logits ``alpha`` over candidate widths (prefixes of the units ranked by importance); with
+  ``p = softmax(alpha)`` the expected prefix mask of the unit ranked ``r`` is ``P(width > r)``.
+
+The forward multiplies each unit by ``w * sigmoid(s) + (1 - w) * M``; ``w`` falls linearly from
+``mix_start`` to ``mix_end`` over the warm-up, moving the search from importance to sparsity.
+Heads multiply the attention output before o_proj, head dims the outputs of q, k and v, neurons
+the MLP activation, and the embedding width every residual LayerNorm (its statistics weighted
+by ``M``, its output multiplied; see :mod:`hf_vitprune.embedding`).
+
+Loss terms: per module the adaptive one-hot loss ``H(p) + tan(pi/2 - pi * sigma_hat) / K``
+(``sigma_hat`` the variance of ``p`` over its maximum, clamped away from 0 and 1), a FLOPs (or
+parameter) constraint ``((cost(E[widths]) - target) / dense)^2`` from
+:class:`~hf_vitprune.methods.width_cost.WidthCost`, and an L1 term on ``sigmoid(s)``. The scores
+and logits are the method's own parameter groups, with their own learning rates; their
+gradients are averaged over processes before each step.
+
+Progressive shrinking: every ``shrink_interval`` steps after the warm-up the logits are averaged
+over processes and candidates with probability below ``shrink_threshold / K`` are dropped; a
+module left with one candidate is fixed.
+
+At the end each module takes its most likely remaining width; the remaining multipliers are
+fused into the weights; then a final exact selection of heads and neurons (search-kept units
+first, by importance) brings the model onto the budget, which the expected-width constraint
+only approaches. PMIM (:mod:`hf_vitprune.methods.pmim`, on by default) masks a growing share of
+patches and adds a reconstruction loss. Departures from the paper (docs/methods.md): candidates
+are dropped from the distribution but the weights stay full size until the end (no mid-search
+physical slicing); the LayerNorm statistics follow the embedding mask so that the fused,
+compacted model equals the searched one.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..architectures import embedding_width, find_encoder_layers, meta_copy
+from ..budget import Budget, select_plan
+from ..distillation import classification_logits
+from ..embedding import gated_layer_norm, residual_layer_norms
+from ..plan import PruningPlan
+from ..stats import model_stats
+from ..surgery import apply_plan
+from .base import MethodOptions, PruningMethod, SearchContext, register_method
+from .pmim import PatchMaskReconstruction
+from .width_cost import WidthCost
+
+logger = logging.getLogger(__name__)
+
+OFB_CITATION = {
+    "what": "OFB (Ye et al., CVPR 2024, arXiv:2403.15835)",
+    "bibtex": """@inproceedings{ye2024once,
+  title = {Once for Both: Single Stage of Importance and Sparsity Search for Vision Transformer Compression},
+  author = {Ye, Hancheng and Yu, Chong and Ye, Peng and Xia, Renqiu and Tang, Yansong and Lu, Jiwen and Chen, Tao and Zhang, Bo},
+  booktitle = {Proceedings of the IEEE/CVF Conference on Computer Vision and Pattern Recognition (CVPR)},
+  year = {2024},
+  eprint = {2403.15835},
+  archivePrefix = {arXiv}
+}""",
+}
+
+KINDS = ("heads", "head_dims", "neurons", "embedding")
+PREFIX = "ofb."
+PMIM_PREFIX = "ofb.pmim."
+
+
+def _help(text: str, **kwargs) -> dict:
+    return {"metadata": {"help": text}, **kwargs}
+
+
+@dataclass
+class OFBOptions(MethodOptions):
+    """The OFB search: what it searches, its candidate grids, loss weights and schedule."""
+
+    search_fraction: float = field(
+        default=0.5, **_help("Share of the training steps spent searching; the rest fine-tunes the compacted model.")
+    )
+    warmup_fraction: float = field(
+        default=0.2, **_help("Share of the search over which the mask mixing weight moves from importance to sparsity.")
+    )
+    mix_start: float = field(default=0.99, **_help("Mixing weight of the importance mask at the start of the search."))
+    mix_end: float = field(default=0.1, **_help("Mixing weight of the importance mask after the warm-up."))
+    search_head_dims: bool = field(default=True, **_help("Search each layer's head dim (q/k/v width)."))
+    search_embedding: bool = field(default=True, **_help("Search the embedding width (the residual stream)."))
+    head_step: int = field(default=2, **_help("Candidate head counts are multiples of this (and all heads)."))
+    min_head_dim_fraction: float = field(
+        default=0.25, **_help("Smallest candidate head dim, as a fraction of the dense one (paper: 1/4).")
+    )
+    min_mlp_fraction: float = field(
+        default=0.25, **_help("Smallest candidate MLP width, as a fraction of the dense one (paper: 1/4).")
+    )
+    min_embedding_fraction: float = field(
+        default=0.5, **_help("Smallest candidate embedding width, as a fraction of the dense one (paper: 1/2).")
+    )
+    grid_steps: int = field(
+        default=8, **_help("Candidate widths step by 1/grid_steps of the dense width (head dims, MLP; paper: 8).")
+    )
+    embedding_grid_steps: int = field(default=16, **_help("The same for the embedding width."))
+    flops_weight: float = field(default=5.0, **_help("Weight of the squared relative budget constraint."))
+    one_hot_weight: float = field(default=0.5, **_help("Weight of the adaptive one-hot loss (mean over modules)."))
+    l1_weight: float = field(default=1e-4, **_help("Weight of the L1 term on the importance masks (summed)."))
+    score_learning_rate: float = field(default=5e-2, **_help("Learning rate of the importance scores."))
+    arch_learning_rate: float = field(default=5e-2, **_help("Learning rate of the architecture logits."))
+    initial_score: float = field(default=3.0, **_help("Initial importance score (sigmoid(3) = 0.95: nearly all on)."))
+    shrink_interval: int = field(default=10, **_help("Optimizer steps between progressive-shrinking checks."))
+    shrink_threshold: float = field(
+        default=0.2, **_help("A candidate whose probability is below shrink_threshold / K is dropped (K: active ones).")
+    )
+    pmim: bool = field(
+        default=True, **_help("Progressive masked image modelling during the search: reconstruct masked patches.")
+    )
+    mask_ratio_start: float = field(default=0.05, **_help("Share of patches PMIM masks at the start of the search."))
+    mask_ratio_end: float = field(default=0.25, **_help("Share of patches PMIM masks from the end of the warm-up on."))
+    pmim_weight: float = field(
+        default=1.0, **_help("Weight of the PMIM loss after it is rescaled to the size of the classification loss.")
+    )
+    decoder_learning_rate: float = field(default=1e-3, **_help("Learning rate of PMIM's decoder and mask token."))
+
+    def __post_init__(self):
+        super().__post_init__()
+        for name in ("search_fraction",):
+            self._check_number(name, low=0, high=1)
+        for name in ("warmup_fraction", "mix_end"):
+            self._check_number(name, low=0, high=1, low_open=False)
+        self._check_number("mix_start", low=0, high=1, high_open=False)
+        for name in ("min_head_dim_fraction", "min_mlp_fraction", "min_embedding_fraction"):
+            self._check_number(name, low=0, high=1, high_open=False)
+        for name in ("head_step", "grid_steps", "embedding_grid_steps", "shrink_interval"):
+            self._check_int(name, 1)
+        for name in ("flops_weight", "one_hot_weight", "l1_weight"):
+            self._check_number(name, low=0, low_open=False)
+        for name in ("score_learning_rate", "arch_learning_rate", "shrink_threshold"):
+            self._check_number(name, low=0)
+        self._check_number("initial_score")
+        for name in ("mask_ratio_start", "mask_ratio_end"):
+            self._check_number(name, low=0, high=1, low_open=False)
+        self._check_number("pmim_weight", low=0, low_open=False)
+        self._check_number("decoder_learning_rate", low=0)
+        for name in ("search_head_dims", "search_embedding", "pmim"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"OFBOptions.{name}={getattr(self, name)!r} must be True or False.")
+
+
+def _grid(size: int, smallest: float, steps: int) -> list[int]:
+    """Candidate widths: from ``smallest * size`` to ``size`` in steps of ``size / steps`` (at least 1)."""
+    step = max(1, size // steps)
+    low = max(1, math.ceil(smallest * size))
+    return sorted({*range(low, size + 1, step), size})
+
+
+@dataclass
+class SearchedModule:
+    """One searched width: a layer's heads, head dims or neurons, or (``layer`` None) the embedding width."""
+
+    kind: str
+    layer: int | None
+    size: int
+    candidates: list[int]
+
+    @property
+    def key(self) -> str:
+        return self.kind if self.layer is None else f"{self.kind}.{self.layer}"
+
+
+def searched_modules(model: nn.Module, config, options: OFBOptions) -> list[SearchedModule]:
+    """The modules OFB searches on ``model``, in a fixed order (every process derives the same)."""
+    modules = []
+    for layer in find_encoder_layers(model):
+        if config.prune_heads:
+            heads = layer.num_heads
+            grid = sorted({*range(options.head_step, heads + 1, options.head_step), heads})
+            modules.append(SearchedModule("heads", layer.index, heads, grid))
+        if options.search_head_dims:
+            d = layer.head_dim
+            modules.append(SearchedModule("head_dims", layer.index, d, _grid(d, options.min_head_dim_fraction,
+                                                                                options.grid_steps)))
+        if config.prune_neurons:
+            f = layer.num_neurons
+            modules.append(SearchedModule("neurons", layer.index, f, _grid(f, options.min_mlp_fraction,
+                                                                              options.grid_steps)))
+    if options.search_embedding:
+        width = embedding_width(model)
+        modules.append(SearchedModule("embedding", None, width, _grid(width, options.min_embedding_fraction,
+                                                                      options.embedding_grid_steps)))
+    return modules
+
+
+class BiMask(nn.Module):
+    """The scores and architecture logits of every searched module, and the multipliers they give."""
+
+    def __init__(self, modules: list[SearchedModule], initial_score: float, device=None):
+        super().__init__()
+        self.searched = modules
+        self.scores = nn.ParameterList(
+            [nn.Parameter(torch.full((m.size,), float(initial_score), device=device)) for m in modules])
+        self.logits = nn.ParameterList(
+            [nn.Parameter(torch.zeros(len(m.candidates), device=device)) for m in modules])
+        for i, m in enumerate(modules):
+            self.register_buffer(f"active_{i}", torch.ones(len(m.candidates), dtype=torch.bool, device=device))
+            self.register_buffer(f"candidates_{i}", torch.tensor(m.candidates, dtype=torch.float32, device=device))
+
+    def active(self, i: int) -> torch.Tensor:
+        return getattr(self, f"active_{i}")
+
+    def candidates(self, i: int) -> torch.Tensor:
+        return getattr(self, f"candidates_{i}")
+
+    def probabilities(self, i: int) -> torch.Tensor:
+        logits = self.logits[i].masked_fill(~self.active(i), float("-inf"))
+        return torch.softmax(logits, dim=0)
+
+    def ranks(self, i: int) -> torch.Tensor:
+        """Each unit's rank by importance (0: most important); ties broken by index, identically everywhere."""
+        order = torch.argsort(-self.scores[i].detach(), stable=True)
+        ranks = torch.empty_like(order)
+        ranks[order] = torch.arange(len(order), device=order.device)
+        return ranks
+
+    def prefix_mask(self, i: int) -> torch.Tensor:
+        """``M``: the probability that the unit's rank falls inside the chosen width."""
+        inside = (self.candidates(i)[None, :] > self.ranks(i)[:, None].to(torch.float32)).to(torch.float32)
+        return inside @ self.probabilities(i)
+
+    def expected_width(self, i: int) -> torch.Tensor:
+        return (self.probabilities(i) * self.candidates(i)).sum()
+
+    def chosen_width(self, i: int) -> int:
+        """The most likely active candidate (the first of equals)."""
+        probabilities = self.probabilities(i).detach()
+        return int(self.searched[i].candidates[int(torch.argmax(probabilities))])
+
+    def multipliers(self, mix: float) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(multiplier, prefix mask) of every module: ``mix * sigmoid(s) + (1 - mix) * M``."""
+        result = []
+        for i in range(len(self.searched)):
+            prefix = self.prefix_mask(i)
+            result.append((mix * torch.sigmoid(self.scores[i]) + (1 - mix) * prefix, prefix))
+        return result
+
+
+def one_hot_loss(probabilities: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+    """OFB's adaptive one-hot loss: entropy + tan(pi/2 - pi * sigma_hat) / K over the active candidates."""
+    p = probabilities[active]
+    k = p.numel()
+    if k <= 1:
+        return probabilities.sum() * 0
+    entropy = -(p * torch.log(p.clamp_min(1e-12))).sum()
+    sigma_hat = ((p.square().sum() - 1 / k) / (1 - 1 / k)).clamp(0.02, 0.98)
+    return entropy + torch.tan(math.pi / 2 - math.pi * sigma_hat) / k
+
+
+@register_method
+class OFB(PruningMethod):
+    name = "ofb"
+    options_class = OFBOptions
+    phase_name = "search"
+    description = (
+        "OFB (Once for Both): a one-stage differentiable search of importance and width over attention heads, "
+        "head dims, MLP width and the embedding width, with a bi-mask and progressive shrinking."
+    )
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.mask: BiMask | None = None
+        self.pmim: PatchMaskReconstruction | None = None
+        self.seed = 0
+        self.cost: WidthCost | None = None
+        self.step = 0
+        self.total_steps = 0
+        self.target = 0.0
+        self.dense_measure = 0.0
+        self._hooks = []
+        self._current: list | None = None
+        self._logs: dict[str, float] = {}
+        self.searched_widths: dict | None = None
+
+    # ------------------------------------------------------------------ the hooks
+
+    def search_steps(self, total_steps: int) -> int:
+        return min(max(1, round(total_steps * self.options.search_fraction)), total_steps - 1)
+
+    def setup(self, context: SearchContext) -> None:
+        model, budget = context.model, context.budget
+        self.seed = context.seed
+        self._build(model, context.search_steps)
+        dense = model_stats(model)
+        self.dense_measure = float(budget.measure(dense))
+        self.target = (1 - budget.fraction) * self.dense_measure
+        smallest = self._cost_at([min(m.candidates) for m in self.mask.searched], model)
+        if smallest > self.target:
+            raise ValueError(
+                f"{budget.target_name}={budget.fraction:g} asks for at most {self.target:,.0f} {budget.unit_name}, but "
+                f"the narrowest model OFB's candidate grid allows has {smallest:,.0f}. Lower the minimum fractions "
+                f"(min_head_dim_fraction, min_mlp_fraction, min_embedding_fraction), search more kinds, or ask for a "
+                f"smaller reduction."
+            )
+
+    def _build(self, model: nn.Module, search_steps: int) -> None:
+        device = next(model.parameters()).device
+        self.mask = BiMask(searched_modules(model, self.config, self.options), self.options.initial_score, device)
+        self.cost = WidthCost(model)
+        self.total_steps = search_steps
+        self._attach(model)
+        if self.options.pmim:
+            self.pmim = PatchMaskReconstruction(model, seed=self.seed).to(device)
+            self._schedule_pmim()
+
+    def _schedule_pmim(self) -> None:
+        warmup = max(1, round(self.options.warmup_fraction * self.total_steps))
+        progress = min(1.0, self.step / warmup)
+        o = self.options
+        self.pmim.step = self.step
+        self.pmim.ratio = o.mask_ratio_start + (o.mask_ratio_end - o.mask_ratio_start) * progress
+
+    def _own_parameters(self) -> list[nn.Parameter]:
+        return [*self.mask.parameters(), *(self.pmim.parameters() if self.pmim is not None else ())]
+
+    def _attach(self, model: nn.Module) -> None:
+        layers = find_encoder_layers(model)
+        self._hooks.append(model.register_forward_pre_hook(self._refresh))
+        for i, module in enumerate(self.mask.searched):
+            if module.kind == "heads":
+                layer = layers[module.layer]
+                self._hooks.append(layer.attention.o_proj.register_forward_pre_hook(self._head_hook(i, layer)))
+            elif module.kind == "head_dims":
+                layer = layers[module.layer]
+                for name in ("q_proj", "k_proj", "v_proj"):
+                    hook = self._head_dim_hook(i, layer)
+                    self._hooks.append(getattr(layer.attention, name).register_forward_hook(hook))
+            elif module.kind == "neurons":
+                self._hooks.append(layers[module.layer].mlp_out.register_forward_pre_hook(self._neuron_hook(i)))
+            else:
+                for norm in residual_layer_norms(model):
+                    self._hooks.append(norm.register_forward_hook(self._embedding_hook(i)))
+
+    def _detach(self) -> None:
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks.clear()
+        self._current = None
+
+    @property
+    def mix(self) -> float:
+        warmup = max(1, round(self.options.warmup_fraction * self.total_steps))
+        progress = min(1.0, self.step / warmup)
+        return self.options.mix_start + (self.options.mix_end - self.options.mix_start) * progress
+
+    def _refresh(self, module, args):
+        self._current = self.mask.multipliers(self.mix)
+
+    def _multiplier(self, i: int, like: torch.Tensor) -> torch.Tensor:
+        return self._current[i][0].to(dtype=like.dtype)
+
+    def _head_hook(self, i: int, layer):
+        def hook(module, args):
+            hidden = args[0]
+            gate = self._multiplier(i, hidden).repeat_interleave(layer.head_dim)
+            return (hidden * gate, *args[1:])
+        return hook
+
+    def _head_dim_hook(self, i: int, layer):
+        def hook(module, args, output):
+            return output * self._multiplier(i, output).repeat(layer.num_heads)
+        return hook
+
+    def _neuron_hook(self, i: int):
+        def hook(module, args):
+            return (args[0] * self._multiplier(i, args[0]), *args[1:])
+        return hook
+
+    def _embedding_hook(self, i: int):
+        def hook(norm, args, output):
+            hidden = args[0]
+            multiplier, prefix = self._current[i]
+            return gated_layer_norm(norm, hidden, multiplier.to(hidden.dtype), weights=prefix.to(hidden.dtype))
+        return hook
+
+    def parameter_groups(self) -> list[dict]:
+        groups = [
+            {"params": list(self.mask.scores), "lr": self.options.score_learning_rate, "weight_decay": 0.0},
+            {"params": list(self.mask.logits), "lr": self.options.arch_learning_rate, "weight_decay": 0.0},
+        ]
+        if self.pmim is not None:
+            groups.append({"params": list(self.pmim.parameters()), "lr": self.options.decoder_learning_rate,
+                           "weight_decay": 0.0})
+        return groups
+
+    def before_optimizer_step(self, model: nn.Module) -> None:
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return
+        world = torch.distributed.get_world_size()
+        for parameter in self._own_parameters():
+            if parameter.grad is not None:
+                torch.distributed.all_reduce(parameter.grad)
+                parameter.grad /= world
+
+    def _widths(self, values: list, model: nn.Module) -> tuple[list, list, list, object]:
+        """(heads, head dims, neurons per layer, embedding width), searched values where searched."""
+        layers = find_encoder_layers(model)
+        heads = [layer.num_heads for layer in layers]
+        dims = [layer.head_dim for layer in layers]
+        neurons = [layer.num_neurons for layer in layers]
+        width = embedding_width(model)
+        for module, value in zip(self.mask.searched, values):
+            if module.kind == "heads":
+                heads[module.layer] = value
+            elif module.kind == "head_dims":
+                dims[module.layer] = value
+            elif module.kind == "neurons":
+                neurons[module.layer] = value
+            else:
+                width = value
+        return heads, dims, neurons, width
+
+    def _cost_at(self, values: list, model: nn.Module):
+        return self.cost.measure(self.config.budget.metric, *self._widths(values, model))
+
+    def loss_terms(self, model, inputs, outputs) -> dict[str, torch.Tensor]:
+        mask, options = self.mask, self.options
+        expected = [mask.expected_width(i) for i in range(len(mask.searched))]
+        cost = self._cost_at(expected, model)
+        constraint = ((cost - self.target) / self.dense_measure).square()
+        one_hot = torch.stack([one_hot_loss(mask.probabilities(i), mask.active(i))
+                               for i in range(len(mask.searched))]).mean()
+        l1 = sum(torch.sigmoid(s).sum() for s in mask.scores)
+        self._logs["ofb_expected_cost_ratio"] = float(cost.detach()) / self.dense_measure
+        terms = {
+            "ofb_budget": options.flops_weight * constraint,
+            "ofb_one_hot": options.one_hot_weight * one_hot,
+            "ofb_l1": options.l1_weight * l1,
+        }
+        reconstruction = self.pmim.loss() if self.pmim is not None else None
+        if reconstruction is not None:
+            logits = classification_logits(outputs)[0]
+            label_loss = nn.functional.cross_entropy(logits.detach().float(), inputs["labels"])
+            scale = (label_loss / reconstruction.detach().clamp_min(1e-12)).detach()
+            terms["ofb_pmim"] = options.pmim_weight * scale * reconstruction
+        return terms
+
+    def on_step_end(self, model, step: int) -> None:
+        for parameter in self._own_parameters():  # Trainer zeroes the model's gradients only
+            parameter.grad = None
+        self.step = step
+        if self.pmim is not None:
+            self._schedule_pmim()
+        warmup = round(self.options.warmup_fraction * self.total_steps)
+        if step > warmup and step % self.options.shrink_interval == 0:
+            self.shrink()
+
+    @torch.no_grad()
+    def shrink(self) -> None:
+        """Average the logits over processes, then drop candidates below ``shrink_threshold / K``."""
+        mask = self.mask
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        for i in range(len(mask.searched)):
+            if distributed:
+                torch.distributed.all_reduce(mask.logits[i].data)
+                mask.logits[i].data /= torch.distributed.get_world_size()
+            active = mask.active(i)
+            k = int(active.sum())
+            if k <= 1:
+                continue
+            probabilities = mask.probabilities(i)
+            keep = active & (probabilities >= self.options.shrink_threshold / k)
+            keep[int(torch.argmax(probabilities))] = True
+            active.copy_(keep)
+        self._logs["ofb_active_candidates"] = float(sum(int(mask.active(i).sum()) for i in range(len(mask.searched))))
+
+    def log_values(self) -> dict[str, float]:
+        return dict(self._logs)
+
+    # ------------------------------------------------------------------ the end of the search
+
+    @torch.no_grad()
+    def finalize(self, model) -> PruningPlan:
+        """Fuse the remaining multipliers into the weights at the chosen widths; exact budget on heads/neurons."""
+        mask = self.mask
+        self._detach()
+        if self.pmim is not None:
+            self.pmim.remove()
+            self.pmim = None
+        layers = find_encoder_layers(model)
+        kept: dict[str, dict] = {kind: {} for kind in KINDS}
+        scales: dict[str, dict] = {kind: {} for kind in KINDS}
+        searched = {}
+        for i, module in enumerate(mask.searched):
+            width = mask.chosen_width(i)
+            ranks = mask.ranks(i)
+            inside = (ranks < width).to(torch.float32)
+            scale = self.mix * torch.sigmoid(mask.scores[i]) + (1 - self.mix) * inside
+            units = sorted(torch.nonzero(ranks < width).flatten().tolist())
+            kept[module.kind][module.layer] = units
+            scales[module.kind][module.layer] = scale
+            searched[module.key] = width
+        self.searched_widths = searched
+        for layer_index, scale in scales["heads"].items():
+            layer = layers[layer_index]
+            o_proj = layer.attention.o_proj
+            o_proj.weight.mul_(scale.to(o_proj.weight).repeat_interleave(layer.head_dim)[None, :])
+        for layer_index, scale in scales["head_dims"].items():
+            layer = layers[layer_index]
+            for name in ("q_proj", "k_proj", "v_proj"):
+                linear = getattr(layer.attention, name)
+                rows = scale.to(linear.weight).repeat(layer.num_heads)
+                linear.weight.mul_(rows[:, None])
+                if linear.bias is not None:
+                    linear.bias.mul_(rows)
+        for layer_index, scale in scales["neurons"].items():
+            out = layers[layer_index].mlp_out
+            out.weight.mul_(scale.to(out.weight)[None, :])
+        for scale in scales["embedding"].values():
+            for norm in residual_layer_norms(model):
+                if norm.weight is not None:
+                    norm.weight.mul_(scale.to(norm.weight))
+                if norm.bias is not None:
+                    norm.bias.mul_(scale.to(norm.bias))
+        narrowing = PruningPlan(other_units={"head_dims": kept["head_dims"]},
+                                embedding=kept["embedding"].get(None))
+        plan = self._exact_selection(model, narrowing, kept, mask)
+        self.mask = None
+        return plan
+
+    def _exact_selection(self, model, narrowing: PruningPlan, kept: dict, mask: BiMask) -> PruningPlan:
+        """Heads and neurons chosen to meet the budget on the narrowed model: the units the search kept
+        first, then by importance score (so the search's widths hold unless the budget needs more or less)."""
+        budget = self.config.budget
+        narrowed = apply_plan(meta_copy(model), narrowing)
+        current = float(budget.measure(model_stats(narrowed)))
+        scores = {"heads": [], "neurons": []}
+        score_of = {(m.kind, m.layer): i for i, m in enumerate(mask.searched)}
+        for layer in find_encoder_layers(model):
+            for kind, size in (("heads", layer.num_heads), ("neurons", layer.num_neurons)):
+                i = score_of.get((kind, layer.index))
+                if i is None:
+                    scores[kind].append(torch.ones(size, dtype=torch.float64))
+                    continue
+                score = torch.sigmoid(mask.scores[i].detach().double().cpu())
+                bonus = torch.zeros(size, dtype=torch.float64)
+                bonus[kept[kind][layer.index]] = 1.0
+                scores[kind].append(score + bonus)
+        fraction = 1 - self.target / current
+        heads_neurons = {}
+        if fraction > 0:
+            arguments = self.config.selection_arguments()
+            for key in ("target_sparsity", "target_flops_reduction"):
+                arguments.pop(key)
+            selected = select_plan(narrowed, scores["heads"], scores["neurons"],
+                                   budget=Budget(budget.metric, fraction), **arguments)
+            heads_neurons = {"heads": selected.heads, "neurons": selected.neurons,
+                             "allow_empty_attention": selected.allow_empty_attention,
+                             "allow_empty_mlp": selected.allow_empty_mlp}
+        else:
+            logger.warning("OFB: the searched head dims and embedding width alone remove more than the budget "
+                           "(%.1f%% of the dense %s left); heads and MLP neurons are all kept.",
+                           100 * current / self.dense_measure, budget.unit_name)
+        return PruningPlan(**heads_neurons, other_units=narrowing.other_units, embedding=narrowing.embedding)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        if self.mask is None:
+            return {}
+        tensors = {f"{PREFIX}{k}": v.detach().clone() for k, v in self.mask.state_dict().items()}
+        if self.pmim is not None:
+            tensors.update({f"{PMIM_PREFIX}{k}": v.detach().clone() for k, v in self.pmim.state_dict().items()})
+        tensors[f"{PREFIX}seed"] = torch.tensor(self.seed, dtype=torch.int64)
+        tensors[f"{PREFIX}step"] = torch.tensor(self.step, dtype=torch.int64)
+        tensors[f"{PREFIX}total_steps"] = torch.tensor(self.total_steps, dtype=torch.int64)
+        tensors[f"{PREFIX}target"] = torch.tensor(self.target, dtype=torch.float64)
+        tensors[f"{PREFIX}dense_measure"] = torch.tensor(self.dense_measure, dtype=torch.float64)
+        return tensors
+
+    def load_state_dict(self, state: dict[str, torch.Tensor], model) -> None:
+        pmim = {k[len(PMIM_PREFIX):]: v for k, v in state.items() if k.startswith(PMIM_PREFIX)}
+        own = {k[len(PREFIX):]: v for k, v in state.items() if k.startswith(PREFIX) and not k.startswith(PMIM_PREFIX)}
+        if not own:
+            return  # a fine-tuning checkpoint: the search is over
+        self.seed = int(own.pop("seed", torch.tensor(0)))
+        self.step = int(own.pop("step"))
+        self._build(model, int(own.pop("total_steps")))
+        self.target = float(own.pop("target"))
+        self.dense_measure = float(own.pop("dense_measure"))
+        device = next(model.parameters()).device
+        self.mask.load_state_dict({k: v.to(device) for k, v in own.items()})
+        if self.pmim is not None:
+            self.pmim.load_state_dict({k: v.to(device) for k, v in pmim.items()})
+
+    # ------------------------------------------------------------------ the card
+
+    def card_recipe(self) -> list[str]:
+        o = self.options
+        searched = ["heads" if self.config.prune_heads else None, "head dims" if o.search_head_dims else None,
+                    "MLP width" if self.config.prune_neurons else None,
+                    "embedding width" if o.search_embedding else None]
+        lines = [
+            f"Schedule: an OFB search over {', '.join(s for s in searched if s)} for the first {o.search_fraction:.0%} "
+            f"of the optimizer steps (mask mixing weight {o.mix_start} -> {o.mix_end} over the first "
+            f"{o.warmup_fraction:.0%} of the search, candidates below {o.shrink_threshold}/K dropped every "
+            f"{o.shrink_interval} steps after it), then the remaining multipliers fused into the weights, an exact "
+            f"selection of heads and neurons onto the budget, physical compaction, and fine-tuning of the compacted "
+            f"model for the remaining steps.",
+            f"Loss: classification + {o.flops_weight} x squared relative budget gap + {o.one_hot_weight} x adaptive "
+            f"one-hot loss + {o.l1_weight} x L1 of the importance masks"
+            + (f" + {o.pmim_weight} x PMIM reconstruction of masked patches ({o.mask_ratio_start:.0%} -> "
+               f"{o.mask_ratio_end:.0%} of the patches over the warm-up), rescaled to the classification loss."
+               if o.pmim else "."),
+        ]
+        if self.searched_widths:
+            lines.append("Searched widths: " + ", ".join(f"{k} {v}" for k, v in self.searched_widths.items()) + ".")
+        return lines
+
+    def citations(self) -> list[dict[str, str]]:
+        return [OFB_CITATION]

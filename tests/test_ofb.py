@@ -1,0 +1,334 @@
+"""OFB: the width cost, the bi-mask, the exact budget, resume, two processes, the card, bad input."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from datasets import Dataset
+from safetensors.torch import load_file
+from sklearn.datasets import load_digits
+from transformers import TrainerCallback, TrainingArguments, ViTConfig, ViTForImageClassification
+
+from conftest import ARCHITECTURES, build_model
+from hf_vitprune import PruningConfig, PruningPlan, PruningTrainer, attach_masks, model_stats
+from hf_vitprune.architectures import find_encoder_layers
+from hf_vitprune.methods.ofb import OFB, BiMask, one_hot_loss, searched_modules
+from hf_vitprune.methods.width_cost import WidthCost
+
+SCRIPTS = Path(__file__).parent / "scripts"
+
+
+# --------------------------------------------------------------------------- the width cost
+
+
+@pytest.mark.parametrize("arch", list(ARCHITECTURES))
+def test_width_cost_equals_model_stats_at_integer_widths(arch):
+    model = build_model(arch)
+    cost = WidthCost(model)
+    rng = random.Random(arch)
+    layers = find_encoder_layers(model)
+    for _ in range(3):
+        heads = [rng.randint(1, layer.num_heads) for layer in layers]
+        dims = [rng.randint(1, layer.head_dim) for layer in layers]
+        neurons = [rng.randint(1, layer.num_neurons) for layer in layers]
+        width = rng.randint(8, model.config.hidden_size)
+        plan = PruningPlan(
+            heads={i: list(range(h)) for i, h in enumerate(heads)},
+            neurons={i: list(range(f)) for i, f in enumerate(neurons)},
+            other_units={"head_dims": {i: list(range(d)) for i, d in enumerate(dims)}},
+            embedding=list(range(width)),
+        )
+        stats = model_stats(model, plan)
+        assert cost.params(heads, dims, neurons, width) == pytest.approx(stats.params, abs=1e-6)
+        assert cost.flops(heads, dims, neurons, width) == pytest.approx(stats.flops, abs=1e-6)
+
+
+# --------------------------------------------------------------------------- the bi-mask
+
+
+def _ofb_on(model, **options) -> OFB:
+    config = PruningConfig(method="ofb", target_flops_reduction=0.3, **options)
+    method = OFB(config)
+    method._build(model, search_steps=10)
+    return method
+
+
+@pytest.mark.parametrize("arch", ["vit", "beit_layer_bias", "dinov2_swiglu"])
+def test_mix_one_is_the_importance_masked_model(arch, pixel_values):
+    """With the mixing weight at 1 every unit is multiplied by sigmoid(s): UnitMasks with those gates agrees."""
+    model = build_model(arch)
+    reference = copy.deepcopy(model)
+    method = _ofb_on(model, search_embedding=False)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for scores in method.mask.scores:
+            scores.copy_(torch.randn(scores.shape, generator=generator))
+    method.step, method.options.mix_start = 0, 1.0
+    with torch.no_grad():
+        got = model(pixel_values=pixel_values).logits
+        with attach_masks(reference) as masks:
+            for module, scores in zip(method.mask.searched, method.mask.scores):
+                masks.gates[module.kind][module.layer] = torch.sigmoid(scores)
+            want = reference(pixel_values=pixel_values).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["vit", "deit_teacher", "beit_shared_bias", "dinov2"])
+def test_one_hot_distributions_give_the_prefix_masked_model(arch, pixel_values):
+    """mix 0 and one active candidate per module: the forward is the hard plan's, embedding included."""
+    model = build_model(arch)
+    reference = copy.deepcopy(model)
+    method = _ofb_on(model)
+    mask = method.mask
+    generator = torch.Generator().manual_seed(1)
+    kept = {"heads": {}, "head_dims": {}, "neurons": {}, "embedding": None}
+    with torch.no_grad():
+        for i, module in enumerate(mask.searched):
+            mask.scores[i].copy_(torch.randn(module.size, generator=generator))
+            choice = int(torch.randint(len(module.candidates), (1,), generator=generator))
+            mask.active(i).zero_()
+            mask.active(i)[choice] = True
+            width = module.candidates[choice]
+            units = sorted(torch.argsort(-mask.scores[i], stable=True)[:width].tolist())
+            if module.kind == "embedding":
+                kept["embedding"] = units
+            else:
+                kept[module.kind][module.layer] = units
+    method.options.mix_start = method.options.mix_end = 0.0
+    plan = PruningPlan(heads=kept["heads"], neurons=kept["neurons"], other_units={"head_dims": kept["head_dims"]},
+                       embedding=kept["embedding"])
+    with torch.no_grad():
+        got = model(pixel_values=pixel_values).logits
+        with attach_masks(reference, plan):
+            want = reference(pixel_values=pixel_values).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+def test_prefix_mask_is_the_probability_of_being_inside_the_width():
+    from hf_vitprune.methods.ofb import SearchedModule
+
+    mask = BiMask([SearchedModule("neurons", 0, 4, [1, 2, 4])], initial_score=0.0)
+    with torch.no_grad():
+        mask.scores[0].copy_(torch.tensor([0.1, 0.9, 0.5, 0.3]))  # ranks 3, 0, 1, 2
+        mask.logits[0].copy_(torch.log(torch.tensor([0.2, 0.3, 0.5])))
+    prefix = mask.prefix_mask(0)
+    # rank 0 is inside every width, rank 1 inside widths 2 and 4, ranks 2 and 3 only inside 4
+    torch.testing.assert_close(prefix, torch.tensor([0.5, 1.0, 0.8, 0.5]))
+    assert float(mask.expected_width(0).detach()) == pytest.approx(0.2 * 1 + 0.3 * 2 + 0.5 * 4)
+
+
+def test_one_hot_loss_falls_toward_one_hot():
+    active = torch.ones(4, dtype=torch.bool)
+    uniform = one_hot_loss(torch.full((4,), 0.25), active)
+    peaked = one_hot_loss(torch.tensor([0.7, 0.1, 0.1, 0.1]), active)
+    sharper = one_hot_loss(torch.tensor([0.97, 0.01, 0.01, 0.01]), active)
+    assert uniform > peaked > sharper
+    assert float(one_hot_loss(torch.tensor([0.0, 1.0, 0.0]), torch.tensor([False, True, False]))) == 0.0
+
+
+def test_shrinking_drops_unlikely_candidates_and_keeps_the_likeliest(pixel_values):
+    model = build_model("vit")
+    method = _ofb_on(model)
+    mask = method.mask
+    i = next(i for i, m in enumerate(mask.searched) if m.kind == "neurons")
+    k = len(mask.searched[i].candidates)
+    with torch.no_grad():
+        mask.logits[i].copy_(torch.linspace(-6, 2, k))
+    method.shrink()
+    probabilities = torch.softmax(torch.linspace(-6, 2, k), 0)
+    assert mask.active(i).tolist() == (probabilities >= 0.2 / k).tolist()
+    assert bool(mask.active(i)[-1])
+
+
+# --------------------------------------------------------------------------- end to end on digits
+
+
+def digits(split: str = "train") -> Dataset:
+    images, labels = load_digits(return_X_y=True)
+    images = torch.tensor(images, dtype=torch.float32).reshape(-1, 1, 8, 8) / 16.0
+    chosen = slice(0, 256) if split == "train" else slice(256, 384)
+    return Dataset.from_dict({"pixel_values": images[chosen].numpy(),
+                              "labels": torch.tensor(labels[chosen]).numpy()}).with_format("torch")
+
+
+def digits_vit() -> ViTForImageClassification:
+    torch.manual_seed(0)
+    return ViTForImageClassification(ViTConfig(hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
+                                               intermediate_size=128, image_size=8, patch_size=2, num_channels=1,
+                                               num_labels=10))
+
+
+def ofb_args(output_dir, **overrides) -> TrainingArguments:
+    values = dict(max_steps=12, per_device_train_batch_size=32, learning_rate=1e-3, report_to=[], save_strategy="no",
+                  disable_tqdm=True, seed=0, use_cpu=True, logging_steps=2)
+    values.update(overrides)
+    return TrainingArguments(str(output_dir), **values)
+
+
+def ofb_config(**overrides) -> PruningConfig:
+    values = dict(method="ofb", target_flops_reduction=0.3, calibration_samples=32, shrink_interval=2,
+                  warmup_fraction=0.3, distillation_weight=0.0)
+    values.update(overrides)
+    return PruningConfig(**values)
+
+
+@pytest.mark.parametrize("target", [{"target_flops_reduction": 0.3}, {"target_flops_reduction": 0.5},
+                                    {"target_sparsity": 0.3}, {"target_sparsity": 0.5}], ids=str)
+def test_budget_lands_within_one_percent_on_digits(tmp_path, target):
+    config = ofb_config(**{"target_flops_reduction": None, **target})
+    trainer = PruningTrainer(model=digits_vit(), args=ofb_args(tmp_path), train_dataset=digits(),
+                             pruning_config=config)
+    dense = model_stats(trainer.model)
+    trainer.train()
+    stats = model_stats(trainer.model)
+    metric, fraction = ("flops", target["target_flops_reduction"]) if "target_flops_reduction" in target else (
+        "params", target["target_sparsity"])
+    kept = getattr(stats, metric) / getattr(dense, metric)
+    assert abs(kept - (1 - fraction)) <= 0.01
+    assert kept <= 1 - fraction + 1e-9  # never over the budget
+    assert stats.params == sum(p.numel() for p in trainer.model.parameters())
+    searched = trainer.method.searched_widths
+    assert set(searched) >= {"embedding", "head_dims.0", "neurons.3", "heads.2"}
+    assert trainer.model.config.hidden_size == len(trainer.plan.embedding)
+
+
+class Crash(TrainerCallback):
+    def __init__(self, trainer, step):
+        self.trainer, self.step = trainer, step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.trainer.phase == "search" and state.global_step == self.step:
+            raise KeyboardInterrupt("simulated crash")
+
+
+def test_resume_mid_search_after_shrinking_equals_the_uninterrupted_run(tmp_path):
+    config = ofb_config(arch_learning_rate=0.5, shrink_threshold=0.9)  # fast moving logits: shrinks by step 4
+
+    def run(directory, crash=None):
+        args = ofb_args(directory, save_strategy="steps", save_steps=4)
+        trainer = PruningTrainer(model=digits_vit(), args=args, train_dataset=digits(), pruning_config=config)
+        if crash is None:
+            trainer.train()
+            return trainer
+        trainer.add_callback(Crash(trainer, crash))
+        with pytest.raises(KeyboardInterrupt):
+            trainer.train()
+        resumed = PruningTrainer(model=digits_vit(), args=args, train_dataset=digits(), pruning_config=config)
+        resumed.train(resume_from_checkpoint=True)
+        return resumed
+
+    reference = run(tmp_path / "reference")
+    resumed = run(tmp_path / "resumed", crash=5)  # after the step-4 checkpoint, which follows a shrink
+    # the checkpoint resumed from holds shrunk candidate sets
+    state = load_file(tmp_path / "resumed" / "search" / "checkpoint-4" / "pruning_state.safetensors")
+    actives = [v for k, v in state.items() if k.startswith("ofb.active_")]
+    assert actives and any(not bool(v.all()) for v in actives)
+    assert resumed.plan == reference.plan
+    expected, got = reference.model.state_dict(), resumed.model.state_dict()
+    assert expected.keys() == got.keys()
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=0, msg=name)
+
+
+def test_two_processes_derive_the_same_architecture(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(SCRIPTS / "distributed_ofb.py"), str(tmp_path)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert runs[0] == runs[1]
+    assert runs[0]["world_size"] == 2 and runs[0]["plan"]["embedding"]
+
+
+def test_card_names_the_method_its_widths_and_citation(tmp_path):
+    trainer = PruningTrainer(model=digits_vit(), args=ofb_args(tmp_path, max_steps=6), train_dataset=digits(),
+                             pruning_config=ofb_config())
+    trainer.train()
+    trainer.save_model()
+    card = (tmp_path / "README.md").read_text()
+    assert "Once for Both" in card and "ye2024once" in card
+    assert "Searched widths: heads.0" in card and "embedding" in card and "PMIM" in card
+    assert any("ofb_pmim" in entry for entry in trainer.state.log_history)
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def test_a_target_below_the_candidate_grid_is_refused(tmp_path):
+    config = ofb_config(target_flops_reduction=0.97)
+    trainer = PruningTrainer(model=digits_vit(), args=ofb_args(tmp_path), train_dataset=digits(),
+                             pruning_config=config)
+    with pytest.raises(ValueError, match="narrowest model OFB's candidate grid allows"):
+        trainer.train()
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("min_embedding_fraction", 0.0, "min_embedding_fraction=0.0 must be a finite number > 0"),
+    ("min_embedding_fraction", 1.5, "min_embedding_fraction=1.5 must be a finite number > 0 and <= 1"),
+    ("grid_steps", 0, "grid_steps=0 must be an integer >= 1"),
+    ("search_embedding", "yes", "search_embedding='yes' must be True or False"),
+])
+def test_bad_options_name_the_field(option, value, message):
+    with pytest.raises(ValueError, match=message):
+        PruningConfig(method="ofb", target_sparsity=0.3, **{option: value})
+
+
+def test_searched_modules_follow_the_config():
+    model = build_model("vit")
+    config = PruningConfig(method="ofb", target_sparsity=0.3, prune_heads=False, search_embedding=False)
+    kinds = {m.kind for m in searched_modules(model, config, config.method_options)}
+    assert kinds == {"head_dims", "neurons"}
+
+
+# --------------------------------------------------------------------------- PMIM
+
+
+def test_pmim_masks_the_planned_share_and_reconstructs_the_normalised_patches(pixel_values):
+    from hf_vitprune.methods.pmim import PatchMaskReconstruction
+
+    model = build_model("vit").train()
+    for module in model.modules():  # no dropout: the eval check below compares logits exactly
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    pmim = PatchMaskReconstruction(model, seed=3)
+    torch.nn.init.normal_(pmim.mask_token)
+    seen = {}
+    patches = model.vit.embeddings.patch_embeddings
+    patches.register_forward_hook(lambda m, a, out: seen.__setitem__("patches", out))
+    model.vit.layers[-1].register_forward_hook(lambda m, a, out: seen.__setitem__("hidden", out))
+    pmim.ratio, pmim.step = 0.25, 7
+    model(pixel_values=pixel_values)
+    masked = (seen["patches"] == pmim.mask_token).all(-1)
+    assert masked.sum(1).tolist() == [4, 4]  # 16 patches per image, a quarter masked
+    # the reference loss, computed here from the captured hidden states
+    tokens = seen["hidden"][:, -16:, :].transpose(1, 2).reshape(2, 32, 4, 4)
+    recon = torch.nn.functional.pixel_shuffle(pmim.decoder(tokens), 4)  # (2, 3, 16, 16)
+    def patchify(x):
+        return x.reshape(2, 3, 4, 4, 4, 4).permute(0, 2, 4, 3, 5, 1).reshape(2, 16, 48)
+    target = patchify(pixel_values)
+    target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6).sqrt()
+    error = (patchify(recon) - target).abs().mean(-1)
+    torch.testing.assert_close(pmim.loss(), error[masked].mean())
+    model.eval()
+    with torch.no_grad():
+        with_hooks = model(pixel_values=pixel_values).logits
+        pmim.remove()
+        without = model(pixel_values=pixel_values).logits
+    torch.testing.assert_close(with_hooks, without, rtol=0, atol=0)
+
+
+def test_pmim_can_be_switched_off(tmp_path):
+    trainer = PruningTrainer(model=digits_vit(), args=ofb_args(tmp_path, max_steps=4), train_dataset=digits(),
+                             pruning_config=ofb_config(pmim=False))
+    trainer.train()
+    logged = {key for entry in trainer.state.log_history for key in entry}
+    assert "ofb_budget" in logged and "ofb_pmim" not in logged
