@@ -199,7 +199,7 @@ def _common_fields() -> set[str]:
     return {f.name for f in dataclasses.fields(PruningConfig)}
 
 
-def _option_owners() -> dict[str, set[str]]:
+def option_owners() -> dict[str, set[str]]:
     """Option name -> the methods that have it."""
     owners: dict[str, set[str]] = {}
     for name, method in METHODS.items():
@@ -216,7 +216,7 @@ def _from_flat(data: dict) -> dict:
     """
     method = data.get("method", DEFAULT_METHOD)
     own = {f.name for f in dataclasses.fields(get_method(method).options_class)} if method in METHODS else set()
-    owners, common = _option_owners(), _common_fields()
+    owners, common = option_owners(), _common_fields()
     options = {key: data.pop(key) for key in list(data) if key in own}
     for key in list(data):
         if key not in common and key in owners:
@@ -284,7 +284,7 @@ def config_from_arguments(arguments: Any) -> PruningConfig:
         if key in own:
             options[key] = value
         elif value != defaults[key]:
-            owners = sorted(_option_owners().get(key, ()))
+            owners = sorted(option_owners().get(key, ()))
             raise ValueError(
                 f"--{key} is an option of {', '.join(owners)}, not of method {method!r}; drop it or choose "
                 f"--method {' or '.join(owners)}."

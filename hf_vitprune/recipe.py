@@ -32,8 +32,8 @@ from transformers import (
 )
 from transformers.trainer_utils import get_last_checkpoint
 
-from .config import PruningConfig, config_from_arguments, pruning_arguments
-from .methods import DEFAULT_METHOD, get_method
+from .config import PruningConfig, config_from_arguments, option_owners, pruning_arguments
+from .methods import DEFAULT_METHOD, METHODS, get_method
 from .metrics import make_compute_metrics
 
 logger = logging.getLogger(__name__)
@@ -169,12 +169,17 @@ class _TrainingArguments(TrainingArguments):
 # --------------------------------------------------------------------------- arguments
 
 
-def build_parser(prog: str | None = None, full: bool = True) -> HfArgumentParser:
-    """The recipe's parser; with ``full=False`` its help lists only ``COMMON_TRAINING_FLAGS`` of TrainingArguments."""
+def build_parser(prog: str | None = None, full: bool = True, method: str | None = None) -> HfArgumentParser:
+    """The recipe's parser; with ``full=False`` its help lists only ``COMMON_TRAINING_FLAGS`` of TrainingArguments
+    and the options of ``method`` (the default method when None), not every method's."""
     pruning = pruning_arguments()
-    pruning._argument_group_name = "pruning (PruningConfig and every method's options)"
+    shown = method or DEFAULT_METHOD
+    pruning._argument_group_name = (
+        "pruning (PruningConfig and every method's options)" if full
+        else f"pruning (PruningConfig and the options of --method {shown})")
     epilog = (f"Every other TrainingArguments field is a flag too ({len(dataclasses.fields(TrainingArguments))} "
-              f"in all): see --help-all or {TRAINING_ARGUMENTS_DOCS}. "
+              f"in all), and so is every option of the other methods ({', '.join(sorted(set(METHODS) - {shown}))}: "
+              f"--method NAME --help lists one's): see --help-all or {TRAINING_ARGUMENTS_DOCS}. "
               f"--config FILE.yaml supplies any of these arguments from a file.")
     parser = HfArgumentParser((ModelArguments, DataArguments, RunArguments, pruning, _TrainingArguments), prog=prog,
                               usage="%(prog)s [options]", epilog=None if full else epilog,
@@ -182,17 +187,32 @@ def build_parser(prog: str | None = None, full: bool = True) -> HfArgumentParser
                                           "PruningTrainer, fine-tune, time it, save it with its card.")
     if not full:
         training = {f.name for f in dataclasses.fields(TrainingArguments)}
+        own = {f.name for f in dataclasses.fields(get_method(shown).options_class)}
+        others = {name for name, owners in option_owners().items() if name not in own}
         for action in parser._actions:
-            if action.dest in training and action.dest not in COMMON_TRAINING_FLAGS:
+            if (action.dest in training and action.dest not in COMMON_TRAINING_FLAGS) or action.dest in others:
                 action.help = argparse.SUPPRESS
     return parser
+
+
+def _method_in(argv: list[str]) -> str | None:
+    """The value of ``--method`` on a command line, if given (a bad one is left to the parser to report)."""
+    for index, arg in enumerate(argv):
+        if arg == "--method" and index + 1 < len(argv):
+            name = argv[index + 1]
+        elif arg.startswith("--method="):
+            name = arg.split("=", 1)[1]
+        else:
+            continue
+        return name if name in METHODS else None
+    return None
 
 
 def parse_arguments(argv: list[str] | None = None, prog: str | None = None):
     """(model, data, run, pruning config, training) arguments: recipe defaults < ``--config file.yaml`` < command line."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if "-h" in argv or "--help" in argv or "--help-all" in argv:
-        print(build_parser(prog, full="--help-all" in argv).format_help())
+        print(build_parser(prog, full="--help-all" in argv, method=_method_in(argv)).format_help())
         raise SystemExit(0)
     from_file: list[str] = []
     if "--config" in argv:

@@ -255,3 +255,16 @@ def test_the_console_script_runs_commands_through_the_package(tmp_path):
     import hf_vitprune_cli
 
     assert hf_vitprune_cli.main(["card", str(tmp_path / "missing")]) == 1  # the real command, its own error
+
+
+def test_prune_help_lists_the_chosen_methods_options(capsys):
+    """--help shows the default method's options; --method NAME --help that method's; --help-all all of them."""
+    assert main(["prune", "--help"]) == 0
+    default = capsys.readouterr().out
+    assert "--admm_update_steps" in default and "--pmim " not in default
+    assert main(["prune", "--method", "ofb", "--help"]) == 0
+    ofb = capsys.readouterr().out
+    assert "--pmim" in ofb and "--admm_update_steps" not in ofb and "--method ofb" in ofb
+    assert main(["prune", "--help-all"]) == 0
+    everything = capsys.readouterr().out
+    assert "--pmim" in everything and "--admm_update_steps" in everything
