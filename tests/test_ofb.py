@@ -332,3 +332,13 @@ def test_pmim_can_be_switched_off(tmp_path):
     trainer.train()
     logged = {key for entry in trainer.state.log_history for key in entry}
     assert "ofb_budget" in logged and "ofb_pmim" not in logged
+
+
+def test_a_model_without_searchable_widths_is_refused():
+    """Heads of one per layer (nothing between 1 and 1) and the other widths switched off: a clear error."""
+    model = ViTForImageClassification(ViTConfig(hidden_size=8, num_hidden_layers=2, num_attention_heads=1,
+                                                intermediate_size=16, image_size=8, patch_size=4, num_labels=3))
+    config = PruningConfig(method="ofb", target_sparsity=0.3, prune_neurons=False, search_head_dims=False,
+                           search_embedding=False)
+    with pytest.raises(ValueError, match="OFB has nothing to search on this ViTForImageClassification"):
+        searched_modules(model, config, config.method_options)

@@ -197,3 +197,25 @@ def test_budget_refuses_head_dim_scores():
     with pytest.raises(ValueError, match="'head_dims' cannot be selected by a budget"):
         hf_vitprune.select_plan(model, target_sparsity=0.3, scores=scores,
                                 head_scores=[torch.rand(4)] * 3, neuron_scores=[torch.rand(37)] * 3)
+
+
+@pytest.mark.parametrize("arch", ["vit", "dinov2_swiglu", "beit_shared_bias"])
+@pytest.mark.parametrize("remote", [False, True], ids=["installed", "remote-code"])
+def test_narrowed_models_run_in_pipeline(arch, remote, tmp_path):
+    import numpy as np
+    from PIL import Image
+    from transformers import ViTImageProcessor, pipeline
+
+    model = build_model(arch, seed=8)
+    pruned = apply_plan(model, width_plan(model, 8))
+    pruned.save_pretrained(tmp_path)
+    ViTImageProcessor(size={"height": 16, "width": 16}).save_pretrained(tmp_path)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, size=(20, 24, 3), dtype=np.uint8))
+    classifier = pipeline("image-classification", model=str(tmp_path), trust_remote_code=remote)
+    predictions = classifier(image, top_k=5)
+    inputs = ViTImageProcessor(size={"height": 16, "width": 16})(images=image, return_tensors="pt")
+    with torch.no_grad():
+        probabilities = pruned(**inputs).logits[0].softmax(-1)
+    top = int(probabilities.argmax())
+    assert predictions[0]["label"] == pruned.config.id2label[top]
+    assert predictions[0]["score"] == pytest.approx(float(probabilities[top]), abs=1e-5)

@@ -192,7 +192,16 @@ def searched_modules(model: nn.Module, config, options: OFBOptions) -> list[Sear
         width = embedding_width(model)
         modules.append(SearchedModule("embedding", None, width, _grid(width, options.min_embedding_fraction,
                                                                       options.embedding_grid_steps)))
-    return modules
+    searchable = [m for m in modules if len(m.candidates) > 1]  # one candidate: nothing to choose
+    if not searchable:
+        raise ValueError(
+            f"OFB has nothing to search on this {type(model).__name__}: every enabled width (heads: "
+            f"prune_heads={config.prune_heads}, head dims: search_head_dims={options.search_head_dims}, MLP width: "
+            f"prune_neurons={config.prune_neurons}, embedding width: search_embedding={options.search_embedding}) has "
+            f"a single candidate width. Enable more of them, or lower the minimum fractions (min_head_dim_fraction, "
+            f"min_mlp_fraction, min_embedding_fraction) or head_step."
+        )
+    return searchable
 
 
 class BiMask(nn.Module):
@@ -541,8 +550,8 @@ class OFB(PruningMethod):
         for layer in find_encoder_layers(model):
             for kind, size in (("heads", layer.num_heads), ("neurons", layer.num_neurons)):
                 i = score_of.get((kind, layer.index))
-                if i is None:
-                    scores[kind].append(torch.ones(size, dtype=torch.float64))
+                if i is None:  # not searched: kept whole, like the units the search kept
+                    scores[kind].append(torch.full((size,), 2.0, dtype=torch.float64))
                     continue
                 score = torch.sigmoid(mask.scores[i].detach().double().cpu())
                 bonus = torch.zeros(size, dtype=torch.float64)
