@@ -25,6 +25,7 @@ from .architectures import (
     family_of,
     find_encoder_layers,
     find_shared_position_bias,
+    embedding_width,
     layer_tokens,
     meta_copy,
     num_tokens,
@@ -121,12 +122,14 @@ class LayerStats:
 
 @dataclass(frozen=True)
 class ModelStats:
-    """Totals per image; ``tokens`` is what the first encoder layer sees."""
+    """Totals per image; ``tokens`` is what the first encoder layer sees, ``embedding_width`` the residual
+    stream's width (0 in statistics saved before it was recorded)."""
 
     params: int
     flops: int
     tokens: int
     layers: tuple[LayerStats, ...]
+    embedding_width: int = 0
 
     @property
     def heads(self) -> int:
@@ -151,6 +154,7 @@ class ModelStats:
             flops=int(data["flops"]),
             tokens=int(data["tokens"]),
             layers=tuple(LayerStats.from_dict(layer) for layer in data["layers"]),
+            embedding_width=int(data.get("embedding_width", 0)),
         )
 
 
@@ -233,4 +237,5 @@ def model_stats(model: nn.Module, plan: PruningPlan | None = None) -> ModelStats
         flops=outside_flops + sum(s.flops for s in per_layer),
         tokens=tokens,
         layers=tuple(per_layer),
+        embedding_width=embedding_width(model),
     )

@@ -6,6 +6,7 @@ import copy
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -257,6 +258,11 @@ def test_card_names_the_method_its_widths_and_citation(tmp_path):
     card = (tmp_path / "README.md").read_text()
     assert "Once for Both" in card and "ye2024once" in card
     assert "Searched widths: heads.0" in card and "embedding" in card and "PMIM" in card
+    width = trainer.model.config.hidden_size
+    assert f"| Embedding width | 64 | {width} |" in card and "| Head dims |" in card
+    head_dims = [layer.attention.head_dim for layer in find_encoder_layers(trainer.model)]
+    for index, d in enumerate(head_dims):
+        assert re.search(rf"^\| {index} \| [^|]+ \| [^|]+ \| {d} \|", card, re.MULTILINE)
     assert any("ofb_pmim" in entry for entry in trainer.state.log_history)
 
 

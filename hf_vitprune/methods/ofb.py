@@ -45,7 +45,7 @@ import torch
 from torch import nn
 
 from ..architectures import embedding_width, find_encoder_layers, meta_copy
-from ..budget import Budget, select_plan
+from ..budget import Budget, select_plan, unit_costs
 from ..distillation import classification_logits
 from ..embedding import gated_layer_norm, residual_layer_norms
 from ..plan import PruningPlan
@@ -540,39 +540,45 @@ class OFB(PruningMethod):
         return plan
 
     def _exact_selection(self, model, narrowing: PruningPlan, kept: dict, mask: BiMask) -> PruningPlan:
-        """Heads and neurons chosen to meet the budget on the narrowed model: the units the search kept
-        first, then by importance score (so the search's widths hold unless the budget needs more or less)."""
+        """Heads and neurons chosen to meet the budget on the narrowed model, keeping the searched widths where
+        the budget allows.
+
+        ``select_plan`` ranks units by score per unit of cost, so a unit's score here is its cost times
+        ``2 + sigmoid(s)`` if the search kept it (or it was not searched) and ``sigmoid(s)`` if not: every
+        kept unit ranks before every dropped one whatever it costs, and within each group the importance
+        decides which units are added or removed to land on the budget.
+        """
         budget = self.config.budget
         narrowed = apply_plan(meta_copy(model), narrowing)
         current = float(budget.measure(model_stats(narrowed)))
-        scores = {"heads": [], "neurons": []}
-        score_of = {(m.kind, m.layer): i for i, m in enumerate(mask.searched)}
-        for layer in find_encoder_layers(model):
-            for kind, size in (("heads", layer.num_heads), ("neurons", layer.num_neurons)):
-                i = score_of.get((kind, layer.index))
-                if i is None:  # not searched: kept whole, like the units the search kept
-                    scores[kind].append(torch.full((size,), 2.0, dtype=torch.float64))
-                    continue
-                score = torch.sigmoid(mask.scores[i].detach().double().cpu())
-                bonus = torch.zeros(size, dtype=torch.float64)
-                bonus[kept[kind][layer.index]] = 1.0
-                scores[kind].append(score + bonus)
         fraction = 1 - self.target / current
-        heads_neurons = {}
-        if fraction > 0:
-            arguments = self.config.selection_arguments()
-            for key in ("target_sparsity", "target_flops_reduction"):
-                arguments.pop(key)
-            selected = select_plan(narrowed, scores["heads"], scores["neurons"],
-                                   budget=Budget(budget.metric, fraction), **arguments)
-            heads_neurons = {"heads": selected.heads, "neurons": selected.neurons,
-                             "allow_empty_attention": selected.allow_empty_attention,
-                             "allow_empty_mlp": selected.allow_empty_mlp}
-        else:
+        if fraction <= 0:
             logger.warning("OFB: the searched head dims and embedding width alone remove more than the budget "
                            "(%.1f%% of the dense %s left); heads and MLP neurons are all kept.",
                            100 * current / self.dense_measure, budget.unit_name)
-        return PruningPlan(**heads_neurons, other_units=narrowing.other_units, embedding=narrowing.embedding)
+            return PruningPlan(other_units=narrowing.other_units, embedding=narrowing.embedding)
+        target = Budget(budget.metric, fraction)
+        costs = unit_costs(narrowed, target)
+        score_of = {(m.kind, m.layer): i for i, m in enumerate(mask.searched)}
+        scores = {"heads": [], "neurons": []}
+        for layer in find_encoder_layers(model):
+            for kind, size in (("heads", layer.num_heads), ("neurons", layer.num_neurons)):
+                cost = float(costs[kind][layer.index])
+                i = score_of.get((kind, layer.index))
+                if i is None:  # not searched: kept whole, like the units the search kept
+                    scores[kind].append(torch.full((size,), 3.0 * cost, dtype=torch.float64))
+                    continue
+                score = torch.sigmoid(mask.scores[i].detach().double().cpu())
+                score[kept[kind][layer.index]] += 2.0
+                scores[kind].append(score * cost)
+        arguments = self.config.selection_arguments()
+        for key in ("target_sparsity", "target_flops_reduction"):
+            arguments.pop(key)
+        selected = select_plan(narrowed, scores["heads"], scores["neurons"], budget=target, **arguments)
+        return PruningPlan(heads=selected.heads, neurons=selected.neurons,
+                           allow_empty_attention=selected.allow_empty_attention,
+                           allow_empty_mlp=selected.allow_empty_mlp,
+                           other_units=narrowing.other_units, embedding=narrowing.embedding)
 
     # ------------------------------------------------------------------ checkpoints
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from ..architectures import UNIT_KINDS
 from ..fileio import atomic_directory
 from .report import REPORT_FILE, PruningReport
 from .table import comparison_rows, markdown_rows, metric, metric_rows, percent_removed
@@ -131,12 +132,23 @@ def _metrics_note(report: PruningReport) -> str:
     return f"Evaluated on {where}" + (f" ({details})" if details else "") + "."
 
 
+def _other_columns(report: PruningReport) -> list[str]:
+    """Unit kinds besides heads and neurons that some pruned layer lists (head dims after OFB)."""
+    return sorted({kind for layer in report.pruned_stats.layers for kind in layer.other_units})
+
+
+def _kind_label(kind: str) -> str:
+    label = UNIT_KINDS[kind].label if kind in UNIT_KINDS else kind.replace("_", " ")
+    return label[:1].upper() + label[1:]
+
+
 def _layer_rows(report: PruningReport) -> list[dict]:
     return [
         {
             "index": after.index,
             "heads": f"{after.heads} / {before.heads}",
             "neurons": f"{after.neurons:,} / {before.neurons:,}",
+            "other": [f"{after.units(kind):,}" for kind in _other_columns(report)],
             "params": f"{after.params:,} / {before.params:,}",
             "flops": f"{after.flops:,} / {before.flops:,}",
         }
@@ -254,6 +266,7 @@ def render_model_card(report: PruningReport, template: str | os.PathLike | None 
         metric_rows=evaluation_rows(report),
         metrics_note=_metrics_note(report),
         layer_rows=_layer_rows(report),
+        other_columns=[_kind_label(kind) for kind in _other_columns(report)],
         tokens=report.pruned_stats.tokens,
         recipe=_recipe(report),
         pruning_config_json=json.dumps(report.pruning_config, indent=2, sort_keys=True),

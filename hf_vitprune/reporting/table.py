@@ -89,6 +89,8 @@ def size_rows(dense: ModelStats | None, pruned: ModelStats) -> list[Row]:
         ("Attention heads", pruned.heads, None if dense is None else dense.heads, fraction),
         ("MLP neurons", pruned.neurons, None if dense is None else dense.neurons, fraction),
     ]
+    if dense is not None and dense.embedding_width and pruned.embedding_width != dense.embedding_width:
+        values.append(("Embedding width", pruned.embedding_width, dense.embedding_width, fraction))
     return [
         Row(name, MISSING if before is None else count(before), count(after),
             MISSING if before is None else ratio(after, before))
