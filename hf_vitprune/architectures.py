@@ -397,13 +397,17 @@ def _head_flops(layer: EncoderLayer, tokens: int) -> int:
     return 2 * tokens * 4 * width * head_dim + 2 * 2 * tokens * tokens * head_dim
 
 
-def _compact_heads(layer: EncoderLayer, heads: Sequence[int]) -> None:
-    attention, head_dim = layer.attention, layer.head_dim
-    rows = _head_rows(heads, head_dim)
+def _keep_attention_channels(attention: nn.Module, rows: torch.Tensor) -> None:
+    """Keep ``rows`` of q/k/v (outputs) and the same input columns of o_proj."""
     for name in ATTENTION_PROJECTIONS[:3]:
         if hasattr(attention, name):  # an AttentionRemoved block has only o_proj
             setattr(attention, name, sliced_linear(getattr(attention, name), rows, None))
     attention.o_proj = sliced_linear(attention.o_proj, None, rows)
+
+
+def _compact_heads(layer: EncoderLayer, heads: Sequence[int]) -> None:
+    attention, head_dim = layer.attention, layer.head_dim
+    _keep_attention_channels(attention, _head_rows(heads, head_dim))
     if hasattr(attention, "num_attention_heads"):
         attention.num_attention_heads = len(heads)
     bias = layer.position_bias
@@ -499,11 +503,7 @@ def _head_dim_rows(layer: EncoderLayer, channels: Sequence[int]) -> torch.Tensor
 
 def _compact_head_dims(layer: EncoderLayer, channels: Sequence[int]) -> None:
     attention = layer.attention
-    rows = _head_dim_rows(layer, channels)
-    for name in ATTENTION_PROJECTIONS[:3]:
-        if hasattr(attention, name):  # an AttentionRemoved block has only o_proj
-            setattr(attention, name, sliced_linear(getattr(attention, name), rows, None))
-    attention.o_proj = sliced_linear(attention.o_proj, None, rows)
+    _keep_attention_channels(attention, _head_dim_rows(layer, channels))
     attention.head_dim = len(channels)  # attention.scaling stays that of the dense head_dim
 
 

@@ -16,7 +16,13 @@ import torch
 from datasets import Dataset
 from safetensors.torch import load_file
 from sklearn.datasets import load_digits
-from transformers import TrainerCallback, TrainingArguments, ViTConfig, ViTForImageClassification
+from transformers import (
+    AutoModelForImageClassification,
+    TrainerCallback,
+    TrainingArguments,
+    ViTConfig,
+    ViTForImageClassification,
+)
 
 from conftest import ARCHITECTURES, build_model
 from hf_vitprune import PruningConfig, PruningPlan, PruningTrainer, attach_masks, model_stats
@@ -242,12 +248,14 @@ def test_resume_mid_search_after_shrinking_equals_the_uninterrupted_run(tmp_path
 def test_two_processes_derive_the_same_architecture(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               str(SCRIPTS / "distributed_ofb.py"), str(tmp_path)]
+               str(SCRIPTS / "distributed_prune.py"), str(tmp_path), "ofb"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     runs = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert runs[0] == runs[1]
     assert runs[0]["world_size"] == 2 and runs[0]["plan"]["embedding"]
+    reloaded = AutoModelForImageClassification.from_pretrained(tmp_path / "model")
+    assert reloaded.config.hidden_size == len(runs[0]["plan"]["embedding"])
 
 
 def test_card_names_the_method_its_widths_and_citation(tmp_path):

@@ -1,7 +1,9 @@
-"""Run by tests/test_trainer.py under `torchrun --nproc_per_node 2`: a short gohsp pruning on CPU.
+"""Run under `torchrun --nproc_per_node 2`: a short pruning on CPU, gohsp (tests/test_trainer.py) or,
+with a second argument ``ofb``, an OFB search (tests/test_ofb.py).
 
-Each rank writes the plan it derived (rank<k>_plan.json) and its graph head importance, and the
-main process saves the final model, so the test can compare ranks and reload the result.
+Each rank writes the plan it derived (rank<k>_plan.json) and what decided it (gohsp: its graph head
+importance, rank<k>_importance.json; ofb: its searched widths, rank<k>.json), and the main process
+saves the final model, so the tests can compare ranks and reload the result.
 """
 
 import json
@@ -15,7 +17,7 @@ from transformers import TrainingArguments, ViTConfig, ViTForImageClassification
 from hf_vitprune import PruningConfig, PruningTrainer
 
 
-def main(output_dir: str) -> None:
+def main(output_dir: str, method: str = "gohsp") -> None:
     torch.manual_seed(0)
     config = ViTConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=37,
                        image_size=16, patch_size=4, num_labels=5)
@@ -25,20 +27,29 @@ def main(output_dir: str) -> None:
         "pixel_values": torch.randn(64, 3, 16, 16, generator=generator).numpy(),
         "labels": torch.randint(0, 5, (64,), generator=generator).numpy(),
     }).with_format("torch")
-    args = TrainingArguments(output_dir, max_steps=6, per_device_train_batch_size=8, per_device_eval_batch_size=8,
-                             learning_rate=1e-3, report_to=[], save_strategy="no", disable_tqdm=True, seed=0,
-                             use_cpu=True)
-    pruning = PruningConfig(target_sparsity=0.4, calibration_samples=32, admm_update_steps=2)
+    args = TrainingArguments(output_dir, max_steps=6 if method == "gohsp" else 10, per_device_train_batch_size=8,
+                             per_device_eval_batch_size=8, learning_rate=1e-3, report_to=[], save_strategy="no",
+                             disable_tqdm=True, seed=0, use_cpu=True)
+    if method == "gohsp":
+        pruning = PruningConfig(target_sparsity=0.4, calibration_samples=32, admm_update_steps=2)
+    else:
+        pruning = PruningConfig(method="ofb", target_flops_reduction=0.3, calibration_samples=16, shrink_interval=2,
+                                warmup_fraction=0.2)
     trainer = PruningTrainer(model=model, args=args, train_dataset=data, pruning_config=pruning)
     trainer.train()
     rank = trainer.accelerator.process_index
     out = Path(output_dir)
     (out / f"rank{rank}_plan.json").write_text(trainer.plan.to_json_string())
-    importance = [t.tolist() for t in trainer.method.importance.heads]
-    (out / f"rank{rank}_importance.json").write_text(json.dumps(
-        {"importance": importance, "world_size": trainer.accelerator.num_processes}))
+    if method == "gohsp":
+        importance = [t.tolist() for t in trainer.method.importance.heads]
+        (out / f"rank{rank}_importance.json").write_text(json.dumps(
+            {"importance": importance, "world_size": trainer.accelerator.num_processes}))
+    else:
+        (out / f"rank{rank}.json").write_text(json.dumps({
+            "plan": trainer.plan.to_dict(), "searched": trainer.method.searched_widths,
+            "world_size": trainer.accelerator.num_processes}))
     trainer.save_model(str(out / "model"))
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(*sys.argv[1:])
