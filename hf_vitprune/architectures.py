@@ -283,8 +283,9 @@ class UnitKind:
     across heads) sets ``linear_cost=False``: it owns no slice and reports zero unit cost, its
     effect shows in the other kind's unit costs (which read the current shapes), budgets cannot
     select it, and ``model_stats`` costs a plan that changes it from the compacted shapes.
-    ``output_gates(layer)``, if given, names modules whose *output* channels hold the units,
-    tiled ``repeat`` times (a head-dim channel in every head of q, k and v).
+    ``output_gates(layer)``, if given, returns ``(modules, copies)``: modules whose *output*
+    channels hold the units, the unit pattern tiled ``copies`` times (a head-dim channel in
+    every head of q, k and v).
     ``default(config)``, if given, is the count every layer has unless pruned; a kind whose
     layers all have it is not recorded in ``per_layer_config`` nor listed in statistics.
     """

@@ -318,7 +318,7 @@ def _mlp_ratio_for(mlp: nn.Module, config: PreTrainedConfig, width: int, needed:
         view.mlp_ratio = ratio
         with torch.device("meta"):
             built = type(mlp)(view)
-        in_names, out_name = mlp_layout(built)
+        _, out_name = mlp_layout(built)
         if getattr(built, out_name).in_features >= needed:
             return ratio
         ratio += 1

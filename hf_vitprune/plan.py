@@ -13,8 +13,7 @@ from pathlib import Path
 
 from torch import nn
 
-from .architectures import BUILTIN_UNIT_KINDS, UNIT_KINDS, UnitKind, find_encoder_layers, unit_kind
-from .embedding import embedding_width
+from .architectures import BUILTIN_UNIT_KINDS, UNIT_KINDS, UnitKind, embedding_width, find_encoder_layers, unit_kind
 from .fileio import atomic_directory, read_json_object
 
 PLAN_FILE = "pruning_plan.json"

@@ -188,7 +188,7 @@ def build_parser(prog: str | None = None, full: bool = True, method: str | None 
     if not full:
         training = {f.name for f in dataclasses.fields(TrainingArguments)}
         own = {f.name for f in dataclasses.fields(get_method(shown).options_class)}
-        others = {name for name, owners in option_owners().items() if name not in own}
+        others = {name for name in option_owners() if name not in own}
         for action in parser._actions:
             if (action.dest in training and action.dest not in COMMON_TRAINING_FLAGS) or action.dest in others:
                 action.help = argparse.SUPPRESS

@@ -233,7 +233,8 @@ def test_resume_mid_search_after_shrinking_equals_the_uninterrupted_run(tmp_path
         return resumed
 
     reference = run(tmp_path / "reference")
-    resumed = run(tmp_path / "resumed", crash=5)  # after the step-4 checkpoint, which follows a shrink
+    resumed = run(tmp_path / "resumed", crash=5)
+    assert resumed.method.searched_widths == reference.method.searched_widths  # after the step-4 checkpoint, which follows a shrink
     # the checkpoint resumed from holds shrunk candidate sets
     state = load_file(tmp_path / "resumed" / "search" / "checkpoint-4" / "pruning_state.safetensors")
     actives = [v for k, v in state.items() if k.startswith("ofb.active_")]
@@ -283,6 +284,8 @@ def test_a_target_below_the_candidate_grid_is_refused(tmp_path):
                              pruning_config=config)
     with pytest.raises(ValueError, match="narrowest model OFB's candidate grid allows"):
         trainer.train()
+    model = trainer.model  # left without the search's hooks
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
 
 
 @pytest.mark.parametrize("option, value, message", [
@@ -356,3 +359,13 @@ def test_a_model_without_searchable_widths_is_refused():
                            search_embedding=False)
     with pytest.raises(ValueError, match="OFB has nothing to search on this ViTForImageClassification"):
         searched_modules(model, config, config.method_options)
+
+
+def test_a_fine_tuning_checkpoint_keeps_the_searched_widths_for_the_card(tmp_path):
+    args = ofb_args(tmp_path, save_strategy="steps", save_steps=8)
+    first = PruningTrainer(model=digits_vit(), args=args, train_dataset=digits(), pruning_config=ofb_config())
+    first.train()
+    resumed = PruningTrainer(model=digits_vit(), args=args, train_dataset=digits(), pruning_config=ofb_config())
+    resumed.train(resume_from_checkpoint=str(tmp_path / "finetune" / "checkpoint-8"))
+    assert resumed.method.searched_widths == first.method.searched_widths
+    assert any("Searched widths" in line for line in resumed.method.card_recipe())

@@ -72,6 +72,7 @@ OFB_CITATION = {
 KINDS = ("heads", "head_dims", "neurons", "embedding")
 PREFIX = "ofb."
 PMIM_PREFIX = "ofb.pmim."
+SEARCHED_PREFIX = "ofb.searched."  # the searched widths, kept in fine-tuning checkpoints for the card
 
 
 def _help(text: str, **kwargs) -> dict:
@@ -307,6 +308,7 @@ class OFB(PruningMethod):
         self.target = (1 - budget.fraction) * self.dense_measure
         smallest = self._cost_at([min(m.candidates) for m in self.mask.searched], model)
         if smallest > self.target:
+            self._detach()  # leave the model as it was given
             raise ValueError(
                 f"{budget.target_name}={budget.fraction:g} asks for at most {self.target:,.0f} {budget.unit_name}, but "
                 f"the narrowest model OFB's candidate grid allows has {smallest:,.0f}. Lower the minimum fractions "
@@ -353,10 +355,14 @@ class OFB(PruningMethod):
                     self._hooks.append(norm.register_forward_hook(self._embedding_hook(i)))
 
     def _detach(self) -> None:
+        """Remove every hook of the search (the bi-mask's and PMIM's) from the model."""
         for handle in self._hooks:
             handle.remove()
         self._hooks.clear()
         self._current = None
+        if self.pmim is not None:
+            self.pmim.remove()
+            self.pmim = None
 
     @property
     def mix(self) -> float:
@@ -408,10 +414,11 @@ class OFB(PruningMethod):
         if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
             return
         world = torch.distributed.get_world_size()
-        for parameter in self._own_parameters():
-            if parameter.grad is not None:
-                torch.distributed.all_reduce(parameter.grad)
-                parameter.grad /= world
+        for parameter in self._own_parameters():  # every process joins every all-reduce, gradient or not
+            if parameter.grad is None:
+                parameter.grad = torch.zeros_like(parameter)
+            torch.distributed.all_reduce(parameter.grad)
+            parameter.grad /= world
 
     def _widths(self, values: list, model: nn.Module) -> tuple[list, list, list, object]:
         """(heads, head dims, neurons per layer, embedding width), searched values where searched."""
@@ -495,9 +502,6 @@ class OFB(PruningMethod):
         """Fuse the remaining multipliers into the weights at the chosen widths; exact budget on heads/neurons."""
         mask = self.mask
         self._detach()
-        if self.pmim is not None:
-            self.pmim.remove()
-            self.pmim = None
         layers = find_encoder_layers(model)
         kept: dict[str, dict] = {kind: {} for kind in KINDS}
         scales: dict[str, dict] = {kind: {} for kind in KINDS}
@@ -583,8 +587,9 @@ class OFB(PruningMethod):
     # ------------------------------------------------------------------ checkpoints
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        if self.mask is None:
-            return {}
+        if self.mask is None:  # fine-tuning: only what the card says about the search
+            return {f"{SEARCHED_PREFIX}{key}": torch.tensor(width, dtype=torch.int64)
+                    for key, width in (self.searched_widths or {}).items()}
         tensors = {f"{PREFIX}{k}": v.detach().clone() for k, v in self.mask.state_dict().items()}
         if self.pmim is not None:
             tensors.update({f"{PMIM_PREFIX}{k}": v.detach().clone() for k, v in self.pmim.state_dict().items()})
@@ -596,10 +601,14 @@ class OFB(PruningMethod):
         return tensors
 
     def load_state_dict(self, state: dict[str, torch.Tensor], model) -> None:
+        searched = {k[len(SEARCHED_PREFIX):]: int(v) for k, v in state.items() if k.startswith(SEARCHED_PREFIX)}
+        if searched:  # a fine-tuning checkpoint: the search is over
+            self.searched_widths = searched
+            return
         pmim = {k[len(PMIM_PREFIX):]: v for k, v in state.items() if k.startswith(PMIM_PREFIX)}
         own = {k[len(PREFIX):]: v for k, v in state.items() if k.startswith(PREFIX) and not k.startswith(PMIM_PREFIX)}
         if not own:
-            return  # a fine-tuning checkpoint: the search is over
+            return
         self.seed = int(own.pop("seed", torch.tensor(0)))
         self.step = int(own.pop("step"))
         self._build(model, int(own.pop("total_steps")))
