@@ -369,3 +369,24 @@ def test_a_fine_tuning_checkpoint_keeps_the_searched_widths_for_the_card(tmp_pat
     resumed.train(resume_from_checkpoint=str(tmp_path / "finetune" / "checkpoint-8"))
     assert resumed.method.searched_widths == first.method.searched_widths
     assert any("Searched widths" in line for line in resumed.method.card_recipe())
+
+
+@pytest.mark.parametrize("arch", ["deit_teacher", "beit_shared_bias", "dinov2_swiglu"])
+def test_ofb_runs_on_other_families_and_its_result_reloads(arch, tmp_path, pixel_values):
+    """A short OFB run on each family with its own quirks (distillation head, shared bias table, SwiGLU with
+    layer scale): the saved model reloads with identical logits and the budget holds."""
+    model = build_model(arch)
+    generator = torch.Generator().manual_seed(0)
+    data = Dataset.from_dict({"pixel_values": torch.randn(32, 3, 16, 16, generator=generator).numpy(),
+                              "labels": torch.randint(0, 5, (32,), generator=generator).numpy()}).with_format("torch")
+    dense = model_stats(model)
+    trainer = PruningTrainer(model=model, args=ofb_args(tmp_path, max_steps=6, per_device_train_batch_size=8),
+                             train_dataset=data, pruning_config=ofb_config(target_flops_reduction=0.3))
+    trainer.train()
+    trainer.save_model()
+    pruned = trainer.model.eval()
+    assert model_stats(pruned).flops <= 0.7 * dense.flops
+    reloaded = AutoModelForImageClassification.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(pixel_values=pixel_values).logits, pruned(pixel_values=pixel_values).logits,
+                                   rtol=0, atol=0)
