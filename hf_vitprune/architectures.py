@@ -172,18 +172,41 @@ def find_shared_position_bias(model: nn.Module) -> tuple[nn.Module, str] | None:
     return None
 
 
+# The resolution a model is run at, when it differs from config.image_size (set_input_size).
+INPUT_SIZE_ATTRIBUTE = "hf_vitprune_input_size"
+
+
+def set_input_size(model: nn.Module, height: int, width: int) -> None:
+    """Cost ``model`` at ``height`` x ``width`` images instead of its config's ``image_size``.
+
+    DINOv2 checkpoints record ``image_size=518`` (their pre-training resolution) but are run at
+    224 and interpolate their position embeddings, so the configured resolution would count 1370
+    tokens where the model sees 257. ``PruningTrainer`` calls this with its training images' size.
+    """
+    for name, value in (("height", height), ("width", width)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"set_input_size: {name}={value!r} must be a positive integer (pixels).")
+    setattr(model, INPUT_SIZE_ATTRIBUTE, (height, width))
+
+
+def num_patches(model: nn.Module) -> int:
+    """Patches per image, at the configured resolution or the one given to :func:`set_input_size`."""
+    patch_embeddings = embeddings_module(model).patch_embeddings
+    size = getattr(model, INPUT_SIZE_ATTRIBUTE, None)
+    if size is None:
+        return int(patch_embeddings.num_patches)
+    patch = patch_embeddings.patch_size
+    patch_h, patch_w = (patch, patch) if isinstance(patch, int) else patch
+    return (size[0] // patch_h) * (size[1] // patch_w)
+
+
 def num_tokens(model: nn.Module) -> int:
-    """Tokens per image at the configured resolution: patches plus class/distillation/register tokens."""
-    for module in model.modules():
-        patch_embeddings = getattr(module, "patch_embeddings", None)
-        if patch_embeddings is not None and hasattr(patch_embeddings, "num_patches"):
-            extra = sum(
-                getattr(module, name).shape[1]
-                for name in TOKEN_PARAMETERS
-                if isinstance(getattr(module, name, None), torch.Tensor)
-            )
-            return int(patch_embeddings.num_patches + extra)
-    raise ValueError(f"{type(model).__name__} has no patch embeddings; cannot count its tokens.")
+    """Tokens per image: :func:`num_patches` plus the class/distillation/register tokens."""
+    module = embeddings_module(model)
+    extra = sum(
+        getattr(module, name).shape[1] for name in TOKEN_PARAMETERS if isinstance(getattr(module, name, None), torch.Tensor)
+    )
+    return num_patches(model) + int(extra)
 
 
 def embeddings_module(model: nn.Module) -> nn.Module:

@@ -28,6 +28,7 @@ from .architectures import (
     find_shared_position_bias,
     layer_tokens,
     meta_copy,
+    num_patches,
     num_tokens,
 )
 from .modeling import is_recorded
@@ -180,12 +181,12 @@ def _outside_encoder(model: nn.Module, layers: list[EncoderLayer]) -> tuple[list
     return modules, sum(p.numel() for m in modules for p in m.parameters(recurse=False))
 
 
-def _flops_outside_encoder(modules: list[nn.Module]) -> int:
+def _flops_outside_encoder(modules: list[nn.Module], patches: int) -> int:
     flops = 0
     for module in modules:
         patch_embeddings = getattr(module, "patch_embeddings", None)
         if patch_embeddings is not None:  # one kernel application per patch
-            flops += 2 * patch_embeddings.projection.weight.numel() * patch_embeddings.num_patches
+            flops += 2 * patch_embeddings.projection.weight.numel() * patches
         elif isinstance(module, nn.Linear):
             flops += 2 * module.in_features * module.out_features
     return flops
@@ -220,7 +221,7 @@ def model_stats(model: nn.Module, plan: PruningPlan | None = None) -> ModelStats
         # apply_plan gives every layer its own copy of the shared table
         table = getattr(*shared).relative_position_bias_table
         shared_rows, outside_params = table.shape[0], outside_params - table.numel()
-    outside_flops = _flops_outside_encoder(outside)
+    outside_flops = _flops_outside_encoder(outside, num_patches(model))
     listed = {kind.name for kind in UNIT_KINDS.values() if kind.name not in BUILTIN_UNIT_KINDS
               and is_recorded(kind, [kind.count(layer) for layer in layers], model.config)}
     per_layer = []

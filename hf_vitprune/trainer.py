@@ -27,7 +27,7 @@ from transformers import Trainer, TrainerCallback, TrainerState, get_scheduler
 from transformers.trainer_utils import get_last_checkpoint, set_seed
 from transformers.utils import logging as hf_logging
 
-from .architectures import family_of, find_encoder_layers
+from .architectures import family_of, find_encoder_layers, set_input_size
 from .config import PruningConfig
 from .distillation import classification_logits, distillation_loss
 from .methods import PruningMethod, SearchContext, get_method
@@ -120,6 +120,9 @@ class PruningTrainer(Trainer):
         if not self.label_names:  # DeiT's two-head model takes no labels, but its loss here needs them
             self.label_names = ["labels"]
         self.pruning_config = pruning_config
+        size = _training_image_size(self.train_dataset)
+        if size is not None:  # cost the model at the resolution it trains at (DINOv2 records 518, runs at 224)
+            set_input_size(self.accelerator.unwrap_model(self.model), *size)
         self.method: PruningMethod = get_method(pruning_config.method)(pruning_config)
         self.phase: str | None = None
         self.plan: PruningPlan | None = None
@@ -582,6 +585,19 @@ class PruningTrainer(Trainer):
         batches = len(self.get_train_dataloader())
         per_epoch = max(math.ceil(batches / self.args.gradient_accumulation_steps), 1)
         return math.ceil(self.args.num_train_epochs * per_epoch)
+
+
+def _training_image_size(dataset) -> tuple[int, int] | None:
+    """(height, width) of the first training example's ``pixel_values``; None when it cannot be read."""
+    try:
+        example = dataset[0]
+        pixels = example["pixel_values"]
+    except Exception:  # no dataset, an iterable dataset, another layout: cost at config.image_size
+        return None
+    shape = getattr(pixels, "shape", None)
+    if shape is None or len(shape) < 2:
+        return None
+    return int(shape[-2]), int(shape[-1])
 
 
 def _has_distillation_head(model) -> bool:

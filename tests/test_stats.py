@@ -110,3 +110,36 @@ def test_attention_implementation_survives_pruning(make_model, helpers):
     assert pruned.config._attn_implementation == "eager"
     assert all(layer.attention.config._attn_implementation == "eager" for layer in helpers.encoder_layers(pruned))
     assert model_stats(pruned).flops == pytest.approx(counted_flops(pruned, set_eager=False), rel=0.02)
+
+
+def test_models_run_at_another_resolution_are_costed_there(tmp_path):
+    """DINOv2 records its pre-training image_size and interpolates its position embeddings: set_input_size makes
+    the statistics count the tokens it really sees, exactly as FlopCounterMode does; PruningTrainer sets it
+    from its training images."""
+    from datasets import Dataset
+    from transformers import Dinov2Config, Dinov2ForImageClassification, TrainingArguments
+
+    from hf_vitprune import PruningConfig, PruningTrainer
+    from hf_vitprune.architectures import set_input_size
+
+    def dinov2():
+        torch.manual_seed(0)
+        return Dinov2ForImageClassification(Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                                         image_size=32, patch_size=4, mlp_ratio=2, num_labels=3))
+
+    model = dinov2()
+    assert model_stats(model).tokens == 65  # 8 x 8 patches + CLS at the configured 32 x 32
+    set_input_size(model, 16, 16)
+    stats = model_stats(model)
+    model.config._attn_implementation = "eager"
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(pixel_values=torch.randn(1, 3, 16, 16))
+    assert stats.tokens == 17 and stats.flops == counter.get_total_flops()
+    with pytest.raises(ValueError, match="height=0 must be a positive integer"):
+        set_input_size(model, 0, 16)
+
+    data = Dataset.from_dict({"pixel_values": torch.randn(8, 3, 16, 16).numpy(), "labels": [0, 1, 2, 0, 1, 2, 0, 1]})
+    trainer = PruningTrainer(model=dinov2(), args=TrainingArguments(str(tmp_path), use_cpu=True, report_to=[]),
+                             train_dataset=data.with_format("torch"), pruning_config=PruningConfig(target_sparsity=0.3))
+    assert trainer.dense_stats.tokens == 17 and trainer.dense_stats.flops == stats.flops
