@@ -331,7 +331,8 @@ def is_recorded(kind: UnitKind, counts: list[int], config: PreTrainedConfig) -> 
     if kind.name in BUILTIN_UNIT_KINDS:
         return True
     if kind.default is not None:
-        return any(n != kind.default(dense_view(config)) for n in counts)
+        default = kind.default(dense_view(config))
+        return any(n != default for n in counts)
     return any(counts)
 
 
@@ -341,17 +342,18 @@ def convert_to_pruned(model: nn.Module) -> nn.Module:
     stock_name = type(model).__name__.removeprefix("Pruned")
     layers = find_encoder_layers(model)
     old = model.config
-    values = dense_view(old).to_dict()
+    dense = dense_view(old)
+    values = dense.to_dict()
     for key in ("model_type", "per_layer_config", "auto_map", "architectures", "transformers_version"):
         values.pop(key, None)
     # the width the layers are built with before compaction (and the one attention scaling derives from)
-    values["head_dim"] = dense_head_dim(dense_view(old))
+    values["head_dim"] = dense_head_dim(dense)
     counts = [{kind.config_key: kind.count(layer) for kind in UNIT_KINDS.values()} for layer in layers]
     width = embedding_width(model)
     if width != values["hidden_size"]:
         if "mlp_ratio" in values:  # DINOv2 derives the MLP width from hidden_size (an integer ratio)
             needed = max(c["intermediate_size"] for c in counts)
-            values["mlp_ratio"] = _mlp_ratio_for(layers[0].mlp, dense_view(old), width, needed)
+            values["mlp_ratio"] = _mlp_ratio_for(layers[0].mlp, dense, width, needed)
         values["hidden_size"] = width
     # every layer has heads and neurons (maybe none left); another kind is recorded where the model has it
     keys = [

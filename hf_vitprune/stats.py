@@ -27,12 +27,12 @@ from .architectures import (
     find_encoder_layers,
     find_shared_position_bias,
     layer_tokens,
-    meta_copy,
     num_patches,
     num_tokens,
 )
 from .modeling import is_recorded
 from .plan import PruningPlan
+from .surgery import compacted_shapes
 
 
 @dataclass(frozen=True)
@@ -198,20 +198,13 @@ def _costs_linearly(plan: PruningPlan) -> bool:
     return plan.embedding is None and all(kind.linear_cost or not plan.units_of(kind.name) for kind in UNIT_KINDS.values())
 
 
-def _compacted_on_meta(model: nn.Module, plan: PruningPlan) -> nn.Module:
-    """``model`` with ``plan`` applied, on the meta device: the shapes without copying any weight."""
-    from .surgery import apply_plan  # surgery imports modeling, which needs nothing from here
-
-    return apply_plan(meta_copy(model), plan)
-
-
 def model_stats(model: nn.Module, plan: PruningPlan | None = None) -> ModelStats:
     """Total and per-layer parameters and FLOPs per image; with ``plan``, those the plan would leave."""
     family_of(model)  # other architectures (Swin, masked-image heads) would get silently wrong numbers
     if plan is not None:
         plan.validate(model)
         if not _costs_linearly(plan):
-            return model_stats(_compacted_on_meta(model, plan))
+            return model_stats(compacted_shapes(model, plan))
     layers = find_encoder_layers(model)
     tokens = num_tokens(model)
     outside, outside_params = _outside_encoder(model, layers)

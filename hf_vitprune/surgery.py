@@ -7,7 +7,7 @@ from collections.abc import Iterator, Mapping
 import torch
 from torch import nn
 
-from .architectures import UNIT_KINDS, compact_units, family_of, find_encoder_layers, unshare_position_bias
+from .architectures import UNIT_KINDS, compact_units, family_of, find_encoder_layers, meta_copy, unshare_position_bias
 from .embedding import EmbeddingGate, compact_embedding
 from .modeling import convert_to_pruned
 from .plan import PruningPlan
@@ -47,6 +47,11 @@ def apply_plan(model: nn.Module, plan: PruningPlan | Mapping) -> nn.Module:
     if plan.embedding is not None:
         compact_embedding(model, plan.embedding)
     return convert_to_pruned(model)
+
+
+def compacted_shapes(model: nn.Module, plan: PruningPlan) -> nn.Module:
+    """``model`` with ``plan`` applied, on the meta device: the shapes it would have, without copying a weight."""
+    return apply_plan(meta_copy(model), plan)
 
 
 class UnitMasks:

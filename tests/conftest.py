@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from transformers import (
     BeitConfig,
+    TrainerCallback,
     BeitForImageClassification,
     DeiTConfig,
     DeiTForImageClassification,
@@ -161,6 +162,21 @@ def random_plan(model: nn.Module, seed: int) -> hf_vitprune.PruningPlan:
             heads[index] = rng.sample(range(num_heads), keep_heads)
         neurons[index] = rng.sample(range(num_neurons), keep_neurons)
     return hf_vitprune.PruningPlan(heads=heads, neurons=neurons)
+
+
+class SimulatedCrash(TrainerCallback):
+    """Simulates a killed job: raises after the given step of the given phase (after its checkpoint)."""
+
+    def __init__(self, trainer, phase, step):
+        self.trainer, self.phase, self.step = trainer, phase, step
+        self.first = None  # the run's step count goes on across phases: count this phase's own steps
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.trainer.phase != self.phase:
+            return
+        self.first = state.global_step if self.first is None else self.first
+        if state.global_step - self.first + 1 == self.step + 1:
+            raise KeyboardInterrupt("simulated crash")
 
 
 # --------------------------------------------------------------------------- fixtures

@@ -18,13 +18,12 @@ from safetensors.torch import load_file
 from sklearn.datasets import load_digits
 from transformers import (
     AutoModelForImageClassification,
-    TrainerCallback,
     TrainingArguments,
     ViTConfig,
     ViTForImageClassification,
 )
 
-from conftest import ARCHITECTURES, build_model
+from conftest import ARCHITECTURES, SimulatedCrash, build_model
 from hf_vitprune import PruningConfig, PruningPlan, PruningTrainer, attach_masks, model_stats
 from hf_vitprune.architectures import find_encoder_layers
 from hf_vitprune.methods.ofb import OFB, BiMask, one_hot_loss, searched_modules
@@ -158,12 +157,11 @@ def test_shrinking_drops_unlikely_candidates_and_keeps_the_likeliest(pixel_value
 # --------------------------------------------------------------------------- end to end on digits
 
 
-def digits(split: str = "train") -> Dataset:
+def digits() -> Dataset:
+    """The first 256 of scikit-learn's digits in [0, 1], in their file order: enough for a few search steps."""
     images, labels = load_digits(return_X_y=True)
-    images = torch.tensor(images, dtype=torch.float32).reshape(-1, 1, 8, 8) / 16.0
-    chosen = slice(0, 256) if split == "train" else slice(256, 384)
-    return Dataset.from_dict({"pixel_values": images[chosen].numpy(),
-                              "labels": torch.tensor(labels[chosen]).numpy()}).with_format("torch")
+    images = torch.tensor(images[:256], dtype=torch.float32).reshape(-1, 1, 8, 8) / 16.0
+    return Dataset.from_dict({"pixel_values": images.numpy(), "labels": labels[:256]}).with_format("torch")
 
 
 def digits_vit() -> ViTForImageClassification:
@@ -207,15 +205,6 @@ def test_budget_lands_within_one_percent_on_digits(tmp_path, target):
     assert trainer.model.config.hidden_size == len(trainer.plan.embedding)
 
 
-class Crash(TrainerCallback):
-    def __init__(self, trainer, step):
-        self.trainer, self.step = trainer, step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if self.trainer.phase == "search" and state.global_step == self.step:
-            raise KeyboardInterrupt("simulated crash")
-
-
 def test_resume_mid_search_after_shrinking_equals_the_uninterrupted_run(tmp_path):
     config = ofb_config(arch_learning_rate=0.5, shrink_threshold=0.9)  # fast moving logits: shrinks by step 4
 
@@ -225,7 +214,7 @@ def test_resume_mid_search_after_shrinking_equals_the_uninterrupted_run(tmp_path
         if crash is None:
             trainer.train()
             return trainer
-        trainer.add_callback(Crash(trainer, crash))
+        trainer.add_callback(SimulatedCrash(trainer, "search", crash))
         with pytest.raises(KeyboardInterrupt):
             trainer.train()
         resumed = PruningTrainer(model=digits_vit(), args=args, train_dataset=digits(), pruning_config=config)
@@ -233,8 +222,8 @@ def test_resume_mid_search_after_shrinking_equals_the_uninterrupted_run(tmp_path
         return resumed
 
     reference = run(tmp_path / "reference")
-    resumed = run(tmp_path / "resumed", crash=5)
-    assert resumed.method.searched_widths == reference.method.searched_widths  # after the step-4 checkpoint, which follows a shrink
+    resumed = run(tmp_path / "resumed", crash=4)  # after the step-4 checkpoint, which follows a shrink
+    assert resumed.method.searched_widths == reference.method.searched_widths
     # the checkpoint resumed from holds shrunk candidate sets
     state = load_file(tmp_path / "resumed" / "search" / "checkpoint-4" / "pruning_state.safetensors")
     actives = [v for k, v in state.items() if k.startswith("ofb.active_")]

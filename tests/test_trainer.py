@@ -25,6 +25,7 @@ from transformers import (
 )
 
 import hf_vitprune
+from conftest import SimulatedCrash
 from hf_vitprune import PruningConfig, PruningPlan, PruningTrainer, model_stats
 from hf_vitprune.data import load_digits_dataset
 
@@ -139,21 +140,6 @@ def test_gohsp_on_digits_stays_within_three_points_of_dense(tmp_path):
 # --------------------------------------------------------------------------- resume
 
 
-class Crash(TrainerCallback):
-    """Simulates a killed job: raises after the given step of the given phase (after its checkpoint)."""
-
-    def __init__(self, trainer, phase, step):
-        self.trainer, self.phase, self.step = trainer, phase, step
-        self.first = None  # the run's step count goes on across phases: count this phase's own steps
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if self.trainer.phase != self.phase:
-            return
-        self.first = state.global_step if self.first is None else self.first
-        if state.global_step - self.first + 1 == self.step + 1:
-            raise KeyboardInterrupt("simulated crash")
-
-
 def _resume_run(output_dir, crash=None):
     args = arguments(output_dir, max_steps=8, save_strategy="steps", save_steps=2)
     trainer = PruningTrainer(model=tiny_vit(), args=args, train_dataset=random_images(),
@@ -161,7 +147,7 @@ def _resume_run(output_dir, crash=None):
     if crash is None:
         trainer.train()
         return trainer
-    trainer.add_callback(Crash(trainer, *crash))
+    trainer.add_callback(SimulatedCrash(trainer, *crash))
     with pytest.raises(KeyboardInterrupt):
         trainer.train()
     resumed = PruningTrainer(model=tiny_vit(), args=args, train_dataset=random_images(),

@@ -44,13 +44,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..architectures import embedding_width, find_encoder_layers, meta_copy
+from ..architectures import embedding_width, find_encoder_layers
 from ..budget import Budget, select_plan, unit_costs
 from ..distillation import classification_logits
 from ..embedding import gated_layer_norm, residual_layer_norms
 from ..plan import PruningPlan
 from ..stats import model_stats
-from ..surgery import apply_plan
+from ..surgery import compacted_shapes
 from .base import MethodOptions, PruningMethod, SearchContext, register_method
 from .pmim import PatchMaskReconstruction
 from .width_cost import WidthCost
@@ -292,6 +292,7 @@ class OFB(PruningMethod):
         self._hooks = []
         self._current: list | None = None
         self._logs: dict[str, float] = {}
+        self._dense_widths: tuple = ()
         self.searched_widths: dict | None = None
 
     # ------------------------------------------------------------------ the hooks
@@ -306,7 +307,7 @@ class OFB(PruningMethod):
         dense = model_stats(model)
         self.dense_measure = float(budget.measure(dense))
         self.target = (1 - budget.fraction) * self.dense_measure
-        smallest = self._cost_at([min(m.candidates) for m in self.mask.searched], model)
+        smallest = self._cost_at([min(m.candidates) for m in self.mask.searched])
         if smallest > self.target:
             self._detach()  # leave the model as it was given
             raise ValueError(
@@ -320,6 +321,9 @@ class OFB(PruningMethod):
         device = next(model.parameters()).device
         self.mask = BiMask(searched_modules(model, self.config, self.options), self.options.initial_score, device)
         self.cost = WidthCost(model)
+        layers = find_encoder_layers(model)  # the search keeps the dense shapes: read them once
+        self._dense_widths = ([layer.num_heads for layer in layers], [layer.head_dim for layer in layers],
+                              [layer.num_neurons for layer in layers], embedding_width(model))
         self.total_steps = search_steps
         self._attach(model)
         if self.options.pmim:
@@ -420,13 +424,10 @@ class OFB(PruningMethod):
             torch.distributed.all_reduce(parameter.grad)
             parameter.grad /= world
 
-    def _widths(self, values: list, model: nn.Module) -> tuple[list, list, list, object]:
-        """(heads, head dims, neurons per layer, embedding width), searched values where searched."""
-        layers = find_encoder_layers(model)
-        heads = [layer.num_heads for layer in layers]
-        dims = [layer.head_dim for layer in layers]
-        neurons = [layer.num_neurons for layer in layers]
-        width = embedding_width(model)
+    def _widths(self, values: list) -> tuple[list, list, list, object]:
+        """(heads, head dims, neurons per layer, embedding width): ``values`` where searched, else the dense ones."""
+        heads, dims, neurons, width = self._dense_widths
+        heads, dims, neurons = list(heads), list(dims), list(neurons)  # copies: the dense ones stay
         for module, value in zip(self.mask.searched, values):
             if module.kind == "heads":
                 heads[module.layer] = value
@@ -438,13 +439,13 @@ class OFB(PruningMethod):
                 width = value
         return heads, dims, neurons, width
 
-    def _cost_at(self, values: list, model: nn.Module):
-        return self.cost.measure(self.config.budget.metric, *self._widths(values, model))
+    def _cost_at(self, values: list):
+        return self.cost.measure(self.config.budget.metric, *self._widths(values))
 
     def loss_terms(self, model, inputs, outputs) -> dict[str, torch.Tensor]:
         mask, options = self.mask, self.options
         expected = [mask.expected_width(i) for i in range(len(mask.searched))]
-        cost = self._cost_at(expected, model)
+        cost = self._cost_at(expected)
         constraint = ((cost - self.target) / self.dense_measure).square()
         one_hot = torch.stack([one_hot_loss(mask.probabilities(i), mask.active(i))
                                for i in range(len(mask.searched))]).mean()
@@ -553,7 +554,7 @@ class OFB(PruningMethod):
         decides which units are added or removed to land on the budget.
         """
         budget = self.config.budget
-        narrowed = apply_plan(meta_copy(model), narrowing)
+        narrowed = compacted_shapes(model, narrowing)
         current = float(budget.measure(model_stats(narrowed)))
         fraction = 1 - self.target / current
         if fraction <= 0:
