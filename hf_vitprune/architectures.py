@@ -230,9 +230,19 @@ def layer_tokens(model: nn.Module) -> list[int]:
 
 def meta_copy(model: nn.Module) -> nn.Module:
     """A copy of ``model`` with every tensor on the meta device: its shapes, without copying a weight."""
-    memo = {id(t): nn.Parameter(torch.empty_like(t, device="meta"), requires_grad=t.requires_grad)
-            for t in model.parameters()}
+    return copy_with_tensors(model, lambda t: nn.Parameter(torch.empty_like(t, device="meta"),
+                                                           requires_grad=t.requires_grad))
+
+
+def copy_with_tensors(model: nn.Module, parameter: Callable[[nn.Parameter], nn.Parameter]) -> nn.Module:
+    """A copy of ``model`` whose parameters are ``parameter(p)`` of its own, its buffers on the meta device,
+    and no hooks (a hook may hold a search's live state, which is not ours to copy)."""
+    memo = {id(t): parameter(t) for t in model.parameters()}
     memo.update({id(t): torch.empty_like(t, device="meta") for t in model.buffers()})
+    for module in model.modules():
+        for name, value in vars(module).items():
+            if name.endswith("hooks") and isinstance(value, dict):
+                memo[id(value)] = type(value)()
     return copy.deepcopy(model, memo)
 
 

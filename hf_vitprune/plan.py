@@ -8,7 +8,7 @@ import os
 import re
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from torch import nn
@@ -161,6 +161,32 @@ class PruningPlan:
 
     def kept_neurons(self, layer: int, num_neurons: int) -> list[int]:
         return self.kept("neurons", layer, num_neurons)
+
+    def then(self, later: PruningPlan, model: nn.Module) -> PruningPlan:
+        """The one plan that applying ``self`` to ``model`` and then ``later`` (whose indices refer to the model
+        ``self`` leaves) amounts to, with indices into ``model``: a search that compacts in steps records
+        what it kept against the original model this way. A layer either plan names is named."""
+        self.validate(model)
+        layers = find_encoder_layers(model)
+        kept = {}
+        for kind in UNIT_KINDS.values():
+            per_layer = {}
+            for layer in layers:
+                if layer.index in self.units_of(kind.name) or layer.index in later.units_of(kind.name):
+                    first = self.kept(kind.name, layer.index, kind.count(layer))
+                    second = later.kept(kind.name, layer.index, len(first))
+                    per_layer[layer.index] = [first[i] for i in second]
+            if per_layer:
+                kept[kind.name] = per_layer
+        allow_empty = {kind.name for kind in UNIT_KINDS.values()
+                       if self.allows_empty(kind.name) or later.allows_empty(kind.name)}
+        plan = PruningPlan.of(kept, allow_empty)
+        width = embedding_width(model)
+        first = self.embedding if self.embedding is not None else list(range(width))
+        second = later.embedding if later.embedding is not None else list(range(len(first)))
+        if self.embedding is not None or later.embedding is not None:
+            plan = replace(plan, embedding=[first[i] for i in second])
+        return plan
 
     def validate(self, model: nn.Module) -> None:
         """Raise ValueError if the plan names a layer or a unit that ``model`` does not have.

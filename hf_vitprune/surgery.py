@@ -7,7 +7,15 @@ from collections.abc import Iterator, Mapping
 import torch
 from torch import nn
 
-from .architectures import UNIT_KINDS, compact_units, family_of, find_encoder_layers, meta_copy, unshare_position_bias
+from .architectures import (
+    UNIT_KINDS,
+    compact_units,
+    copy_with_tensors,
+    family_of,
+    find_encoder_layers,
+    meta_copy,
+    unshare_position_bias,
+)
 from .embedding import EmbeddingGate, compact_embedding
 from .modeling import convert_to_pruned
 from .plan import PruningPlan
@@ -52,6 +60,25 @@ def apply_plan(model: nn.Module, plan: PruningPlan | Mapping) -> nn.Module:
 def compacted_shapes(model: nn.Module, plan: PruningPlan) -> nn.Module:
     """``model`` with ``plan`` applied, on the meta device: the shapes it would have, without copying a weight."""
     return apply_plan(meta_copy(model), plan)
+
+
+def compaction_indices(model: nn.Module, plan: PruningPlan) -> dict[str, torch.Tensor]:
+    """Where each parameter of ``apply_plan(model, plan)`` comes from: by parameter name, the flat indices into
+    ``model``'s parameter of that name of the elements it keeps, in the compacted shape.
+
+    Whatever is laid out like the parameters (an optimizer's moments) is sliced with these exactly as the
+    surgery slices the weights. They are read off a compacted copy whose parameters hold their own element
+    positions, so every kind of slice (rows, columns, head-dim channels in every head, the embedding width)
+    is covered without restating it.
+    """
+    positions = apply_plan(copy_with_tensors(model, _positions), plan)
+    return {name: p.detach().to(torch.long) for name, p in positions.named_parameters()}
+
+
+def _positions(parameter: nn.Parameter) -> nn.Parameter:
+    """A tensor shaped like ``parameter`` holding each element's flat position (float64: exact to 2**53)."""
+    return nn.Parameter(torch.arange(parameter.numel(), dtype=torch.float64).reshape(parameter.shape),
+                        requires_grad=False)
 
 
 class UnitMasks:

@@ -4,8 +4,9 @@ Phases (each one ordinary ``Trainer.train()`` call, so every TrainingArguments f
 
 1. *Search* (the method's share of the steps, checkpoints under ``output_dir/<phase name>``): the
    method (``PruningConfig.method``, found in :mod:`hf_vitprune.methods`) sets up on the dense
-   model, adds its loss terms in ``compute_loss`` and does its per-step work from a callback;
-   the shapes stay fixed.
+   model, adds its loss terms in ``compute_loss`` and does its per-step work from a callback.
+   A method may remove units as it goes (``pending_compaction``): the trainer then compacts the
+   model in place, slices the optimizer state alike and re-wraps the model for DDP.
 2. *Compaction*: the method's ``finalize()`` gives the plan; ``apply_plan`` removes the units.
 3. *Fine-tuning* (the remaining steps, under ``output_dir/finetune``): the smaller model trains
    with a fresh optimizer and scheduler, distilling from a frozen copy of the dense model; then
@@ -27,10 +28,11 @@ from transformers import Trainer, TrainerCallback, TrainerState, get_scheduler
 from transformers.trainer_utils import get_last_checkpoint, set_seed
 from transformers.utils import logging as hf_logging
 
-from .architectures import family_of, find_encoder_layers, set_input_size
+from .architectures import family_of, find_encoder_layers, meta_copy, set_input_size
 from .config import PruningConfig
 from .distillation import classification_logits, distillation_loss
 from .methods import PruningMethod, SearchContext, get_method
+from .optimizer_state import replace_parameters
 from .plan import PruningPlan
 from .reporting import (
     REPORT_FILE,
@@ -52,7 +54,7 @@ from .state import (
     missing_files,
 )
 from .stats import model_stats
-from .surgery import apply_plan
+from .surgery import apply_plan, compaction_indices
 
 logger = hf_logging.get_logger(__name__)
 
@@ -71,6 +73,9 @@ class SearchStepCallback(TrainerCallback):
         trainer = self.trainer
         if trainer.phase == trainer.method.phase_name:
             trainer.method.on_step_end(trainer.accelerator.unwrap_model(trainer.model), state.global_step)
+            plan = trainer.method.pending_compaction()
+            if plan is not None:
+                trainer._compact_during_search(plan)
 
 
 class ContinuousEpochCallback(TrainerCallback):
@@ -138,6 +143,9 @@ class PruningTrainer(Trainer):
         self._step_offset = 0  # optimizer steps before the current phase: the search's, while fine-tuning
         self._search_state = None  # the search phase's TrainerState, which fine-tuning continues
         self._epoch_offset = 0.0
+        self._dense_shapes = None  # the dense model on the meta device, once a mid-search plan composes against it
+        self._search_plan: PruningPlan | None = None  # what mid-search compactions removed, against the dense model
+        self._rewrapped = None  # the DDP wrapper made after a mid-search compaction (the loop holds the old one)
         self.add_callback(SearchStepCallback(self))
         self.add_callback(PruningStateCallback(self))
         self.add_callback(ContinuousEpochCallback(self))
@@ -188,6 +196,11 @@ class PruningTrainer(Trainer):
     def _run_search(self, steps, base_output_dir, checkpoint, saved, trial, **kwargs):
         self.phase = self.method.phase_name
         model = self.accelerator.unwrap_model(self.model)
+        self._dense_shapes, self._search_plan, self._rewrapped = None, None, None
+        if saved is not None and saved.plan is not None:  # the checkpoint was compacted mid-search: so is the model
+            self._dense_shapes = meta_copy(model)
+            model = apply_plan(model, saved.plan)
+            self._search_plan = saved.plan
         if saved is not None:
             self.method.load_state_dict(saved.tensors, model)
         else:
@@ -203,8 +216,10 @@ class PruningTrainer(Trainer):
         else:
             super().train(resume_from_checkpoint=checkpoint, trial=trial, **kwargs)
         model = self.accelerator.unwrap_model(self.model)
-        self.plan = self.method.finalize(model)
-        self._compact(self.plan)
+        final = self.method.finalize(model)
+        self.plan = final if self._search_plan is None else self._search_plan.then(final, self._dense_shapes)
+        self._compact(final)
+        self._rewrapped = None
 
     def _run_finetune(self, steps, base_output_dir, checkpoint, trial, **kwargs):
         self.phase = FINETUNE
@@ -269,6 +284,40 @@ class PruningTrainer(Trainer):
         )
         self._created_lr_scheduler = True
         return self.lr_scheduler
+
+    def _compact_during_search(self, plan: PruningPlan) -> None:
+        """Remove ``plan``'s units now, mid-search: the model in place, the optimizer state alike, DDP re-wrapped."""
+        if self.is_fsdp_enabled or self.is_deepspeed_enabled:
+            raise ValueError(
+                f"Method {self.pruning_config.method!r} removes units in the middle of its search, which FSDP and "
+                f"DeepSpeed runs cannot do (they shard the parameters). Turn the method's mid-search compaction off "
+                f"(OFB: physical_shrinking=False) or train without FSDP/DeepSpeed."
+            )
+        model = self.accelerator.unwrap_model(self.model)
+        if self._search_plan is None:  # the first compaction: the model is still dense
+            self._dense_shapes = meta_copy(model)
+        before = dict(model.named_parameters())
+        positions = compaction_indices(model, plan)
+        apply_plan(model, plan)
+        replace_parameters(self.optimizer, [(before[name], parameter, positions[name])
+                                            for name, parameter in model.named_parameters()
+                                            if parameter is not before[name]])
+        self._search_plan = (self._search_plan or PruningPlan()).then(plan, self._dense_shapes)
+        if isinstance(self.model_wrapped, torch.nn.parallel.DistributedDataParallel):
+            # DDP registered the old parameters: a fresh wrapper over the compacted model (every process
+            # compacts alike, at the same step). training_step hands it the batches from now on.
+            self.model_wrapped = self._rewrapped = self.accelerator.prepare_model(model)
+        self.method.after_compaction(model, plan, lambda swaps: replace_parameters(self.optimizer, swaps))
+        stats = model_stats(model)
+        self._narrate("Compacted mid-search at step %d: %s parameters (%.1f%% of the dense model), %s FLOPs per image "
+                      "(%.1f%%)", self.state.global_step, f"{stats.params:,}", 100 * stats.params / self.dense_stats.params,
+                      f"{stats.flops:,}", 100 * stats.flops / self.dense_stats.flops)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        """Trainer's step, through the DDP wrapper made after a mid-search compaction when there is one."""
+        if self._rewrapped is not None and self.phase == self.method.phase_name:
+            model = self._rewrapped
+        return super().training_step(model, inputs, num_items_in_batch)
 
     def _compact(self, plan: PruningPlan) -> None:
         model = self.accelerator.unwrap_model(self.model)
@@ -523,7 +572,10 @@ class PruningTrainer(Trainer):
         target.load_state_dict(loaded.state_dict(), strict=True)
 
     def pruning_state(self) -> PruningState:
-        return PruningState(self.phase or self.method.phase_name, self.plan, self.method.state_dict(),
+        """What a checkpoint needs beyond the weights: the phase, the plan (while searching, what mid-search
+        compactions removed), the method's tensors and the config."""
+        plan = self.plan if self.plan is not None else self._search_plan
+        return PruningState(self.phase or self.method.phase_name, plan, self.method.state_dict(),
                             self.pruning_config.to_dict())
 
     def _resolve_checkpoint(self, resume_from_checkpoint, output_dir: str) -> str | None:

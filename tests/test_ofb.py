@@ -26,6 +26,7 @@ from transformers import (
 from conftest import ARCHITECTURES, SimulatedCrash, build_model
 from hf_vitprune import PruningConfig, PruningPlan, PruningTrainer, attach_masks, model_stats
 from hf_vitprune.architectures import find_encoder_layers
+from hf_vitprune.methods import SearchContext
 from hf_vitprune.methods.ofb import OFB, BiMask, one_hot_loss, searched_modules
 from hf_vitprune.methods.width_cost import WidthCost
 
@@ -205,8 +206,83 @@ def test_budget_lands_within_one_percent_on_digits(tmp_path, target):
     assert trainer.model.config.hidden_size == len(trainer.plan.embedding)
 
 
+# fast-moving logits under a budget the uniform start exceeds: units are sliced out within a few steps
+SHRINKING = dict(arch_learning_rate=0.5, shrink_threshold=0.9, target_flops_reduction=0.5, shrink_interval=1)
+
+
+def test_a_shrink_step_keeps_the_loss_and_slices_the_optimizer_state(tmp_path):
+    trainer = PruningTrainer(model=digits_vit(), args=ofb_args(tmp_path), train_dataset=digits(),
+                             pruning_config=ofb_config())
+    model, method = trainer.model, trainer.method
+    trainer.phase = method.phase_name
+    method.setup(SearchContext(model=model, budget=trainer.pruning_config.budget, search_steps=10,
+                               calibration_batches=trainer._calibration_batches))
+    optimizer = trainer.create_optimizer()
+    batch = next(iter(trainer.get_train_dataloader()))
+    model.train()
+    for step in range(1, 4):  # Adam moments to slice
+        trainer.compute_loss(model, batch).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        method.on_step_end(model, step)
+    mask = method.mask
+    for i in range(len(mask.searched)):  # every module's widest candidates become unlikely: all kinds shrink
+        with torch.no_grad():
+            mask.logits[i].copy_(torch.linspace(2, -6, len(mask.searched[i].candidates)))
+    method.shrink()
+    with torch.no_grad():
+        before = trainer.compute_loss(model, batch)
+    layer = find_encoder_layers(model)[1]
+    tensors = {"q": layer.attention.q_proj.weight, "fc2": layer.mlp_out.weight,
+               "cls": model.vit.embeddings.cls_token, "scores": mask.scores[0]}
+    moments = {name: optimizer.state[t]["exp_avg"].clone() for name, t in tensors.items()}
+    steps = {name: optimizer.state[t]["step"].clone() for name, t in tensors.items()}
+    plan = method.pending_compaction()
+    trainer._compact_during_search(plan)
+
+    with torch.no_grad():
+        after = trainer.compute_loss(model, batch)
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-6)
+    assert method.pending_compaction() is None
+    heads, dims = plan.heads[1], plan.units_of("head_dims")[1]
+    channels, neurons = plan.embedding, plan.neurons[1]
+    assert len(heads) < 4 and len(dims) < 16 and len(channels) < 64 and len(neurons) < 128  # every kind sliced
+    rows = [h * 16 + d for h in heads for d in dims]
+    layer = find_encoder_layers(model)[1]
+    new = {"q": layer.attention.q_proj.weight, "fc2": layer.mlp_out.weight,
+           "cls": model.vit.embeddings.cls_token, "scores": mask.scores[0]}
+    expected = {"q": moments["q"][rows][:, channels], "fc2": moments["fc2"][channels][:, neurons],
+                "cls": moments["cls"][..., channels], "scores": moments["scores"][plan.heads[0]]}
+    for name, tensor in new.items():
+        assert tensor is not tensors[name] and tensor in optimizer.state
+        torch.testing.assert_close(optimizer.state[tensor]["exp_avg"], expected[name], rtol=0, atol=0)
+        assert optimizer.state[tensor]["step"] == steps[name]
+    assert not any(t in optimizer.state for t in tensors.values())
+    trainer.compute_loss(model, batch).backward()  # the search trains on: the smaller tensors step
+    optimizer.step()
+
+
+def test_slicing_mid_search_gives_the_search_that_keeps_the_dense_shapes(tmp_path):
+    def run(physical):
+        config = ofb_config(**SHRINKING, physical_shrinking=physical)
+        trainer = PruningTrainer(model=digits_vit(), args=ofb_args(tmp_path / str(physical)), train_dataset=digits(),
+                                 pruning_config=config)
+        trainer.train()
+        return trainer
+
+    sliced, dense = run(True), run(False)
+    assert max(e.get("ofb_sliced_units", 0) for e in sliced.state.log_history) > 0
+    assert not any("ofb_sliced_units" in e for e in dense.state.log_history)
+    assert sliced.plan == dense.plan  # the composed mid-search plans name the units of the dense model
+    assert sliced.method.searched_widths == dense.method.searched_widths
+    pixels = digits()[:16]["pixel_values"]
+    with torch.no_grad():
+        torch.testing.assert_close(sliced.model.eval()(pixels).logits, dense.model.eval()(pixels).logits,
+                                   rtol=1e-4, atol=1e-4)
+
+
 def test_resume_mid_search_after_shrinking_equals_the_uninterrupted_run(tmp_path):
-    config = ofb_config(arch_learning_rate=0.5, shrink_threshold=0.9)  # fast moving logits: shrinks by step 4
+    config = ofb_config(**SHRINKING)  # units are sliced out by step 4
 
     def run(directory, crash=None):
         args = ofb_args(directory, save_strategy="steps", save_steps=4)
@@ -228,6 +304,9 @@ def test_resume_mid_search_after_shrinking_equals_the_uninterrupted_run(tmp_path
     state = load_file(tmp_path / "resumed" / "search" / "checkpoint-4" / "pruning_state.safetensors")
     actives = [v for k, v in state.items() if k.startswith("ofb.active_")]
     assert actives and any(not bool(v.all()) for v in actives)
+    # ... and a model compacted mid-search, which the resumed run rebuilt before loading its weights
+    sliced = json.loads((tmp_path / "resumed" / "search" / "checkpoint-4" / "pruning_state.json").read_text())["plan"]
+    assert sliced is not None and PruningPlan.from_dict(sliced) != PruningPlan()
     assert resumed.plan == reference.plan
     expected, got = reference.model.state_dict(), resumed.model.state_dict()
     assert expected.keys() == got.keys()
@@ -242,8 +321,9 @@ def test_two_processes_derive_the_same_architecture(tmp_path):
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     runs = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
-    assert runs[0] == runs[1]
+    assert runs[0] == runs[1]  # the same architecture, and the same weights after every search step
     assert runs[0]["world_size"] == 2 and runs[0]["plan"]["embedding"]
+    assert runs[0]["sliced_units"] > 0 and len(runs[0]["search_weights"]) == 5  # DDP re-wrapped mid-search
     reloaded = AutoModelForImageClassification.from_pretrained(tmp_path / "model")
     assert reloaded.config.hidden_size == len(runs[0]["plan"]["embedding"])
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -152,6 +153,20 @@ def test_plan_out_of_range_for_model(make_model, plan, pattern, call):
         call(model, plan)
     assert type(model).__name__ == "ViTForImageClassification"
     assert not any(m._forward_pre_hooks for m in model.modules())  # no mask left attached
+
+
+@pytest.mark.parametrize("arch", ["vit", "dinov2_swiglu"])
+def test_two_compactions_equal_their_composed_plan(make_model, pixel_values, arch):
+    first = PruningPlan(heads={0: [0, 2, 3]}, neurons={1: list(range(5, 30))},
+                        other_units={"head_dims": {0: [1, 2, 4, 5, 7]}}, embedding=list(range(2, 30)))
+    later = PruningPlan(heads={0: [0, 2], 1: [1]}, neurons={1: [0, 3, 9]}, other_units={"head_dims": {0: [0, 4]}},
+                        embedding=[0, 5, 6, 20])
+    stepwise = apply_plan(apply_plan(make_model(arch), first), later)
+    composed = first.then(later, make_model(arch))
+    assert composed.heads[0] == [0, 3] and composed.heads[1] == [1] and composed.embedding == [2, 7, 8, 22]
+    at_once = apply_plan(make_model(arch), composed)
+    with torch.no_grad():
+        torch.testing.assert_close(stepwise(pixel_values).logits, at_once(pixel_values).logits, rtol=0, atol=0)
 
 
 def test_valid_plan_validates(make_model):

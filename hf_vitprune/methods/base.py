@@ -12,6 +12,9 @@ drives through a few hooks; the trainer itself names no method:
    logits, ...) as optimizer parameter groups; :meth:`PruningMethod.before_optimizer_step` -
    work on their gradients (averaging them over processes: they live outside the model, so
    DDP does not).
+   :meth:`PruningMethod.pending_compaction` - units to remove physically in the middle of the
+   search; the trainer removes them, slices the optimizer state to match, re-wraps the model for
+   DDP and calls :meth:`PruningMethod.after_compaction` (OFB's progressive shrinking).
 5. :meth:`PruningMethod.state_dict` / :meth:`PruningMethod.load_state_dict` - the method's state,
    saved in every checkpoint so ``resume_from_checkpoint`` continues exactly.
 6. :meth:`PruningMethod.finalize` - after the search: the :class:`~hf_vitprune.plan.PruningPlan`
@@ -137,8 +140,26 @@ class PruningMethod:
     def before_optimizer_step(self, model: nn.Module) -> None:
         """Called on every process right before each optimizer step of the search."""
 
+    def pending_compaction(self) -> PruningPlan | None:
+        """Units to remove physically now, mid-search (indices into the model as it is), or None.
+
+        Asked on every process after each :meth:`on_step_end`; it must give the same answer on all of
+        them. The trainer then compacts the model, slices the optimizer state alike, and calls
+        :meth:`after_compaction`. Checkpoints record the compaction, so a resumed run replays it.
+        """
+        return None
+
+    def after_compaction(self, model: nn.Module, plan: PruningPlan,
+                         replace_parameters: Callable[[Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]], None]
+                         ) -> None:
+        """Called after the trainer removed ``plan``'s units mid-search: slice the method's own tensors to match
+        and re-attach what was hooked on replaced modules. ``replace_parameters([(old, new, index), ...])``
+        moves the optimizer from ``old`` to ``new`` with its state sliced by ``index`` (the flat positions in
+        ``old`` of ``new``'s elements, see :func:`hf_vitprune.optimizer_state.replace_parameters`)."""
+
     def finalize(self, model: nn.Module) -> PruningPlan:
-        """End the search: leave ``model`` ready to compact and return the plan to compact it to."""
+        """End the search: leave ``model`` ready to compact and return the plan to compact it to (indices into
+        the model as it is then, mid-search compactions included)."""
         raise NotImplementedError
 
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -146,7 +167,8 @@ class PruningMethod:
         return {}
 
     def load_state_dict(self, state: dict[str, torch.Tensor], model: nn.Module) -> None:
-        """Restore :meth:`state_dict` output when a run resumes (``model`` is the dense model)."""
+        """Restore :meth:`state_dict` output when a run resumes (``model`` is the dense model, or in the search
+        phase the model as the checkpoint's mid-search compactions left it)."""
 
     def search_lr_scheduler(self) -> str | None:
         """A ``transformers.get_scheduler`` name for the search phase, or None for ``args.lr_scheduler_type``."""

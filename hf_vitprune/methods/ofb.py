@@ -23,16 +23,17 @@ gradients are averaged over processes before each step.
 
 Progressive shrinking: every ``shrink_interval`` steps after the warm-up the logits are averaged
 over processes and candidates with probability below ``shrink_threshold / K`` are dropped; a
-module left with one candidate is fixed.
+module left with one candidate is fixed. When a module's widest candidate goes, the units
+ranked outside every remaining candidate are removed: their multiplier is zero from then on,
+and with ``physical_shrinking`` (the default) the trainer slices them out of the weights and
+the optimizer state at once (``pending_compaction``), so the search runs on ever smaller tensors.
 
 At the end each module takes its most likely remaining width; the remaining multipliers are
 fused into the weights; then a final exact selection of heads and neurons (search-kept units
 first, by importance) brings the model onto the budget, which the expected-width constraint
 only approaches. PMIM (:mod:`hf_vitprune.methods.pmim`, on by default) masks a growing share of
-patches and adds a reconstruction loss. Departures from the paper (docs/methods.md): candidates
-are dropped from the distribution but the weights stay full size until the end (no mid-search
-physical slicing); the LayerNorm statistics follow the embedding mask so that the fused,
-compacted model equals the searched one.
+patches and adds a reconstruction loss. Departure from the paper (docs/methods.md): the LayerNorm
+statistics follow the embedding mask so that the fused, compacted model equals the searched one.
 """
 
 from __future__ import annotations
@@ -73,6 +74,7 @@ KINDS = ("heads", "head_dims", "neurons", "embedding")
 PREFIX = "ofb."
 PMIM_PREFIX = "ofb.pmim."
 SEARCHED_PREFIX = "ofb.searched."  # the searched widths, kept in fine-tuning checkpoints for the card
+DENSE_PREFIX = "ofb.dense."  # the dense widths the candidates come from (the model may be shrunk)
 
 
 def _help(text: str, **kwargs) -> dict:
@@ -117,6 +119,12 @@ class OFBOptions(MethodOptions):
     shrink_threshold: float = field(
         default=0.2, **_help("A candidate whose probability is below shrink_threshold / K is dropped (K: active ones).")
     )
+    physical_shrinking: bool = field(
+        default=True, **_help("When a module's widest candidate is dropped, slice its removed units out of the weights "
+                              "and the optimizer state at once (the paper's progressive shrinking); off: keep the "
+                              "dense shapes to the end, the removed units held at zero (the same search, slower; "
+                              "needed under FSDP/DeepSpeed).")
+    )
     pmim: bool = field(
         default=True, **_help("Progressive masked image modelling during the search: reconstruct masked patches.")
     )
@@ -147,7 +155,7 @@ class OFBOptions(MethodOptions):
             self._check_number(name, low=0, high=1, low_open=False)
         self._check_number("pmim_weight", low=0, low_open=False)
         self._check_number("decoder_learning_rate", low=0)
-        for name in ("search_head_dims", "search_embedding", "pmim"):
+        for name in ("search_head_dims", "search_embedding", "physical_shrinking", "pmim"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"OFBOptions.{name}={getattr(self, name)!r} must be True or False.")
 
@@ -161,7 +169,11 @@ def _grid(size: int, smallest: float, steps: int) -> list[int]:
 
 @dataclass
 class SearchedModule:
-    """One searched width: a layer's heads, head dims or neurons, or (``layer`` None) the embedding width."""
+    """One searched width: a layer's heads, head dims or neurons, or (``layer`` None) the embedding width.
+
+    ``candidates`` are widths of the dense model; ``size`` is how many units the model has now (fewer than
+    the dense count once progressive shrinking has sliced some out).
+    """
 
     kind: str
     layer: int | None
@@ -173,26 +185,36 @@ class SearchedModule:
         return self.kind if self.layer is None else f"{self.kind}.{self.layer}"
 
 
-def searched_modules(model: nn.Module, config, options: OFBOptions) -> list[SearchedModule]:
-    """The modules OFB searches on ``model``, in a fixed order (every process derives the same)."""
+def model_widths(model: nn.Module) -> tuple[list[int], list[int], list[int], int]:
+    """(heads, head dim, MLP width) per layer and the embedding width of ``model`` as it is."""
+    layers = find_encoder_layers(model)
+    return ([layer.num_heads for layer in layers], [layer.head_dim for layer in layers],
+            [layer.num_neurons for layer in layers], embedding_width(model))
+
+
+def searched_modules(model: nn.Module, config, options: OFBOptions, dense_widths: tuple | None = None
+                     ) -> list[SearchedModule]:
+    """The modules OFB searches on ``model``, in a fixed order (every process derives the same).
+
+    Candidates come from ``dense_widths`` (:func:`model_widths` of the dense model; default: ``model``'s own),
+    so a model already shrunk mid-search gets the search it had.
+    """
+    heads, dims, neurons, width = dense_widths or model_widths(model)
+    now = model_widths(model)
     modules = []
-    for layer in find_encoder_layers(model):
+    for i in range(len(heads)):
         if config.prune_heads:
-            heads = layer.num_heads
-            grid = sorted({*range(options.head_step, heads + 1, options.head_step), heads})
-            modules.append(SearchedModule("heads", layer.index, heads, grid))
+            grid = sorted({*range(options.head_step, heads[i] + 1, options.head_step), heads[i]})
+            modules.append(SearchedModule("heads", i, now[0][i], grid))
         if options.search_head_dims:
-            d = layer.head_dim
-            modules.append(SearchedModule("head_dims", layer.index, d, _grid(d, options.min_head_dim_fraction,
-                                                                                options.grid_steps)))
+            grid = _grid(dims[i], options.min_head_dim_fraction, options.grid_steps)
+            modules.append(SearchedModule("head_dims", i, now[1][i], grid))
         if config.prune_neurons:
-            f = layer.num_neurons
-            modules.append(SearchedModule("neurons", layer.index, f, _grid(f, options.min_mlp_fraction,
-                                                                              options.grid_steps)))
+            grid = _grid(neurons[i], options.min_mlp_fraction, options.grid_steps)
+            modules.append(SearchedModule("neurons", i, now[2][i], grid))
     if options.search_embedding:
-        width = embedding_width(model)
-        modules.append(SearchedModule("embedding", None, width, _grid(width, options.min_embedding_fraction,
-                                                                      options.embedding_grid_steps)))
+        grid = _grid(width, options.min_embedding_fraction, options.embedding_grid_steps)
+        modules.append(SearchedModule("embedding", None, now[3], grid))
     searchable = [m for m in modules if len(m.candidates) > 1]  # one candidate: nothing to choose
     if not searchable:
         raise ValueError(
@@ -218,9 +240,14 @@ class BiMask(nn.Module):
         for i, m in enumerate(modules):
             self.register_buffer(f"active_{i}", torch.ones(len(m.candidates), dtype=torch.bool, device=device))
             self.register_buffer(f"candidates_{i}", torch.tensor(m.candidates, dtype=torch.float32, device=device))
+            self.register_buffer(f"alive_{i}", torch.ones(m.size, dtype=torch.bool, device=device))
 
     def active(self, i: int) -> torch.Tensor:
         return getattr(self, f"active_{i}")
+
+    def alive(self, i: int) -> torch.Tensor:
+        """Units still in the search: those ranked inside the widest active candidate when it last shrank."""
+        return getattr(self, f"alive_{i}")
 
     def candidates(self, i: int) -> torch.Tensor:
         return getattr(self, f"candidates_{i}")
@@ -230,8 +257,10 @@ class BiMask(nn.Module):
         return torch.softmax(logits, dim=0)
 
     def ranks(self, i: int) -> torch.Tensor:
-        """Each unit's rank by importance (0: most important); ties broken by index, identically everywhere."""
-        order = torch.argsort(-self.scores[i].detach(), stable=True)
+        """Each unit's rank by importance (0: most important), removed units last; ties broken by index,
+        identically everywhere."""
+        scores = self.scores[i].detach().masked_fill(~self.alive(i), float("-inf"))
+        order = torch.argsort(-scores, stable=True)
         ranks = torch.empty_like(order)
         ranks[order] = torch.arange(len(order), device=order.device)
         return ranks
@@ -250,12 +279,32 @@ class BiMask(nn.Module):
         return int(self.searched[i].candidates[int(torch.argmax(probabilities))])
 
     def multipliers(self, mix: float) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """(multiplier, prefix mask) of every module: ``mix * sigmoid(s) + (1 - mix) * M``."""
+        """(multiplier, prefix mask) of every module: ``mix * sigmoid(s) + (1 - mix) * M``, zero on removed units."""
         result = []
         for i in range(len(self.searched)):
             prefix = self.prefix_mask(i)
-            result.append((mix * torch.sigmoid(self.scores[i]) + (1 - mix) * prefix, prefix))
+            multiplier = (mix * torch.sigmoid(self.scores[i]) + (1 - mix) * prefix) * self.alive(i)
+            result.append((multiplier, prefix))
         return result
+
+    @torch.no_grad()
+    def remove_outside(self, i: int) -> bool:
+        """Mark the units ranked outside the widest active candidate removed; True if any unit was still alive."""
+        widest = int(self.candidates(i)[self.active(i)].max())
+        alive = self.alive(i)
+        keep = alive & (self.ranks(i) < widest)
+        changed = bool((keep != alive).any())
+        alive.copy_(keep)
+        return changed
+
+    def keep_units(self, i: int, kept: torch.Tensor) -> tuple[nn.Parameter, nn.Parameter]:
+        """Slice module ``i`` to the units ``kept`` (after the model was); returns (old, new) scores."""
+        old = self.scores[i]
+        new = nn.Parameter(old.detach()[kept].clone())
+        self.scores[i] = new
+        self.register_buffer(f"alive_{i}", torch.ones(len(kept), dtype=torch.bool, device=old.device))
+        self.searched[i].size = len(kept)
+        return old, new
 
 
 def one_hot_loss(probabilities: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
@@ -293,6 +342,7 @@ class OFB(PruningMethod):
         self._current: list | None = None
         self._logs: dict[str, float] = {}
         self._dense_widths: tuple = ()
+        self._to_slice: list[int] = []  # modules whose removed units wait for the trainer to slice them out
         self.searched_widths: dict | None = None
 
     # ------------------------------------------------------------------ the hooks
@@ -317,13 +367,13 @@ class OFB(PruningMethod):
                 f"smaller reduction."
             )
 
-    def _build(self, model: nn.Module, search_steps: int) -> None:
+    def _build(self, model: nn.Module, search_steps: int, dense_widths: tuple | None = None) -> None:
+        """The bi-mask, cost model and hooks on ``model``; ``dense_widths`` when it was shrunk (a resumed run)."""
         device = next(model.parameters()).device
-        self.mask = BiMask(searched_modules(model, self.config, self.options), self.options.initial_score, device)
-        self.cost = WidthCost(model)
-        layers = find_encoder_layers(model)  # the search keeps the dense shapes: read them once
-        self._dense_widths = ([layer.num_heads for layer in layers], [layer.head_dim for layer in layers],
-                              [layer.num_neurons for layer in layers], embedding_width(model))
+        self._dense_widths = dense_widths or model_widths(model)
+        modules = searched_modules(model, self.config, self.options, self._dense_widths)
+        self.mask = BiMask(modules, self.options.initial_score, device)
+        self.cost = WidthCost(model)  # its coefficients are per unit and per channel: the same on a shrunk model
         self.total_steps = search_steps
         self._attach(model)
         if self.options.pmim:
@@ -358,11 +408,14 @@ class OFB(PruningMethod):
                 for norm in residual_layer_norms(model):
                     self._hooks.append(norm.register_forward_hook(self._embedding_hook(i)))
 
-    def _detach(self) -> None:
-        """Remove every hook of the search (the bi-mask's and PMIM's) from the model."""
+    def _remove_mask_hooks(self) -> None:
         for handle in self._hooks:
             handle.remove()
         self._hooks.clear()
+
+    def _detach(self) -> None:
+        """Remove every hook of the search (the bi-mask's and PMIM's) from the model."""
+        self._remove_mask_hooks()
         self._current = None
         if self.pmim is not None:
             self.pmim.remove()
@@ -376,6 +429,9 @@ class OFB(PruningMethod):
 
     def _refresh(self, module, args):
         self._current = self.mask.multipliers(self.mix)
+        embedding = [i for i, m in enumerate(self.mask.searched) if m.kind == "embedding"]
+        if self.pmim is not None and embedding:
+            self.pmim.channel_gate = self.mask.alive(embedding[0])  # the decoder reads removed channels as zeros
 
     def _multiplier(self, i: int, like: torch.Tensor) -> torch.Tensor:
         return self._current[i][0].to(dtype=like.dtype)
@@ -449,7 +505,7 @@ class OFB(PruningMethod):
         constraint = ((cost - self.target) / self.dense_measure).square()
         one_hot = torch.stack([one_hot_loss(mask.probabilities(i), mask.active(i))
                                for i in range(len(mask.searched))]).mean()
-        l1 = sum(torch.sigmoid(s).sum() for s in mask.scores)
+        l1 = sum((torch.sigmoid(s) * mask.alive(i)).sum() for i, s in enumerate(mask.scores))
         self._logs["ofb_expected_cost_ratio"] = float(cost.detach()) / self.dense_measure
         terms = {
             "ofb_budget": options.flops_weight * constraint,
@@ -476,7 +532,8 @@ class OFB(PruningMethod):
 
     @torch.no_grad()
     def shrink(self) -> None:
-        """Average the logits over processes, then drop candidates below ``shrink_threshold / K``."""
+        """Average the logits over processes, drop candidates below ``shrink_threshold / K``, and remove the units
+        outside a module's widest remaining candidate (sliced out by the trainer with ``physical_shrinking``)."""
         mask = self.mask
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
         for i in range(len(mask.searched)):
@@ -491,10 +548,40 @@ class OFB(PruningMethod):
             keep = active & (probabilities >= self.options.shrink_threshold / k)
             keep[int(torch.argmax(probabilities))] = True
             active.copy_(keep)
+            if mask.remove_outside(i) and self.options.physical_shrinking:
+                self._to_slice.append(i)
         self._logs["ofb_active_candidates"] = float(sum(int(mask.active(i).sum()) for i in range(len(mask.searched))))
 
     def log_values(self) -> dict[str, float]:
         return dict(self._logs)
+
+    def pending_compaction(self) -> PruningPlan | None:
+        """The units the last shrink removed, for the trainer to slice out (indices into the model as it is)."""
+        if not self._to_slice:
+            return None
+        kept: dict[str, dict] = {kind: {} for kind in KINDS}
+        for i in self._to_slice:
+            module = self.mask.searched[i]
+            kept[module.kind][module.layer] = torch.nonzero(self.mask.alive(i)).flatten().tolist()
+        return PruningPlan(heads=kept["heads"], neurons=kept["neurons"],
+                           other_units={"head_dims": kept["head_dims"]} if kept["head_dims"] else {},
+                           embedding=kept["embedding"].get(None))
+
+    def after_compaction(self, model, plan, replace_parameters) -> None:
+        """Slice the scores (and with the embedding width, PMIM's mask token and decoder inputs) like the model,
+        and hook the bi-mask onto the new modules."""
+        swaps, removed = [], 0
+        for i in self._to_slice:
+            kept = torch.nonzero(self.mask.alive(i)).flatten()
+            removed += self.mask.searched[i].size - len(kept)
+            swaps.append((*self.mask.keep_units(i, kept), kept))
+            if self.mask.searched[i].kind == "embedding" and self.pmim is not None:
+                swaps.extend(self.pmim.keep_channels(kept))
+        replace_parameters(swaps)
+        self._logs["ofb_sliced_units"] = self._logs.get("ofb_sliced_units", 0.0) + removed
+        self._to_slice = []
+        self._remove_mask_hooks()
+        self._attach(model)
 
     # ------------------------------------------------------------------ the end of the search
 
@@ -599,6 +686,9 @@ class OFB(PruningMethod):
         tensors[f"{PREFIX}total_steps"] = torch.tensor(self.total_steps, dtype=torch.int64)
         tensors[f"{PREFIX}target"] = torch.tensor(self.target, dtype=torch.float64)
         tensors[f"{PREFIX}dense_measure"] = torch.tensor(self.dense_measure, dtype=torch.float64)
+        heads, dims, neurons, width = self._dense_widths
+        for name, values in (("heads", heads), ("head_dims", dims), ("neurons", neurons), ("embedding", [width])):
+            tensors[f"{DENSE_PREFIX}{name}"] = torch.tensor(values, dtype=torch.int64)
         return tensors
 
     def load_state_dict(self, state: dict[str, torch.Tensor], model) -> None:
@@ -612,7 +702,10 @@ class OFB(PruningMethod):
             return
         self.seed = int(own.pop("seed", torch.tensor(0)))
         self.step = int(own.pop("step"))
-        self._build(model, int(own.pop("total_steps")))
+        dense_key = DENSE_PREFIX[len(PREFIX):]
+        dense = {k[len(dense_key):]: own.pop(k).tolist() for k in list(own) if k.startswith(dense_key)}
+        widths = (dense["heads"], dense["head_dims"], dense["neurons"], dense["embedding"][0]) if dense else None
+        self._build(model, int(own.pop("total_steps")), widths)
         self.target = float(own.pop("target"))
         self.dense_measure = float(own.pop("dense_measure"))
         device = next(model.parameters()).device

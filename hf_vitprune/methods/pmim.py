@@ -35,6 +35,7 @@ class PatchMaskReconstruction(nn.Module):
         self.seed = seed
         self.ratio = 0.0
         self.step = 0
+        self.channel_gate: torch.Tensor | None = None  # embedding channels the decoder reads (OFB's removed ones: 0)
         self._pixels: torch.Tensor | None = None
         self._masked: torch.Tensor | None = None
         self._hidden: torch.Tensor | None = None
@@ -44,6 +45,20 @@ class PatchMaskReconstruction(nn.Module):
             find_encoder_layers(model)[-1].module.register_forward_hook(self._remember_hidden),
         ]
         self._model = [model]  # not a submodule: the model is not ours to save
+
+    def keep_channels(self, kept: torch.Tensor) -> list[tuple[nn.Parameter, nn.Parameter, torch.Tensor]]:
+        """Narrow the mask token and the decoder's inputs to the embedding channels ``kept``, as the model was;
+        returns (old, new, flat positions in old) for the optimizer."""
+        swaps = []
+        for owner, name, dim in ((self, "mask_token", 0), (self.decoder, "weight", 1)):
+            old = getattr(owner, name)
+            positions = torch.arange(old.numel()).reshape(old.shape).index_select(dim, kept.cpu())
+            new = nn.Parameter(old.detach().index_select(dim, kept.to(old.device)).clone())
+            setattr(owner, name, new)
+            swaps.append((old, new, positions))
+        self.decoder.in_channels = len(kept)
+        self.channel_gate = None
+        return swaps
 
     def remove(self) -> None:
         for handle in self._handles:
@@ -86,6 +101,8 @@ class PatchMaskReconstruction(nn.Module):
         batch, channels, height, width = pixels.shape
         rows, cols = height // self.patch, width // self.patch
         tokens = self._hidden[:, -rows * cols:, :]  # patch tokens come last in every family
+        if self.channel_gate is not None:
+            tokens = tokens * self.channel_gate.to(tokens.dtype)
         grid = tokens.transpose(1, 2).reshape(batch, -1, rows, cols)
         reconstruction = self.shuffle(self.decoder(grid.to(self.decoder.weight.dtype)))
         target = pixels[:, :, : rows * self.patch, : cols * self.patch].to(reconstruction.dtype)

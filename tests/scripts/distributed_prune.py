@@ -2,7 +2,8 @@
 with a second argument ``ofb``, an OFB search (tests/test_ofb.py).
 
 Each rank writes the plan it derived (rank<k>_plan.json) and what decided it (gohsp: its graph head
-importance, rank<k>_importance.json; ofb: its searched widths, rank<k>.json), and the main process
+importance, rank<k>_importance.json; ofb: its searched widths, the units sliced out mid-search and
+the weights' sum after each search step, rank<k>.json), and the main process
 saves the final model, so the tests can compare ranks and reload the result.
 """
 
@@ -12,9 +13,20 @@ from pathlib import Path
 
 import torch
 from datasets import Dataset
-from transformers import TrainingArguments, ViTConfig, ViTForImageClassification
+from transformers import TrainerCallback, TrainingArguments, ViTConfig, ViTForImageClassification
 
 from hf_vitprune import PruningConfig, PruningTrainer
+
+
+class SearchWeightSums(TrainerCallback):
+    """The sum of the model's weights after every search step: equal on every rank only if DDP kept them in step."""
+
+    def __init__(self, trainer):
+        self.trainer, self.sums = trainer, []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.trainer.phase != "finetune":
+            self.sums.append(float(sum(p.detach().double().sum() for p in self.trainer.model.parameters())))
 
 
 def main(output_dir: str, method: str = "gohsp") -> None:
@@ -33,9 +45,12 @@ def main(output_dir: str, method: str = "gohsp") -> None:
     if method == "gohsp":
         pruning = PruningConfig(target_sparsity=0.4, calibration_samples=32, admm_update_steps=2)
     else:
-        pruning = PruningConfig(method="ofb", target_flops_reduction=0.3, calibration_samples=16, shrink_interval=2,
-                                warmup_fraction=0.2)
+        # fast-moving logits: candidates drop, and units are sliced out, within the 5 search steps
+        pruning = PruningConfig(method="ofb", target_flops_reduction=0.5, calibration_samples=16, shrink_interval=2,
+                                warmup_fraction=0.2, arch_learning_rate=0.5, shrink_threshold=0.9)
     trainer = PruningTrainer(model=model, args=args, train_dataset=data, pruning_config=pruning)
+    weight_sums = SearchWeightSums(trainer)
+    trainer.add_callback(weight_sums)
     trainer.train()
     rank = trainer.accelerator.process_index
     out = Path(output_dir)
@@ -45,9 +60,10 @@ def main(output_dir: str, method: str = "gohsp") -> None:
         (out / f"rank{rank}_importance.json").write_text(json.dumps(
             {"importance": importance, "world_size": trainer.accelerator.num_processes}))
     else:
+        sliced = max((entry.get("ofb_sliced_units", 0) for entry in trainer.state.log_history), default=0)
         (out / f"rank{rank}.json").write_text(json.dumps({
-            "plan": trainer.plan.to_dict(), "searched": trainer.method.searched_widths,
-            "world_size": trainer.accelerator.num_processes}))
+            "plan": trainer.plan.to_dict(), "searched": trainer.method.searched_widths, "sliced_units": sliced,
+            "search_weights": weight_sums.sums, "world_size": trainer.accelerator.num_processes}))
     trainer.save_model(str(out / "model"))
 
 
