@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -91,7 +92,8 @@ FASHION_MNIST = dict(
     calibration_samples=256,
     admm_update_steps=20,
     logging_steps=50,
-    methods=["gohsp", "magnitude", "taylor", "random", "torch_pruning"],  # torch_pruning: benchmarks/torch_pruning_peer.py
+    # torch_pruning: benchmarks/torch_pruning_peer.py; ofb, ofb_no_pmim: FLOPS_MATCHED_METHODS below
+    methods=["gohsp", "magnitude", "taylor", "random", "torch_pruning", "ofb", "ofb_no_pmim"],
     sparsities=[0.4, 0.6],
     seeds=[0, 1, 2],
     threads=1,
@@ -202,21 +204,68 @@ def training_arguments(settings: Settings, output_dir: str | Path, *, epochs: fl
     return TrainingArguments(str(output_dir), **values)
 
 
-def pruning_config(settings: Settings, method: str, sparsity: float, seed: int) -> PruningConfig:
-    """The benchmark's recipe for ``method``; the seed reaches the methods that draw at random."""
+# Benchmark methods whose budget is FLOPs, not parameters: name -> OFB's method_options. OFB's native budget
+# is FLOPs, so each of its rows keeps the FLOPs of FLOPS_REFERENCE's runs at the row's sparsity (their mean
+# FLOPs ratio; the reference's budget is exact, so the ratio is the same for every seed) and is compared with
+# the parameter-matched methods at equal inference cost.
+FLOPS_MATCHED_METHODS = {"ofb": {}, "ofb_no_pmim": {"pmim": False}}
+FLOPS_REFERENCE = "gohsp"
+
+
+def parameter_matched(methods: list[str]) -> list[str]:
+    """The methods pruned to a parameter sparsity (the ones ``benchmarks.speed_shapes`` can plan alone)."""
+    return [method for method in methods if method not in FLOPS_MATCHED_METHODS]
+
+
+def pruning_config(settings: Settings, method: str, sparsity: float, seed: int,
+                   target_flops_reduction: float | None = None) -> PruningConfig:
+    """The benchmark's recipe for ``method``; the seed reaches the methods that draw at random.
+
+    A FLOPs-matched method (:data:`FLOPS_MATCHED_METHODS`) runs OFB with ``target_flops_reduction``
+    instead of the parameter ``sparsity``, searching for the same share of the epochs as the ADMM
+    methods (``admm_fraction``) so that every method fine-tunes for as long.
+    """
+    flops_matched = method in FLOPS_MATCHED_METHODS
+    if flops_matched and target_flops_reduction is None:
+        raise ValueError(f"{method} is pruned to the FLOPs of the {FLOPS_REFERENCE} runs: pass their "
+                         f"target_flops_reduction (benchmarks.common.flops_target).")
+    if not flops_matched and target_flops_reduction is not None:
+        raise ValueError(f"{method} is pruned to the parameter sparsity; only {', '.join(FLOPS_MATCHED_METHODS)} "
+                         f"take a target_flops_reduction.")
+    library_method = "ofb" if flops_matched else method
     options = dict(admm_update_steps=settings.admm_update_steps, admm_fraction=settings.admm_fraction,
-                   random_seed=seed)
+                   search_fraction=settings.admm_fraction, random_seed=seed)
     if settings.admm_rho_final is not None:
         options["admm_rho_final"] = settings.admm_rho_final
-    known = {f.name for f in dataclasses.fields(get_method(method).options_class)}
-    return PruningConfig(method=method, target_sparsity=sparsity, calibration_samples=settings.calibration_samples,
-                         distillation_weight=settings.distillation_weight,
-                         method_options={key: value for key, value in options.items() if key in known})
+    known = {f.name for f in dataclasses.fields(get_method(library_method).options_class)}
+    options = {key: value for key, value in options.items() if key in known}
+    options.update(FLOPS_MATCHED_METHODS.get(method, {}))
+    budget = (dict(target_flops_reduction=target_flops_reduction) if flops_matched
+              else dict(target_sparsity=sparsity))
+    return PruningConfig(method=library_method, **budget, calibration_samples=settings.calibration_samples,
+                         distillation_weight=settings.distillation_weight, method_options=options)
+
+
+def flops_target(runs: list[dict], sparsity: float) -> float:
+    """``target_flops_reduction`` of a FLOPs-matched row: 1 - the mean FLOPs ratio of the reference's runs."""
+    ratios = [r["flops_ratio"] for r in runs
+              if r["method"] == FLOPS_REFERENCE and abs(r["sparsity"] - sparsity) < 1e-9]
+    if not ratios:
+        raise SystemExit(
+            f"The FLOPs-matched methods ({', '.join(FLOPS_MATCHED_METHODS)}) take the FLOPs of the {FLOPS_REFERENCE} "
+            f"runs at sparsity {sparsity:g}, and the results hold none: include {FLOPS_REFERENCE} in --methods (it "
+            f"runs first), or run it before and pass --resume."
+        )
+    return 1 - statistics.fmean(ratios)
 
 
 def run_figures(method: str, sparsity: float, seed: int, test: dict, validation: dict, stats, dense_stats,
-                train_seconds: float, ranking_seconds: float, finetune_steps: int) -> dict:
-    """The figures every pruning run of the benchmark records, whichever tool pruned it."""
+                train_seconds: float, ranking_seconds: float | None, finetune_steps: int) -> dict:
+    """The figures every pruning run of the benchmark records, whichever tool pruned it.
+
+    ``ranking_seconds`` is None for a method with no ranking pass of its own (OFB learns its importance
+    scores during the search).
+    """
     return {
         "method": method,
         "sparsity": sparsity,
@@ -232,9 +281,10 @@ def run_figures(method: str, sparsity: float, seed: int, test: dict, validation:
         "flops_speedup": dense_stats.flops / stats.flops,
         "heads_per_layer": [layer.heads for layer in stats.layers],
         "neurons_per_layer": [layer.neurons for layer in stats.layers],
+        "embedding_width": stats.embedding_width,
         "train_seconds": train_seconds,
         "ranking_seconds": ranking_seconds,
-        "ranking_share": ranking_seconds / train_seconds,
+        "ranking_share": None if ranking_seconds is None else ranking_seconds / train_seconds,
         "finetune_steps": finetune_steps,
     }
 

@@ -1,15 +1,24 @@
-"""Benchmark hf_vitprune: GOHSP against magnitude, Taylor and random structured pruning, and Torch-Pruning as a peer.
+"""Benchmark hf_vitprune: GOHSP against magnitude, Taylor and random structured pruning, Torch-Pruning as a peer,
+and OFB at the FLOPs of the GOHSP runs.
 
 Full run on Fashion-MNIST (``apt-get install -y dataset-fashion-mnist``, ``pip install -e ".[bench]"``):
-5 methods x 2 sparsities x 3 seeds, then the speed section at real model shapes
-(``benchmarks/speed_shapes.py``, about 15 minutes); up to 90 minutes on 2 CPU cores with the dense ViT
-cached in ``--cache_dir`` (training it takes another ~28 minutes the first time, on both cores under
-torchrun). Run from the repository root::
+7 methods x 2 sparsities x 3 seeds, then the speed section at real model shapes
+(``benchmarks/speed_shapes.py``, about 15 minutes); the 5 parameter-matched methods take up to 90 minutes
+on 2 CPU cores with the dense ViT cached in ``--cache_dir`` (training it takes another ~28 minutes the first
+time, on both cores under torchrun). Run from the repository root::
 
     python -m benchmarks.run
 
 It writes ``benchmarks/results/fashion_mnist.json``, the plot
 ``benchmarks/results/fashion_mnist_accuracy.png`` and the table ``BENCHMARKS.md``.
+
+``ofb`` and ``ofb_no_pmim`` (OFB with PMIM off) are pruned to a FLOPs budget: each keeps the sparsity label
+of the gohsp row it is matched to and removes the share of FLOPs the gohsp runs at that sparsity removed
+(``benchmarks.common.FLOPS_MATCHED_METHODS``), so they run after gohsp's runs. To add them to results
+that already hold the other methods' runs, training only the OFB runs and keeping every section already
+measured (``--speed_shapes none`` also makes sure that the speed-at-shapes section is not measured again)::
+
+    python -m benchmarks.run --resume --speed_shapes none
 
 Smoke run on scikit-learn's digits (under 4 minutes, 2 seeds, torch_pruning included, the speed
 section on a 2-layer DeiT-Tiny at 32x32; writes under ``outputs/benchmarks-quick``)::
@@ -30,7 +39,8 @@ What is measured (every figure on the full test set, on this machine, in this pr
 - CPU latency at batch 1 and throughput at batch 64, pruned against dense, interleaved, median of
   ``speed_repeats`` (``hf_vitprune.speed.measure_speed``), with ``torch.set_num_threads(speed_threads)``;
   the throughput speedup divided by the FLOPs ratio (dense FLOPs / pruned FLOPs);
-- the ranking's share of the whole ``PruningTrainer.train()`` wall time (``ranking_seconds``);
+- the ranking's share of the whole ``PruningTrainer.train()`` wall time (``ranking_seconds``; none for OFB,
+  which learns its importance scores in the search);
 - one ADMM step against one plain step, and peak memory of the ADMM phase against plain
   fine-tuning (see ``benchmarks/measure.py`` for exactly what is compared);
 - throughput at batch 64 against the FLOPs ratio at DeiT-Tiny, DeiT-Small and ViT-Base shapes, eager
@@ -52,6 +62,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import transformers
@@ -59,6 +70,7 @@ from transformers import AutoModelForImageClassification, HfArgumentParser, Trai
 
 import hf_vitprune  # noqa: F401  (registers the pruned classes with the Auto classes)
 from hf_vitprune import PruningTrainer, model_stats
+from hf_vitprune.architectures import find_encoder_layers
 from hf_vitprune.fileio import atomic_directory
 from hf_vitprune.metrics import make_compute_metrics
 from hf_vitprune.speed import hardware_name, measure_speed
@@ -66,9 +78,13 @@ from hf_vitprune.speed import hardware_name, measure_speed
 from .common import (
     DIGITS_QUICK,
     FASHION_MNIST,
+    FLOPS_MATCHED_METHODS,
+    FLOPS_REFERENCE,
     Settings,
+    flops_target,
     load_data,
     load_dense,
+    parameter_matched,
     pruning_config,
     run_figures,
     train_or_reuse_dense,
@@ -90,7 +106,9 @@ class BenchmarkArguments:
         default=False, metadata={"help": "Only rebuild the Markdown table and the plot from the results JSON."}
     )
     resume: bool = field(
-        default=False, metadata={"help": "Keep the runs already in the results JSON (same settings) and do the rest."}
+        default=False,
+        metadata={"help": "Keep what the results JSON already holds (same settings; --methods and --speed_shapes "
+                          "may differ): its runs, the training-step, memory and speed-at-shapes sections; do the rest."},
     )
     output_dir: str | None = field(default=None, metadata={"help": "Where the JSON and the plot go."})
     markdown_file: str | None = field(default=None, metadata={"help": "Where the Markdown table goes."})
@@ -153,16 +171,28 @@ def evaluate(model, settings: Settings, dataset, prefix: str) -> dict:
     return {"accuracy": metrics[f"{prefix}_accuracy"], "top5_accuracy": metrics[f"{prefix}_top5_accuracy"]}
 
 
-def prune_once(settings: Settings, data, method: str, sparsity: float, seed: int, save_dir: str | Path) -> dict:
+class Job(NamedTuple):
+    """One pruning run; ``target_flops_reduction`` is set for the FLOPs-matched methods only."""
+
+    method: str
+    sparsity: float
+    seed: int
+    target_flops_reduction: float | None = None
+
+
+def prune_once(settings: Settings, data, method: str, sparsity: float, seed: int, save_dir: str | Path,
+               target_flops_reduction: float | None = None) -> dict:
     """One PruningTrainer run from the cached dense model, evaluated on the test split; saves the pruned model.
 
     ``method="torch_pruning"`` is the Torch-Pruning peer (``benchmarks.torch_pruning_peer.prune_once``), which
-    returns the same record.
+    returns the same record. A FLOPs-matched method (``ofb``, ``ofb_no_pmim``) prunes to
+    ``target_flops_reduction`` and keeps ``sparsity`` as the label of the row it is matched to; its record
+    says so.
     """
     if method == torch_pruning_peer.NAME:
         return torch_pruning_peer.prune_once(settings, data, sparsity, seed, save_dir)
     model = load_dense(settings)
-    config = pruning_config(settings, method, sparsity, seed)
+    config = pruning_config(settings, method, sparsity, seed, target_flops_reduction)
     with tempfile.TemporaryDirectory() as tmp:
         args = training_arguments(settings, tmp, epochs=settings.prune_epochs,
                                   learning_rate=settings.prune_learning_rate, seed=seed)
@@ -171,7 +201,8 @@ def prune_once(settings: Settings, data, method: str, sparsity: float, seed: int
         started = time.perf_counter()
         trainer.train()
         train_seconds = time.perf_counter() - started
-        ranking = next(e["ranking_seconds"] for e in trainer.state.log_history if "ranking_seconds" in e)
+        # None for OFB, which has no ranking pass: it learns its importance scores in the search
+        ranking = next((e["ranking_seconds"] for e in trainer.state.log_history if "ranking_seconds" in e), None)
         residuals = [e["admm_residual"] for e in trainer.state.log_history
                      if e.get("phase_admm") == 1.0 and "admm_residual" in e]
         test = trainer.evaluate(eval_dataset=data["test"], metric_key_prefix="test")
@@ -179,12 +210,16 @@ def prune_once(settings: Settings, data, method: str, sparsity: float, seed: int
     trainer.model.save_pretrained(save_dir)
     stats, dense_stats = model_stats(trainer.model), trainer.dense_stats
     total_steps = trainer.state.max_steps  # one TrainerState across the search and the fine-tuning
-    return {
+    record = {
         **run_figures(method, sparsity, seed, test, validation, stats, dense_stats, train_seconds, ranking,
                       finetune_steps=total_steps - trainer.method.search_steps(total_steps)),
         # ||W - Z|| / ||W|| in the last log of the ADMM phase: how far W still was from Z's support when pruned
         "admm_residual_last_logged": residuals[-1] if residuals else None,
     }
+    if target_flops_reduction is not None:
+        record.update(target_flops_reduction=target_flops_reduction, flops_matched_to=FLOPS_REFERENCE,
+                      head_dims_per_layer=[layer.head_dim for layer in find_encoder_layers(trainer.model)])
+    return record
 
 
 def time_pruned(settings: Settings, record: dict, pruned, dense) -> None:
@@ -211,37 +246,87 @@ def _init_worker(settings: dict) -> None:
     _WORKER["data"] = load_data(_WORKER["settings"])
 
 
-def _worker_job(method: str, sparsity: float, seed: int, save_dir: str) -> dict:
-    return prune_once(_WORKER["settings"], _WORKER["data"], method, sparsity, seed, save_dir)
+def _prune_job(settings: Settings, data, job: Job, save_dir: str) -> dict:
+    return prune_once(settings, data, job.method, job.sparsity, job.seed, save_dir,
+                      target_flops_reduction=job.target_flops_reduction)
 
 
-def prune_all(settings: Settings, data, jobs: list[tuple[str, float, int]], models_dir: Path, on_done) -> None:
-    """Run the pruning jobs, in this process or in ``settings.workers`` worker processes (1 torch thread each)."""
-    def save_dir(job):
-        method, sparsity, seed = job
-        return str(models_dir / f"{method}-{sparsity:g}-{seed}")
+def _worker_job(job: Job, save_dir: str) -> dict:
+    return _prune_job(_WORKER["settings"], _WORKER["data"], job, save_dir)
+
+
+def prune_all(settings: Settings, data, jobs: list[tuple], models_dir: Path, on_done) -> None:
+    """Run the pruning jobs (``Job`` or its first three fields), in this process or in ``settings.workers``
+    worker processes (1 torch thread each)."""
+    jobs = [Job(*job) for job in jobs]
+    if not jobs:
+        return
+
+    def save_dir(job: Job) -> str:
+        return str(models_dir / f"{job.method}-{job.sparsity:g}-{job.seed}")
 
     if settings.workers <= 1:
         for job in jobs:
-            on_done(prune_once(settings, data, *job, save_dir(job)), save_dir(job))
+            on_done(_prune_job(settings, data, job, save_dir(job)), save_dir(job))
         return
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(settings.workers, mp_context=context, initializer=_init_worker,
                              initargs=(settings.to_dict(),)) as pool:
-        futures = {pool.submit(_worker_job, *job, save_dir(job)): job for job in jobs}
+        futures = {pool.submit(_worker_job, job, save_dir(job)): job for job in jobs}
         for future in as_completed(futures):
             on_done(future.result(), save_dir(futures[future]))
 
 
-def _load_previous(settings: Settings) -> list[dict]:
+# Settings that --resume lets change: which methods run (every run record names its method, and each kept
+# run must be of a listed method) and the speed-at-shapes preset (its section is measured apart from the
+# runs). Every other field changes the figures of the kept runs, so it must be the same.
+RESUMABLE_SETTINGS = ("methods", "speed_shapes")
+
+
+def _identity(settings: dict) -> dict:
+    return {key: value for key, value in settings.items() if key not in RESUMABLE_SETTINGS}
+
+
+def _load_previous(settings: Settings) -> dict | None:
+    """The results JSON to resume from, or None when there is none or it was written with other settings."""
     path = settings.results_path
     if not path.is_file():
-        return []
+        return None
     previous = json.loads(path.read_text())
-    if previous.get("settings") != settings.to_dict():
-        logger.warning("Not resuming: %s was written with other settings.", path)
-        return []
-    return previous.get("runs", [])
+    old, new = _identity(previous.get("settings", {})), _identity(settings.to_dict())
+    if old != new:
+        changed = sorted(key for key in old.keys() | new.keys() if old.get(key) != new.get(key))
+        logger.warning("Not resuming: %s was written with other settings (%s).", path, ", ".join(changed))
+        return None
+    unlisted = sorted({r["method"] for r in previous.get("runs", [])} - set(settings.methods))
+    if unlisted:
+        raise SystemExit(f"--resume: {path} holds runs of {', '.join(unlisted)}, which --methods does not list; "
+                         f"list them to keep their runs, or drop --resume to start afresh.")
+    return previous
+
+
+def _kept_sections(previous: dict, settings: Settings) -> dict:
+    """The sections measured after the runs that --resume keeps rather than measures again.
+
+    The training-step and memory figures depend only on settings that resuming keeps the same (they time
+    gohsp's ADMM step), so they are kept whenever present. The speed-at-shapes section is kept when
+    ``--speed_shapes none`` skips it, or when it was measured with the same preset and methods.
+    """
+    kept = {key: previous[key] for key in ("training_step", "memory") if previous.get(key)}
+    speed = previous.get("speed_shapes")
+    if speed and (settings.speed_shapes == "none" or (
+            speed["preset"] == settings.speed_shapes
+            and speed["settings"]["methods"] == parameter_matched(settings.methods))):
+        kept["speed_shapes"] = speed
+    return kept
+
+
+def _invocations(previous: dict) -> list[dict]:
+    """Every command that wrote ``previous``, oldest first, with its wall time (None if it did not finish)."""
+    if "invocations" in previous:
+        return previous["invocations"]
+    return [{"command": previous["command"], "started": previous["started"], "finished": previous.get("finished"),
+             "seconds": previous.get("total_seconds")}]
 
 
 def _write(settings: Settings, results: dict) -> None:
@@ -249,11 +334,22 @@ def _write(settings: Settings, results: dict) -> None:
         (staging / settings.results_path.name).write_text(json.dumps(results, indent=2) + "\n")
 
 
+def _flops_matched_jobs(jobs: list[Job], runs: list[dict]) -> list[Job]:
+    """The FLOPs-matched jobs with their budgets: the FLOPs of the reference's runs at each job's sparsity."""
+    return [job._replace(target_flops_reduction=flops_target(runs, job.sparsity)) for job in jobs]
+
+
 def run(settings: Settings, command: str, resume: bool = False) -> dict:
+    """Train and time every pruning run not already kept, then the sections measured after them."""
     started = time.perf_counter()
     torch.set_num_threads(settings.threads)
     results = {"command": command, "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                "settings": settings.to_dict(), "environment": environment(settings)}
+    previous = _load_previous(settings) if resume else None
+    earlier = _invocations(previous) if previous else []
+    if earlier:  # the report names every command behind the figures and adds up their time
+        results["invocations"] = earlier + [{"command": command, "started": results["started"], "finished": None,
+                                             "seconds": None}]  # filled in at the end
     data = load_data(settings)
     logger.info("data: %s", {name: len(split) for name, split in data.items()})
     dense_info = train_or_reuse_dense(settings, data)
@@ -269,21 +365,30 @@ def run(settings: Settings, command: str, resume: bool = False) -> dict:
         "split_sizes": {name: len(split) for name, split in data.items()},
     }
     logger.info("dense: %s", {k: results["dense"][k] for k in ("params", "flops", "test")})
-    runs = _load_previous(settings) if resume else []
+    runs = list(previous["runs"]) if previous else []
     done = {(r["method"], r["sparsity"], r["seed"]) for r in runs}
     results["runs"] = runs
-    jobs = [(method, sparsity, seed) for sparsity in settings.sparsities for method in settings.methods
+    results.update(_kept_sections(previous, settings) if previous else {})  # in every intermediate write too
+    jobs = [Job(method, sparsity, seed) for sparsity in settings.sparsities for method in settings.methods
             for seed in settings.seeds if (method, sparsity, seed) not in done]
+    matched = [job for job in jobs if job.method in FLOPS_MATCHED_METHODS]
+    if matched and FLOPS_REFERENCE not in settings.methods:
+        _flops_matched_jobs(matched, runs)  # a missing reference run fails here, before any training
     pending = []
 
     def finished(record: dict, directory: str) -> None:
-        logger.info("%s @ %.2f seed %d: test %.4f, train() %.0fs (ranking %.1fs)", record["method"],
-                    record["sparsity"], record["seed"], record["test_accuracy"], record["train_seconds"],
-                    record["ranking_seconds"])
+        ranking = record["ranking_seconds"]
+        logger.info("%s @ %.2f seed %d: test %.4f, FLOPs ratio %.4f, train() %.0fs (%s)", record["method"],
+                    record["sparsity"], record["seed"], record["test_accuracy"], record["flops_ratio"],
+                    record["train_seconds"], "no ranking pass" if ranking is None else f"ranking {ranking:.1f}s")
         pending.append((record, directory))
 
     with tempfile.TemporaryDirectory() as models_dir:
-        prune_all(settings, data, jobs, Path(models_dir), finished)
+        prune_all(settings, data, [job for job in jobs if job.method not in FLOPS_MATCHED_METHODS],
+                  Path(models_dir), finished)
+        # The FLOPs-matched runs need the reference's FLOPs: kept by --resume or trained just above.
+        trained = runs + [record for record, _ in pending]
+        prune_all(settings, data, _flops_matched_jobs(matched, trained), Path(models_dir), finished)
         # Timing after all training, so that no pruning job of ours competes with the clock.
         for record, directory in pending:
             pruned = AutoModelForImageClassification.from_pretrained(directory)
@@ -293,21 +398,33 @@ def run(settings: Settings, command: str, resume: bool = False) -> dict:
             runs.append(record)
             _write(settings, results)
     runs.sort(key=lambda r: (r["sparsity"], settings.methods.index(r["method"]), r["seed"]))
-    torch.set_num_threads(settings.speed_threads)
-    results["training_step"] = time_training_steps(settings, data)
-    torch.set_num_threads(settings.threads)
-    logger.info("training step: %s", results["training_step"])
-    results["memory"] = measure_memory(settings)
-    logger.info("memory: ratio %.3f", results["memory"]["ratio"])
-    if settings.speed_shapes != "none":
-        results["speed_shapes"] = speed_shapes.run(settings.speed_shapes, methods=list(settings.methods),
-                                                   output=Path(settings.output_dir) / f"{settings.results_name}_speed_shapes.json",
-                                                   log=lambda message: logger.info("%s", message))
+    _measure_sections(settings, data, results)
     results["summary"] = summarise(results)
-    results["total_seconds"] = time.perf_counter() - started
+    seconds = time.perf_counter() - started
     results["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    if earlier:
+        results["invocations"][-1].update(finished=results["finished"], seconds=seconds)
+    results["total_seconds"] = sum(i["seconds"] or 0 for i in earlier) + seconds
     _write(settings, results)
     return results
+
+
+def _measure_sections(settings: Settings, data, results: dict) -> None:
+    """The training-step, memory and speed-at-shapes sections, each unless --resume kept it already."""
+    if "training_step" not in results:
+        torch.set_num_threads(settings.speed_threads)
+        results["training_step"] = time_training_steps(settings, data)
+        torch.set_num_threads(settings.threads)
+    logger.info("training step: %s", results["training_step"])
+    if "memory" not in results:
+        results["memory"] = measure_memory(settings)
+    logger.info("memory: ratio %.3f", results["memory"]["ratio"])
+    if settings.speed_shapes != "none" and "speed_shapes" not in results:
+        # parameter-matched plans only: OFB's widths come out of its search during training, which the
+        # untrained random-weight plans of speed_shapes do not run
+        results["speed_shapes"] = speed_shapes.run(settings.speed_shapes, methods=parameter_matched(settings.methods),
+                                                   output=Path(settings.output_dir) / f"{settings.results_name}_speed_shapes.json",
+                                                   log=lambda message: logger.info("%s", message))
 
 
 def main(argv: list[str] | None = None) -> int:

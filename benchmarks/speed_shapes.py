@@ -44,7 +44,7 @@ from hf_vitprune import PruningConfig, apply_plan, model_stats
 from hf_vitprune.methods import SearchContext, get_method
 from hf_vitprune.speed import hardware_name
 
-from .common import FASHION_MNIST
+from .common import FASHION_MNIST, parameter_matched
 from .torch_pruning_peer import NAME as TORCH_PRUNING, prune_with_torch_pruning
 
 SHAPES = {
@@ -205,7 +205,8 @@ def run(preset_name: str = "full", *, methods: list[str] | None = None, output: 
         log=print, **overrides) -> dict:
     """Measure every shape of the preset; write the JSON to ``output`` when given; return the results."""
     preset = {**PRESETS[preset_name], **{k: v for k, v in overrides.items() if v is not None}}
-    methods = methods or list(FASHION_MNIST["methods"])  # the benchmark's methods, torch_pruning included
+    # the benchmark's parameter-matched methods, torch_pruning included (OFB's widths need its training-time search)
+    methods = methods or parameter_matched(FASHION_MNIST["methods"])
     previous = torch.get_num_threads()
     torch.set_num_threads(preset["threads"])
     started = time.perf_counter()
