@@ -9,7 +9,7 @@ from .methods import MethodOptions, PruningMethod, register_method
 from .modeling import register_auto_classes
 from .plan import PruningPlan
 from .stats import LayerStats, ModelStats, model_stats
-from .surgery import UnitMasks, apply_plan, attach_masks
+from .surgery import UnitMasks, add_token_pruning, apply_plan, attach_masks
 from .trainer import PruningTrainer
 
 register_auto_classes()
@@ -26,6 +26,7 @@ __all__ = [
     "PruningPlan",
     "PruningTrainer",
     "UnitMasks",
+    "add_token_pruning",
     "apply_plan",
     "attach_masks",
     "model_stats",

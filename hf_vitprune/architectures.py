@@ -223,9 +223,13 @@ def embedding_width(model: nn.Module) -> int:
 
 
 def layer_tokens(model: nn.Module) -> list[int]:
-    """Tokens each encoder layer sees, in layer order: the cost model is per layer so that token
-    pruning can make later layers cheaper. Every layer sees all :func:`num_tokens` today."""
-    return [num_tokens(model)] * len(find_encoder_layers(model))
+    """Tokens each encoder layer sees, in layer order: all :func:`num_tokens`, or fewer after the stages of a
+    token path (``hf_vitprune.tokens.TokenPruning``, found by its ``tokens_per_layer``)."""
+    layers = len(find_encoder_layers(model))
+    for module in model.modules():
+        if callable(getattr(module, "tokens_per_layer", None)):
+            return module.tokens_per_layer(num_tokens(model), layers)
+    return [num_tokens(model)] * layers
 
 
 def meta_copy(model: nn.Module) -> nn.Module:

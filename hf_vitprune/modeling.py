@@ -10,8 +10,8 @@ from tensor shapes. The config also carries ``stock_class_guard`` (:data:`STOCK_
 which makes a stock class given a pruned directory fail at once with a hint to use the Auto
 classes, instead of transformers' error about per-layer attributes.
 
-Imports only torch, transformers (and safetensors, its dependency), ``.architectures`` and
-``.fileio``: these files are copied next to saved models (``custom_object_save``) for
+Imports only torch, transformers (and safetensors, its dependency), ``.architectures``,
+``.tokens`` and ``.fileio``: these files are copied next to saved models (``custom_object_save``) for
 ``trust_remote_code=True`` loading.
 """
 
@@ -61,6 +61,8 @@ from .architectures import (
     mlp_layout,
 )
 from .fileio import atomic_directory
+from .tokens import CONFIG_KEY as TOKEN_CONFIG_KEY
+from .tokens import TokenStages, attach_token_pruning
 
 
 def dense_view(config: PreTrainedConfig) -> PreTrainedConfig:
@@ -104,6 +106,9 @@ class PrunedModelMixin:
                     f"{' and '.join(str(n) for n in available.values())}; the config is inconsistent."
                 )
             compact_units(layer, {name: range(n) for name, n in counts.items()})
+        stages = getattr(config, TOKEN_CONFIG_KEY, None)
+        if stages:  # a token-pruned model: rebuild its selectors and hooks
+            attach_token_pruning(self, TokenStages.from_dict(stages))
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs):
         """As transformers' ``save_pretrained``, but atomic: a failed save leaves ``save_directory`` as it was."""

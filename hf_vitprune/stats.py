@@ -33,6 +33,7 @@ from .architectures import (
 from .modeling import is_recorded
 from .plan import PruningPlan
 from .surgery import compacted_shapes
+from .tokens import token_pruning_of
 
 
 @dataclass(frozen=True)
@@ -181,8 +182,14 @@ def _outside_encoder(model: nn.Module, layers: list[EncoderLayer]) -> tuple[list
     return modules, sum(p.numel() for m in modules for p in m.parameters(recurse=False))
 
 
-def _flops_outside_encoder(modules: list[nn.Module], patches: int) -> int:
-    flops = 0
+def _flops_outside_encoder(model: nn.Module, modules: list[nn.Module]) -> int:
+    """The patch embedding, the pooler and classifiers (one vector per image) and the token selectors."""
+    flops, patches = 0, num_patches(model)
+    path = token_pruning_of(model)
+    if path is not None:  # its selectors score the tokens still in the sequence at each stage
+        flops += path.selector_flops(num_tokens(model))
+        inside = {id(m) for m in path.modules()}
+        modules = [m for m in modules if id(m) not in inside]
     for module in modules:
         patch_embeddings = getattr(module, "patch_embeddings", None)
         if patch_embeddings is not None:  # one kernel application per patch
@@ -214,7 +221,7 @@ def model_stats(model: nn.Module, plan: PruningPlan | None = None) -> ModelStats
         # apply_plan gives every layer its own copy of the shared table
         table = getattr(*shared).relative_position_bias_table
         shared_rows, outside_params = table.shape[0], outside_params - table.numel()
-    outside_flops = _flops_outside_encoder(outside, num_patches(model))
+    outside_flops = _flops_outside_encoder(model, outside)
     listed = {kind.name for kind in UNIT_KINDS.values() if kind.name not in BUILTIN_UNIT_KINDS
               and is_recorded(kind, [kind.count(layer) for layer in layers], model.config)}
     per_layer = []

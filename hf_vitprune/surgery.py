@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -19,6 +19,8 @@ from .architectures import (
 from .embedding import EmbeddingGate, compact_embedding
 from .modeling import convert_to_pruned
 from .plan import PruningPlan
+from .tokens import CONFIG_KEY as TOKEN_CONFIG_KEY
+from .tokens import attach_token_pruning, check_token_family, stages_for, token_pruning_of
 
 
 def _as_plan(plan: PruningPlan | Mapping) -> PruningPlan:
@@ -48,12 +50,34 @@ def apply_plan(model: nn.Module, plan: PruningPlan | Mapping) -> nn.Module:
     family_of(model)
     plan = _as_plan(plan)
     plan.validate(model)
+    if plan.embedding is not None and token_pruning_of(model) is not None:
+        raise ValueError(
+            "The plan narrows the embedding width of a model with token pruning, whose selectors read the full "
+            "width. Narrow the embedding width first, then add token pruning (add_token_pruning)."
+        )
     unshare_position_bias(model)
     for layer in find_encoder_layers(model):
         kept = {kind.name: plan.kept(kind.name, layer.index, kind.count(layer)) for kind in UNIT_KINDS.values()}
         compact_units(layer, kept)
     if plan.embedding is not None:
         compact_embedding(model, plan.embedding)
+    return convert_to_pruned(model)
+
+
+def add_token_pruning(model: nn.Module, keep_ratios: Sequence[float], depths: Sequence[int] | None = None,
+                      selector_width: int | None = None) -> nn.Module:
+    """Give ``model`` (dense or structurally pruned) a token path, in place, and return it.
+
+    Stage ``s`` keeps ``keep_ratios[s]`` of the image's patch tokens before encoder layer
+    ``depths[s]`` (default: spread over the depth as in SPViT, 3/6/9 of 12 layers); see
+    :mod:`hf_vitprune.tokens`. The selectors start untrained: train them (``PruningTrainer`` with
+    a token-pruning method) before relying on the model. The model becomes its ``Pruned*`` class
+    with the stages in its config (``token_pruning``), so it saves and reloads.
+    """
+    check_token_family(model)
+    stages = stages_for(model, keep_ratios, depths, selector_width)
+    attach_token_pruning(model, stages)
+    setattr(model.config, TOKEN_CONFIG_KEY, stages.to_dict())
     return convert_to_pruned(model)
 
 
