@@ -175,6 +175,12 @@ class TokenPruning(nn.Module):
         self.special = num_tokens(model) - num_patches(model)
         self.selectors = nn.ModuleList([TokenSelector(embedding_width(model), stages.selector_heads,
                                                       stages.selector_width) for _ in stages.depths])
+        alive = num_patches(model)
+        with torch.no_grad():  # start each selector keeping its share of the tokens it sees, on average
+            for selector, keep in zip(self.selectors, stages.keep_counts(alive)):
+                share = min(max(keep / alive, 0.01), 0.99)
+                selector.score_bias.fill_(math.log(share / (1 - share)))
+                alive = min(alive, keep)
         self.decide = "sample"  # in train mode: "sample" (Gumbel) or "top_k" (the inference decisions)
         self.temperature = 1.0
         self.kept_fractions: list[torch.Tensor] = []  # per stage, (batch,) kept share of the last masked forward
@@ -186,6 +192,16 @@ class TokenPruning(nn.Module):
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+
+    @property
+    def patch_count(self) -> int:
+        """Patch tokens of the images of the last forward."""
+        return self._state["patches"]
+
+    @property
+    def policy(self) -> torch.Tensor | None:
+        """(batch, patches): 1 for the patch tokens the last masked forward kept to its end, else 0."""
+        return self._state.get("policy")
 
     # ------------------------------------------------------------------ counting
 
@@ -264,7 +280,9 @@ class TokenPruning(nn.Module):
         else:
             decision = _straight_through_sample(logits, self.temperature)
         new_policy = policy * decision
-        package = _package(patches, torch.sigmoid(logits) * policy * (1 - decision))
+        # the package's weights pass no gradient to the selector: through them (the membership, or the keep
+        # scores) training drove every stage far below its keep ratio (docs/methods.md)
+        package = _package(patches, (torch.sigmoid(logits) * policy * (1 - decision)).detach())
         hidden = torch.cat([hidden, package], 1)
         state["policy"], state["alive"], state["packages"] = new_policy, keep, state["packages"] + 1
         self.kept_fractions.append(new_policy.sum(1) / patches_count)

@@ -138,6 +138,7 @@ class PruningTrainer(Trainer):
         self.teacher = None
         if pruning_config.distillation_weight > 0:
             self.teacher = copy.deepcopy(self.accelerator.unwrap_model(self.model)).eval().requires_grad_(False)
+        self.method.teacher = self.teacher
         self._metrics: dict[str, list[torch.Tensor]] = defaultdict(list)
         self._latest: dict[str, float] = {}
         self._step_offset = 0  # optimizer steps before the current phase: the search's, while fine-tuning

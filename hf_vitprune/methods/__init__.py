@@ -17,6 +17,7 @@ from .admm import ADMMOptions, ADMMSearch, ADMMState, balance_kinds, combine_sco
 from .baselines import Magnitude, Random, RandomOptions, Taylor, TaylorOptions  # noqa: E402
 from .gohsp import GOHSP, GOHSPOptions  # noqa: E402
 from .ofb import OFB, OFBOptions  # noqa: E402
+from .spvit_tokens import SPViTTokens, TokenPruningOptions  # noqa: E402
 
 DEFAULT_METHOD = GOHSP.name  # what PruningConfig() prunes with
 
@@ -41,9 +42,11 @@ __all__ = [
     "PruningMethod",
     "Random",
     "RandomOptions",
+    "SPViTTokens",
     "SearchContext",
     "Taylor",
     "TaylorOptions",
+    "TokenPruningOptions",
     "balance_kinds",
     "combine_scores",
     "get_method",

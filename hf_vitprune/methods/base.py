@@ -115,6 +115,9 @@ class PruningMethod:
     def __init__(self, config):
         self.config = config
         self.options = config.method_options
+        # the frozen dense model when PruningConfig.distillation_weight > 0 (the trainer sets it), for methods
+        # that distil during their search
+        self.teacher: nn.Module | None = None
 
     # ------------------------------------------------------------------ the hooks
 

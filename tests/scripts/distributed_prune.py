@@ -1,9 +1,11 @@
 """Run under `torchrun --nproc_per_node 2`: a short pruning on CPU, gohsp (tests/test_trainer.py) or,
-with a second argument ``ofb``, an OFB search (tests/test_ofb.py).
+with a second argument ``ofb`` or ``spvit_tokens``, an OFB search (tests/test_ofb.py) or token pruning
+(tests/test_spvit_tokens.py).
 
 Each rank writes the plan it derived (rank<k>_plan.json) and what decided it (gohsp: its graph head
 importance, rank<k>_importance.json; ofb: its searched widths, the units sliced out mid-search and
-the weights' sum after each search step, rank<k>.json), and the main process
+the weights' sum after each search step, rank<k>.json; spvit_tokens: its stages and the same sums), and the
+main process
 saves the final model, so the tests can compare ranks and reload the result.
 """
 
@@ -44,6 +46,8 @@ def main(output_dir: str, method: str = "gohsp") -> None:
                              disable_tqdm=True, seed=0, use_cpu=True)
     if method == "gohsp":
         pruning = PruningConfig(target_sparsity=0.4, calibration_samples=32, admm_update_steps=2)
+    elif method == "spvit_tokens":
+        pruning = PruningConfig(method="spvit_tokens", target_flops_reduction=0.3, calibration_samples=16)
     else:
         # fast-moving logits: candidates drop, and units are sliced out, within the 5 search steps
         pruning = PruningConfig(method="ofb", target_flops_reduction=0.5, calibration_samples=16, shrink_interval=2,
@@ -59,6 +63,10 @@ def main(output_dir: str, method: str = "gohsp") -> None:
         importance = [t.tolist() for t in trainer.method.importance.heads]
         (out / f"rank{rank}_importance.json").write_text(json.dumps(
             {"importance": importance, "world_size": trainer.accelerator.num_processes}))
+    elif method == "spvit_tokens":
+        (out / f"rank{rank}.json").write_text(json.dumps({
+            "stages": trainer.method.stages.to_dict(), "search_weights": weight_sums.sums,
+            "world_size": trainer.accelerator.num_processes}))
     else:
         sliced = max((entry.get("ofb_sliced_units", 0) for entry in trainer.state.log_history), default=0)
         (out / f"rank{rank}.json").write_text(json.dumps({

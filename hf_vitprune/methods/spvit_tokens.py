@@ -1,0 +1,277 @@
+"""SPViT soft token pruning (Kong et al., ECCV 2022) as a method: train token selectors with the model.
+
+The method gives the model a token path (:mod:`hf_vitprune.tokens`) and trains it in two parts:
+
+1. *Selection* (``search_fraction`` of the steps): decisions are sampled (binary Gumbel-softmax,
+   straight-through), and the loss adds ``keep_rate_weight`` x the squared gap between each stage's
+   mean kept share and its keep ratio, and - when ``PruningConfig.distillation_weight`` > 0 -
+   ``token_distillation_weight`` x (the soft-logit distillation from the dense model + the mean
+   squared error between the last layer's features of the kept tokens and the dense model's at the
+   same positions).
+2. *Fine-tuning*: decisions are the inference ones (top-k per stage), so the model trains on what
+   it will run; the trainer's usual distillation applies. No structural unit is removed.
+
+Keep ratios follow DynamicViT/SPViT's shape, ``rho, rho**2, rho**3, ...`` over the stages, with
+``rho`` the largest one whose FLOPs (``model_stats``, selectors included) meet
+``target_flops_reduction``; a model already pruned structurally is budgeted from its own FLOPs.
+Departure (docs/methods.md): the paper reads its ratios off a device latency table; that is not
+here yet, and ``keep_ratios`` may be given instead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..architectures import find_encoder_layers, meta_copy, num_patches
+from ..distillation import classification_logits, distillation_loss
+from ..plan import PruningPlan
+from ..stats import model_stats
+from ..surgery import add_token_pruning
+from ..tokens import TokenStages, check_token_family, default_depths, stages_for, token_pruning_of
+from .base import MethodOptions, PruningMethod, SearchContext, register_method
+
+SPVIT_CITATION = {
+    "what": "SPViT soft token pruning (Kong et al., ECCV 2022, arXiv:2112.13890)",
+    "bibtex": """@inproceedings{kong2022spvit,
+  title = {SPViT: Enabling Faster Vision Transformers via Latency-aware Soft Token Pruning},
+  author = {Kong, Zhenglun and Dong, Peiyan and Ma, Xiaolong and Meng, Xin and Niu, Wei and Sun, Mengshu and Shen, Xuan and Yuan, Geng and Ren, Bin and Tang, Hao and Qin, Minghai and Wang, Yanzhi},
+  booktitle = {European Conference on Computer Vision (ECCV)},
+  year = {2022},
+  eprint = {2112.13890},
+  archivePrefix = {arXiv}
+}""",
+}
+PREFIX = "spvit_tokens."
+
+
+def _help(text: str, **kwargs) -> dict:
+    return {"metadata": {"help": text}, **kwargs}
+
+
+@dataclass
+class TokenPruningOptions(MethodOptions):
+    """Where tokens are dropped, how many stay, and how the selectors train."""
+
+    num_stages: int = field(
+        default=3, **_help("Token selection stages, spread over the depth (3, 6, 9 of 12 layers; fewer if the model is "
+                           "too shallow for them to differ).")
+    )
+    stage_depths: list[int] | None = field(
+        default=None, **_help("Encoder layers the stages run before (0-based); default: spread over the depth.")
+    )
+    keep_ratios: list[float] | None = field(
+        default=None, **_help("Share of the image's patch tokens each stage keeps; default: rho, rho^2, ... chosen "
+                              "to meet target_flops_reduction.")
+    )
+    selector_width: int | None = field(
+        default=None, **_help("Features per head in each selector; default: a quarter of the head dim (at least 4).")
+    )
+    search_fraction: float = field(
+        default=0.5, **_help("Share of the steps with sampled decisions and the keep-rate loss; the rest fine-tunes "
+                             "on the inference decisions.")
+    )
+    keep_rate_weight: float = field(default=2.0, **_help("Weight of the keep-rate loss (paper: 2)."))
+    token_distillation_weight: float = field(
+        default=0.5, **_help("Weight of the distillation from the dense model while selecting (logits and kept-token "
+                             "features; paper: 0.5); needs PruningConfig.distillation_weight > 0.")
+    )
+    temperature: float = field(default=1.0, **_help("Temperature of the Gumbel-softmax decisions."))
+
+    def __post_init__(self):
+        super().__post_init__()
+        self._check_int("num_stages", 1)
+        if self.selector_width is not None:
+            self._check_int("selector_width", 1)
+        self._check_number("search_fraction", low=0, high=1)
+        for name in ("keep_rate_weight", "token_distillation_weight"):
+            self._check_number(name, low=0, low_open=False)
+        self._check_number("temperature", low=0)
+        if self.keep_ratios is not None:
+            TokenStages(tuple(range(len(self.keep_ratios))), tuple(self.keep_ratios), 1)  # validates the ratios
+        if self.stage_depths is not None and self.keep_ratios is not None and len(self.stage_depths) != len(
+                self.keep_ratios):
+            raise ValueError(f"TokenPruningOptions has {len(self.stage_depths)} stage_depths but "
+                             f"{len(self.keep_ratios)} keep_ratios; give one keep ratio per stage.")
+
+
+@register_method
+class SPViTTokens(PruningMethod):
+    name = "spvit_tokens"
+    options_class = TokenPruningOptions
+    phase_name = "token_search"
+    description = ("SPViT soft token pruning: learned selectors drop patch tokens at a few depths and fold them into "
+                   "a package token; the later layers run on fewer tokens.")
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.stages: TokenStages | None = None
+        self.searching = True
+        self._features: dict[str, torch.Tensor] = {}
+        self._handles = []
+        self._kept_shares: dict[int, list[float]] = {}  # per stage, the sampled kept share of each step since the last log
+
+    def search_steps(self, total_steps: int) -> int:
+        return min(max(1, round(total_steps * self.options.search_fraction)), total_steps - 1)
+
+    # ------------------------------------------------------------------ setup
+
+    def setup(self, context: SearchContext) -> None:
+        model, budget = context.model, context.budget
+        check_token_family(model)
+        if budget.metric != "flops":
+            raise ValueError(
+                "Token pruning removes no parameters, so it takes a FLOPs budget: set target_flops_reduction "
+                "instead of target_sparsity."
+            )
+        self.stages = self._choose_stages(model, budget.fraction)
+        self._build(model)
+
+    def _choose_stages(self, model: nn.Module, reduction: float) -> TokenStages:
+        o = self.options
+        if o.keep_ratios is not None:
+            return stages_for(model, o.keep_ratios, o.stage_depths, o.selector_width)
+        # num_stages spread over the depth; a shallow model gets as many distinct depths as it has
+        depths = o.stage_depths or default_depths(len(find_encoder_layers(model)), o.num_stages)
+        count = len(depths)
+        dense = model_stats(model).flops
+        target = (1 - reduction) * dense
+
+        def flops_at(rho: float) -> float:
+            ratios = [rho ** (s + 1) for s in range(count)]
+            return model_stats(add_token_pruning(meta_copy(model), ratios, depths, o.selector_width)).flops
+
+        low, high = 0.0, 1.0  # flops_at grows with rho; keep the largest rho that meets the target
+        if flops_at(1e-9) > target:
+            raise ValueError(
+                f"target_flops_reduction={reduction:g} asks for at most {target:,.0f} FLOPs per image, but keeping one "
+                f"token per stage at these depths still costs {flops_at(1e-9):,.0f}. Ask for a smaller reduction, "
+                f"move the stages earlier (stage_depths), or prune the model's heads and neurons first."
+            )
+        for _ in range(40):
+            middle = (low + high) / 2
+            low, high = (middle, high) if flops_at(middle) <= target else (low, middle)
+        patches = num_patches(model)  # the ratios as the whole tokens they keep, so rounding cannot overshoot
+        counts = TokenStages(tuple(range(count)), tuple(low ** (s + 1) for s in range(count)), 1).keep_counts(patches)
+        return stages_for(model, [keep / patches for keep in counts], depths, o.selector_width)
+
+    def _build(self, model: nn.Module) -> None:
+        if token_pruning_of(model) is None:
+            add_token_pruning(model, self.stages.keep_ratios, self.stages.depths, self.stages.selector_width)
+        path = token_pruning_of(model)
+        path.temperature = self.options.temperature
+        path.decide = "sample" if self.searching else "top_k"
+        if self._distils() and self.searching:
+            self._handles = [
+                find_encoder_layers(model)[-1].module.register_forward_hook(self._remember("student")),
+                find_encoder_layers(self.teacher)[-1].module.register_forward_hook(self._remember("teacher")),
+            ]
+
+    def _distils(self) -> bool:
+        return self.teacher is not None and self.options.token_distillation_weight > 0
+
+    def _remember(self, who: str):
+        def hook(module, args, output):
+            self._features[who] = output[0] if isinstance(output, tuple) else output
+        return hook
+
+    # ------------------------------------------------------------------ the search
+
+    def loss_terms(self, model, inputs, outputs) -> dict[str, torch.Tensor]:
+        path = token_pruning_of(model)
+        kept = [fraction.mean() for fraction in path.kept_fractions]
+        terms = {}
+        if kept:  # toward the share the inference keeps (the keep ratio, rounded to whole tokens)
+            targets = [keep / path.patch_count for keep in self._dropping_counts(path.patch_count)]
+            gaps = torch.stack([share - target for share, target in zip(kept, targets)])
+            terms["token_keep_rate"] = self.options.keep_rate_weight * gaps.square().mean()
+            for s, share in enumerate(kept):
+                self._kept_shares.setdefault(s, []).append(float(share.detach()))
+        if self._distils():
+            terms["token_distillation"] = self.options.token_distillation_weight * self._distillation(
+                model, path, inputs, outputs)
+        return terms
+
+    def _dropping_counts(self, patches: int) -> list[int]:
+        """Tokens kept by each stage that drops any (a stage keeping all it gets does nothing), in order."""
+        alive, counts = patches, []
+        for keep in self.stages.keep_counts(patches):
+            if keep < alive:
+                counts.append(keep)
+                alive = keep
+        return counts
+
+    def _distillation(self, model, path, inputs, outputs) -> torch.Tensor:
+        pixels = {key: value for key, value in inputs.items() if key != "labels"}
+        teacher = self.teacher.to(next(model.parameters()).device)
+        with torch.no_grad():
+            teacher_outputs = teacher(**pixels)
+        logits = distillation_loss(classification_logits(outputs)[1], classification_logits(teacher_outputs)[1],
+                                   self.config.distillation_temperature)
+        student, dense = self._features.pop("student"), self._features.pop("teacher")
+        policy = path.policy
+        special, patches = path.special, path.patch_count
+        if policy is None:  # no stage dropped anything
+            return logits
+        # the student's patch positions are the dense model's (masking keeps the shapes)
+        gap = (student[:, special:special + patches] - dense[:, special:special + patches]).square().mean(-1)
+        features = (gap * policy).sum() / policy.sum().clamp_min(1)
+        return logits + features
+
+    def finalize(self, model) -> PruningPlan:
+        """The selectors are trained: from now on the model trains on the inference decisions."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self.searching = False
+        token_pruning_of(model).decide = "top_k"
+        return PruningPlan()
+
+    def log_values(self) -> dict[str, float]:
+        """Each stage's kept share under the sampled decisions, averaged over the steps since the last log."""
+        logs = {f"token_kept_stage{s}": sum(v) / len(v) for s, v in self._kept_shares.items() if v}
+        self._kept_shares = {}
+        return logs
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        if self.stages is None:
+            return {}
+        s = self.stages
+        return {f"{PREFIX}depths": torch.tensor(s.depths, dtype=torch.int64),
+                f"{PREFIX}keep_ratios": torch.tensor(s.keep_ratios, dtype=torch.float64),
+                f"{PREFIX}selector_width": torch.tensor(s.selector_width, dtype=torch.int64),
+                f"{PREFIX}selector_heads": torch.tensor(s.selector_heads, dtype=torch.int64),
+                f"{PREFIX}searching": torch.tensor(self.searching)}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor], model) -> None:
+        """Rebuild the token path on the (dense) model before the checkpoint's weights are loaded into it."""
+        own = {k[len(PREFIX):]: v for k, v in state.items() if k.startswith(PREFIX)}
+        if not own:
+            return
+        self.stages = TokenStages(tuple(own["depths"].tolist()), tuple(own["keep_ratios"].tolist()),
+                                  int(own["selector_width"]), int(own["selector_heads"]))
+        self.searching = bool(own["searching"])
+        self._build(model)
+
+    # ------------------------------------------------------------------ the card
+
+    def card_recipe(self) -> list[str]:
+        o = self.options
+        lines = [
+            f"Schedule: token selectors trained with sampled (Gumbel-softmax) decisions for the first "
+            f"{o.search_fraction:.0%} of the optimizer steps (loss: classification + {o.keep_rate_weight} x keep-rate "
+            f"gap^2 + {o.token_distillation_weight} x distillation of logits and kept-token features), then "
+            f"fine-tuning on the inference decisions (top-k tokens per stage).",
+        ]
+        if self.stages is not None:
+            stages = ", ".join(f"before layer {d}: {r:.0%}" for d, r in zip(self.stages.depths, self.stages.keep_ratios))
+            lines.append(f"Token stages (share of the patch tokens kept): {stages}; dropped tokens are folded into "
+                         f"one package token per stage.")
+        return lines
+
+    def citations(self) -> list[dict[str, str]]:
+        return [SPVIT_CITATION]
