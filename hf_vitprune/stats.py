@@ -92,7 +92,8 @@ class LayerStats:
 
     Heads and neurons have their own fields (the report format); ``other_units`` holds the
     non-zero counts of any other registered kind, so it stays empty, and out of ``to_dict``,
-    for models with only heads and neurons.
+    for models with only heads and neurons. ``tokens`` is the tokens the layer sees when the
+    model prunes tokens (None, and out of ``to_dict``, when every layer sees them all).
     """
 
     index: int
@@ -101,6 +102,7 @@ class LayerStats:
     params: int
     flops: int
     other_units: dict[str, int] = field(default_factory=dict, hash=False)
+    tokens: int | None = None
 
     def units(self, kind: str) -> int:
         """The kept count of the kind called ``kind`` (0 for a kind this layer does not have)."""
@@ -112,14 +114,17 @@ class LayerStats:
         data = asdict(self)
         if not self.other_units:
             del data["other_units"]
+        if self.tokens is None:
+            del data["tokens"]
         return data
 
     @classmethod
     def from_dict(cls, data: Mapping) -> LayerStats:
         """The inverse of :meth:`to_dict`; every count must be an integer."""
-        values = {key: int(value) for key, value in data.items() if key != "other_units"}
+        values = {key: int(value) for key, value in data.items() if key not in ("other_units", "tokens")}
         other = {str(kind): int(count) for kind, count in dict(data.get("other_units") or {}).items()}
-        return cls(**values, other_units=other)
+        tokens = data.get("tokens")
+        return cls(**values, other_units=other, tokens=None if tokens is None else int(tokens))
 
 
 @dataclass(frozen=True)
@@ -225,6 +230,7 @@ def model_stats(model: nn.Module, plan: PruningPlan | None = None) -> ModelStats
     listed = {kind.name for kind in UNIT_KINDS.values() if kind.name not in BUILTIN_UNIT_KINDS
               and is_recorded(kind, [kind.count(layer) for layer in layers], model.config)}
     per_layer = []
+    pruned_tokens = token_pruning_of(model) is not None
     for layer, tokens_seen in zip(layers, layer_tokens(model)):
         cost = layer_cost(layer, tokens_seen, shared_rows)
         counts = {kind.name: kind.count(layer) for kind in UNIT_KINDS.values()}
@@ -232,7 +238,8 @@ def model_stats(model: nn.Module, plan: PruningPlan | None = None) -> ModelStats
             counts = {name: len(plan.kept(name, layer.index, n)) for name, n in counts.items()}
         other = {name: n for name, n in counts.items() if name in listed and n}
         params, flops = cost.params(**counts), cost.flops(**counts)
-        per_layer.append(LayerStats(layer.index, counts["heads"], counts["neurons"], params, flops, other))
+        per_layer.append(LayerStats(layer.index, counts["heads"], counts["neurons"], params, flops, other,
+                                    tokens_seen if pruned_tokens else None))
     return ModelStats(
         params=outside_params + sum(s.params for s in per_layer),
         flops=outside_flops + sum(s.flops for s in per_layer),

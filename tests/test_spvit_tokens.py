@@ -109,6 +109,10 @@ def test_stacked_on_a_structurally_pruned_model(tmp_path):
                                    trainer.model.eval()(pixel_values=images).logits, rtol=0, atol=0)
     card = (tmp_path / "README.md").read_text()
     assert "kong2022spvit" in card and "Token stages" in card and "package token" in card
+    tokens = [layer.tokens for layer in stats.layers]  # 16 patches + CLS, a package token per stage
+    assert tokens[0] == 17 and tokens[1] < 17 and f"the last layer sees {tokens[-1]} of the 17 tokens" in card
+    for layer in stats.layers:
+        assert f"| {layer.index} | {layer.tokens} / 17 | {layer.heads} / {layer.heads} |" in card  # the given model
 
 
 def test_a_parameter_budget_is_refused(tmp_path):

@@ -84,6 +84,10 @@ def _summary(report: PruningReport) -> str:
         "The pruned heads and neurons are physically removed, so it is a smaller dense model that runs with "
         "the stock PyTorch kernels: no masks and no sparse kernels."
     )
+    if _has_token_column(report):
+        last = report.pruned_stats.layers[-1].tokens
+        text += (f" Token pruning shortens the sequence as it goes: the last layer sees {last} of the "
+                 f"{report.dense_stats.tokens} tokens, for every image and batch size.")
     pruned_metrics, dense_metrics = report.metrics_pruned or {}, report.metrics_dense or {}
     if "accuracy" in pruned_metrics:
         text += f" Accuracy: {metric(pruned_metrics['accuracy'])}"
@@ -142,10 +146,18 @@ def _kind_label(kind: str) -> str:
     return label[:1].upper() + label[1:]
 
 
+def _has_token_column(report: PruningReport) -> bool:
+    """Whether the pruned model sees fewer tokens in some layer (token pruning): the table shows them."""
+    return any(layer.tokens is not None for layer in report.pruned_stats.layers)
+
+
 def _layer_rows(report: PruningReport) -> list[dict]:
+    dense_tokens = report.dense_stats.tokens
     return [
         {
             "index": after.index,
+            "tokens": f"{after.tokens if after.tokens is not None else dense_tokens} / "
+                      f"{before.tokens if before.tokens is not None else dense_tokens}",
             "heads": f"{after.heads} / {before.heads}",
             "neurons": f"{after.neurons:,} / {before.neurons:,}",
             "other": [f"{after.units(kind):,}" for kind in _other_columns(report)],
@@ -267,6 +279,7 @@ def render_model_card(report: PruningReport, template: str | os.PathLike | None 
         metrics_note=_metrics_note(report),
         layer_rows=_layer_rows(report),
         other_columns=[_kind_label(kind) for kind in _other_columns(report)],
+        token_column=_has_token_column(report),
         tokens=report.pruned_stats.tokens,
         recipe=_recipe(report),
         pruning_config_json=json.dumps(report.pruning_config, indent=2, sort_keys=True),
