@@ -75,21 +75,22 @@ from .stats import layer_cost, model_stats
 
 @dataclass(frozen=True)
 class Budget:
-    """What a pruning run must remove: a fraction of the parameters or of the forward FLOPs.
+    """What a pruning run must remove: a fraction of the parameters, of the forward FLOPs, or of the
+    latency measured on this machine (``latency``: only methods that measure, token pruning).
 
     The one place the range is checked: ``fraction`` lies strictly between 0 and 1. Build it
     from a config with ``PruningConfig.budget`` or from the two keyword targets with
     :meth:`from_targets`.
     """
 
-    metric: str  # "params" or "flops"
+    metric: str  # "params", "flops" or "latency"
     fraction: float
 
-    METRICS = {"params": "target_sparsity", "flops": "target_flops_reduction"}
+    METRICS = {"params": "target_sparsity", "flops": "target_flops_reduction", "latency": "target_latency_reduction"}
 
     def __post_init__(self):
         if self.metric not in self.METRICS:
-            raise ValueError(f"Budget.metric={self.metric!r} is unknown; use 'params' or 'flops'.")
+            raise ValueError(f"Budget.metric={self.metric!r} is unknown; use 'params', 'flops' or 'latency'.")
         value = self.fraction
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(
@@ -110,7 +111,7 @@ class Budget:
 
     @property
     def unit_name(self) -> str:
-        return "FLOPs" if self.metric == "flops" else "parameters"
+        return {"params": "parameters", "flops": "FLOPs", "latency": "latency"}[self.metric]
 
     @property
     def uses_flops(self) -> bool:
@@ -118,20 +119,26 @@ class Budget:
 
     def measure(self, stats) -> int:
         """The quantity this budget counts in a :class:`~hf_vitprune.stats.ModelStats`."""
+        if self.metric == "latency":
+            raise ValueError("A latency budget is measured on the machine, not counted in model statistics.")
         return stats.flops if self.uses_flops else stats.params
 
     @classmethod
-    def from_targets(cls, target_sparsity: float | None = None, target_flops_reduction: float | None = None) -> Budget:
-        """The budget of exactly one of the two targets; a ValueError names the fix otherwise."""
-        if (target_sparsity is None) == (target_flops_reduction is None):
+    def from_targets(cls, target_sparsity: float | None = None, target_flops_reduction: float | None = None,
+                     target_latency_reduction: float | None = None) -> Budget:
+        """The budget of exactly one of the targets; a ValueError names the fix otherwise."""
+        given = {metric: value for metric, value in (("params", target_sparsity), ("flops", target_flops_reduction),
+                                                     ("latency", target_latency_reduction)) if value is not None}
+        if len(given) != 1:
             raise ValueError(
-                "Give exactly one of target_sparsity (fraction of parameters to remove) and "
-                f"target_flops_reduction (fraction of FLOPs to remove); got target_sparsity={target_sparsity!r}, "
-                f"target_flops_reduction={target_flops_reduction!r}."
+                "Give exactly one of target_sparsity (fraction of parameters to remove), target_flops_reduction "
+                "(fraction of FLOPs to remove) and target_latency_reduction (fraction of the measured latency to "
+                f"remove, token pruning only); got target_sparsity={target_sparsity!r}, "
+                f"target_flops_reduction={target_flops_reduction!r}, "
+                f"target_latency_reduction={target_latency_reduction!r}."
             )
-        if target_sparsity is not None:
-            return cls("params", target_sparsity)
-        return cls("flops", target_flops_reduction)
+        ((metric, value),) = given.items()
+        return cls(metric, value)
 
 
 @dataclass(frozen=True)

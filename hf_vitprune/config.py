@@ -51,6 +51,10 @@ class PruningConfig:
     target_flops_reduction: float | None = field(
         default=None, **_help("Fraction of forward FLOPs per image to remove, in (0, 1); instead of target_sparsity.")
     )
+    target_latency_reduction: float | None = field(
+        default=None, **_help("Fraction of the latency measured on this machine to remove, in (0, 1); for methods "
+                              "that measure it (spvit_tokens), instead of the other two.")
+    )
     prune_heads: bool = field(default=True, **_help("Remove whole attention heads."))
     prune_neurons: bool = field(default=True, **_help("Remove MLP neurons (rows of fc1, columns of fc2)."))
     min_heads_per_layer: int = field(
@@ -85,7 +89,15 @@ class PruningConfig:
                 f"PruningConfig.method={self.method!r} is unknown; choose one of {', '.join(sorted(METHODS))} "
                 f"(or register a new one with hf_vitprune.methods.register_method)."
             )
-        self.budget  # noqa: B018  (validates the targets)
+        budget = self.budget  # validates the targets
+        accepted = get_method(self.method).budgets
+        if budget.metric not in accepted:
+            takes = " or ".join(Budget.METRICS[metric] for metric in accepted)
+            raise ValueError(
+                f"Method {self.method!r} takes {takes}, not {budget.target_name}"
+                + (" (it removes no parameters)" if budget.metric == "params" else "")
+                + f". Set {takes} instead."
+            )
         for name in ("prune_heads", "prune_neurons", "use_distillation_token"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"PruningConfig.{name}={getattr(self, name)!r} must be True or False.")
@@ -130,7 +142,7 @@ class PruningConfig:
     @property
     def budget(self) -> Budget:
         """The one budget this config sets (validated: a fraction strictly between 0 and 1)."""
-        return Budget.from_targets(self.target_sparsity, self.target_flops_reduction)
+        return Budget.from_targets(self.target_sparsity, self.target_flops_reduction, self.target_latency_reduction)
 
     def selection_arguments(self) -> dict:
         """Keyword arguments of :func:`hf_vitprune.budget.select_plan` for this config's budget and units."""

@@ -75,16 +75,7 @@ def _inference_on(model: nn.Module, device: torch.device):
 
 
 def _timer(model: nn.Module, images: torch.Tensor, device: torch.device) -> Callable[[], float]:
-    def run() -> float:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        model(pixel_values=images)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return time.perf_counter() - start
-
-    return run
+    return lambda: _time(lambda: model(pixel_values=images), device)
 
 
 def measure_speed(
@@ -167,3 +158,58 @@ def measure_speed(
 @contextmanager
 def _nothing():
     yield None
+
+
+def layer_latency_table(model: nn.Module, token_counts: list[int], *, batch_size: int = 64, repeats: int = 5,
+                        warmup: int = 2, device: torch.device | str | None = None, seed: int = 0) -> dict:
+    """Milliseconds each encoder layer of ``model`` takes for a batch of ``batch_size`` sequences of each of
+    ``token_counts`` tokens, on this machine: what token pruning's latency-aware keep ratios read.
+
+    Each figure is the median of ``repeats`` timed runs after ``warmup`` untimed ones; the counts are
+    timed interleaved (every count once, then again), so drift hits them alike. Also the whole model's
+    latency on images at that batch size (``model_ms``), which holds what the layers do not (embeddings,
+    head). JSON-ready: ``token_counts``, ``layers_ms`` (one list per layer), ``model_ms``, ``hardware``,
+    ``device``, ``torch_threads``, ``batch_size``, ``repeats``.
+    """
+    from .architectures import embedding_width, find_encoder_layers
+
+    parameter = next(model.parameters())
+    device = torch.device(device) if device is not None else parameter.device
+    generator = torch.Generator().manual_seed(seed)
+    width = embedding_width(model)
+    hidden = {n: torch.randn(batch_size, n, width, generator=generator).to(device=device, dtype=parameter.dtype)
+              for n in token_counts}
+    images = torch.randn(batch_size, *input_shape(model), generator=generator).to(device=device, dtype=parameter.dtype)
+    layers = [layer.module for layer in find_encoder_layers(model)]
+    times = {(i, n): [] for i in range(len(layers)) for n in token_counts}
+    whole = []
+    with torch.no_grad(), _inference_on(model, device):
+        for step in range(warmup + repeats):
+            for i, layer in enumerate(layers):
+                for n in token_counts if step % 2 == 0 else reversed(token_counts):
+                    elapsed = _time(lambda: layer(hidden[n]), device)
+                    if step >= warmup:
+                        times[i, n].append(elapsed)
+            elapsed = _time(lambda: model(pixel_values=images), device)
+            if step >= warmup:
+                whole.append(elapsed)
+    return {
+        "token_counts": list(token_counts),
+        "layers_ms": [[statistics.median(times[i, n]) * 1000.0 for n in token_counts] for i in range(len(layers))],
+        "model_ms": statistics.median(whole) * 1000.0,
+        "hardware": hardware_name(device),
+        "device": device.type,
+        "torch_threads": torch.get_num_threads() if device.type == "cpu" else None,
+        "batch_size": batch_size,
+        "repeats": repeats,
+    }
+
+
+def _time(run: Callable[[], object], device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    run()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start

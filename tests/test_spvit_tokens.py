@@ -15,6 +15,9 @@ from transformers import AutoModelForImageClassification
 
 from conftest import SimulatedCrash
 from hf_vitprune import PruningConfig, PruningPlan, PruningTrainer, apply_plan, model_stats
+from hf_vitprune.methods import spvit_tokens
+from hf_vitprune.methods.spvit_tokens import predicted_latency_ms
+from hf_vitprune.speed import layer_latency_table
 from hf_vitprune.tokens import token_pruning_of
 from test_ofb import digits, digits_vit, ofb_args
 
@@ -115,11 +118,49 @@ def test_stacked_on_a_structurally_pruned_model(tmp_path):
         assert f"| {layer.index} | {layer.tokens} / 17 | {layer.heads} / {layer.heads} |" in card  # the given model
 
 
-def test_a_parameter_budget_is_refused(tmp_path):
-    trainer = PruningTrainer(model=digits_vit(), args=ofb_args(tmp_path), train_dataset=digits(),
-                             pruning_config=token_config(target_flops_reduction=None, target_sparsity=0.3))
-    with pytest.raises(ValueError, match="takes a FLOPs budget: set target_flops_reduction"):
-        trainer.train()
+def test_budgets_the_method_cannot_meet_are_refused_with_the_config():
+    with pytest.raises(ValueError, match=r"takes target_flops_reduction or target_latency_reduction, not "
+                                         r"target_sparsity \(it removes no parameters\)"):
+        token_config(target_flops_reduction=None, target_sparsity=0.3)
+    with pytest.raises(ValueError, match="'gohsp' takes target_sparsity or target_flops_reduction, not "
+                                         "target_latency_reduction"):
+        PruningConfig(method="gohsp", target_latency_reduction=0.3)
+
+
+def test_a_latency_budget_reads_the_keep_ratios_off_the_latency_table(tmp_path, monkeypatch):
+    measured = {}
+
+    def table(model, token_counts, **kwargs):  # a made-up machine: 0.01 ms per token and layer, 0.1 ms outside
+        measured.update(token_counts=token_counts, **kwargs)
+        return {"token_counts": token_counts, "layers_ms": [[0.01 * n for n in token_counts]] * 4,
+                "model_ms": 0.04 * 17 + 0.1, "hardware": "made-up CPU", "device": "cpu", "torch_threads": 1,
+                "batch_size": kwargs["batch_size"], "repeats": kwargs["repeats"]}
+
+    monkeypatch.setattr(spvit_tokens, "layer_latency_table", table)
+    config = token_config(target_flops_reduction=None, target_latency_reduction=0.3, latency_batch_size=16,
+                          latency_repeats=2)
+    trainer = train(tmp_path, config=config, max_steps=4)
+    assert measured["token_counts"][0] == 2 and measured["token_counts"][-1] == 17  # CLS + 1 .. 16 patches
+    assert measured["batch_size"] == 16 and measured["repeats"] == 2
+    method, path = trainer.method, token_pruning_of(trainer.model)
+    tokens = path.tokens_per_layer(17, 4)
+    predicted = 0.1 + 0.01 * sum(tokens)
+    assert predicted == pytest.approx(predicted_latency_ms(method.latency_table, path, 17))
+    assert predicted <= 0.7 * (0.04 * 17 + 0.1) < predicted + 0.01 * 3  # on the budget, within a token per stage
+    trainer.save_model()
+    report = json.loads((tmp_path / "pruning_report.json").read_text())
+    assert report["method_card"]["details"]["token_latency_table"] == method.latency_table
+    card = (tmp_path / "README.md").read_text()
+    assert "Keep ratios chosen for the latency budget from a table measured on made-up CPU" in card
+
+
+def test_the_latency_table_times_every_layer_at_every_token_count():
+    model = digits_vit()
+    table = layer_latency_table(model, [2, 9, 17], batch_size=4, repeats=2, warmup=1)
+    assert table["token_counts"] == [2, 9, 17] and len(table["layers_ms"]) == 4
+    assert all(len(row) == 3 and all(ms > 0 for ms in row) for row in table["layers_ms"])
+    assert table["model_ms"] > 0 and table["batch_size"] == 4 and table["device"] == "cpu"
+    assert model.training  # the model's mode is left as it was
 
 
 def test_an_unreachable_budget_is_refused(tmp_path):

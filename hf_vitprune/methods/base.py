@@ -110,6 +110,7 @@ class PruningMethod:
     name: ClassVar[str] = ""
     options_class: ClassVar[type[MethodOptions]] = MethodOptions
     phase_name: ClassVar[str] = "search"  # names the search phase's checkpoint folder and logs
+    budgets: ClassVar[tuple[str, ...]] = ("params", "flops")  # the Budget metrics it can meet
     description: ClassVar[str] = ""  # one sentence for the model card
 
     def __init__(self, config):

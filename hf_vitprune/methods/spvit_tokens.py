@@ -20,12 +20,14 @@ here yet, and ``keep_ratios`` may be given instead.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from ..architectures import find_encoder_layers, meta_copy, num_patches
+from ..architectures import find_encoder_layers, meta_copy, num_patches, num_tokens
+from ..speed import layer_latency_table
 from ..distillation import classification_logits, distillation_loss
 from ..plan import PruningPlan
 from ..stats import model_stats
@@ -79,6 +81,10 @@ class TokenPruningOptions(MethodOptions):
                              "features; paper: 0.5); needs PruningConfig.distillation_weight > 0.")
     )
     temperature: float = field(default=1.0, **_help("Temperature of the Gumbel-softmax decisions."))
+    latency_batch_size: int = field(
+        default=64, **_help("With target_latency_reduction: the batch size the latency table is measured at.")
+    )
+    latency_repeats: int = field(default=5, **_help("With target_latency_reduction: timed runs per table entry."))
 
     def __post_init__(self):
         super().__post_init__()
@@ -89,6 +95,8 @@ class TokenPruningOptions(MethodOptions):
         for name in ("keep_rate_weight", "token_distillation_weight"):
             self._check_number(name, low=0, low_open=False)
         self._check_number("temperature", low=0)
+        self._check_int("latency_batch_size", 1)
+        self._check_int("latency_repeats", 1)
         if self.keep_ratios is not None:
             TokenStages(tuple(range(len(self.keep_ratios))), tuple(self.keep_ratios), 1)  # validates the ratios
         if self.stage_depths is not None and self.keep_ratios is not None and len(self.stage_depths) != len(
@@ -102,6 +110,7 @@ class SPViTTokens(PruningMethod):
     name = "spvit_tokens"
     options_class = TokenPruningOptions
     phase_name = "token_search"
+    budgets = ("flops", "latency")
     description = ("SPViT soft token pruning: learned selectors drop patch tokens at a few depths and fold them into "
                    "a package token; the later layers run on fewer tokens.")
 
@@ -109,6 +118,7 @@ class SPViTTokens(PruningMethod):
         super().__init__(config)
         self.stages: TokenStages | None = None
         self.searching = True
+        self.latency_table: dict | None = None  # with a latency budget: what the keep ratios were read from
         self._features: dict[str, torch.Tensor] = {}
         self._handles = []
         self._kept_shares: dict[int, list[float]] = {}  # per stage, the sampled kept share of each step since the last log
@@ -121,38 +131,49 @@ class SPViTTokens(PruningMethod):
     def setup(self, context: SearchContext) -> None:
         model, budget = context.model, context.budget
         check_token_family(model)
-        if budget.metric != "flops":
-            raise ValueError(
-                "Token pruning removes no parameters, so it takes a FLOPs budget: set target_flops_reduction "
-                "instead of target_sparsity."
-            )
-        self.stages = self._choose_stages(model, budget.fraction)
-        self._build(model)
-
-    def _choose_stages(self, model: nn.Module, reduction: float) -> TokenStages:
         o = self.options
         if o.keep_ratios is not None:
-            return stages_for(model, o.keep_ratios, o.stage_depths, o.selector_width)
+            self.stages = stages_for(model, o.keep_ratios, o.stage_depths, o.selector_width)
+        else:
+            self.stages = self._choose_stages(model, budget)
+        self._build(model)
+
+    def _choose_stages(self, model: nn.Module, budget) -> TokenStages:
+        """Keep ratios rho, rho^2, ... with the largest rho whose cost meets the budget: FLOPs counted, or the
+        latency predicted from a table of this model's layers measured on this machine."""
+        o = self.options
         # num_stages spread over the depth; a shallow model gets as many distinct depths as it has
         depths = o.stage_depths or default_depths(len(find_encoder_layers(model)), o.num_stages)
         count = len(depths)
-        dense = model_stats(model).flops
-        target = (1 - reduction) * dense
 
-        def flops_at(rho: float) -> float:
-            ratios = [rho ** (s + 1) for s in range(count)]
-            return model_stats(add_token_pruning(meta_copy(model), ratios, depths, o.selector_width)).flops
+        def shaped(rho: float) -> nn.Module:
+            return add_token_pruning(meta_copy(model), [rho ** (s + 1) for s in range(count)], depths,
+                                     o.selector_width)
 
-        low, high = 0.0, 1.0  # flops_at grows with rho; keep the largest rho that meets the target
-        if flops_at(1e-9) > target:
+        if budget.metric == "latency":
+            self.latency_table = layer_latency_table(model, _token_grid(model), batch_size=o.latency_batch_size,
+                                                     repeats=o.latency_repeats)
+            dense, unit = self.latency_table["model_ms"], "ms"
+
+            def cost(rho: float) -> float:
+                return predicted_latency_ms(self.latency_table, token_pruning_of(shaped(rho)), num_tokens(model))
+        else:
+            dense, unit = model_stats(model).flops, "FLOPs per image"
+
+            def cost(rho: float) -> float:
+                return model_stats(shaped(rho)).flops
+
+        target = (1 - budget.fraction) * dense
+        low, high = 0.0, 1.0  # the cost grows with rho; keep the largest rho that meets the target
+        if cost(1e-9) > target:
             raise ValueError(
-                f"target_flops_reduction={reduction:g} asks for at most {target:,.0f} FLOPs per image, but keeping one "
-                f"token per stage at these depths still costs {flops_at(1e-9):,.0f}. Ask for a smaller reduction, "
-                f"move the stages earlier (stage_depths), or prune the model's heads and neurons first."
+                f"{budget.target_name}={budget.fraction:g} asks for at most {target:,.2f} {unit} (of {dense:,.2f}), but "
+                f"keeping one token per stage at these depths still costs {cost(1e-9):,.2f}. Ask for a smaller "
+                f"reduction, move the stages earlier (stage_depths), or prune the model's heads and neurons first."
             )
         for _ in range(40):
             middle = (low + high) / 2
-            low, high = (middle, high) if flops_at(middle) <= target else (low, middle)
+            low, high = (middle, high) if cost(middle) <= target else (low, middle)
         patches = num_patches(model)  # the ratios as the whole tokens they keep, so rounding cannot overshoot
         counts = TokenStages(tuple(range(count)), tuple(low ** (s + 1) for s in range(count)), 1).keep_counts(patches)
         return stages_for(model, [keep / patches for keep in counts], depths, o.selector_width)
@@ -245,7 +266,8 @@ class SPViTTokens(PruningMethod):
                 f"{PREFIX}keep_ratios": torch.tensor(s.keep_ratios, dtype=torch.float64),
                 f"{PREFIX}selector_width": torch.tensor(s.selector_width, dtype=torch.int64),
                 f"{PREFIX}selector_heads": torch.tensor(s.selector_heads, dtype=torch.int64),
-                f"{PREFIX}searching": torch.tensor(self.searching)}
+                f"{PREFIX}searching": torch.tensor(self.searching),
+                **({f"{PREFIX}latency_table": _json_tensor(self.latency_table)} if self.latency_table else {})}
 
     def load_state_dict(self, state: dict[str, torch.Tensor], model) -> None:
         """Rebuild the token path on the (dense) model before the checkpoint's weights are loaded into it."""
@@ -255,6 +277,8 @@ class SPViTTokens(PruningMethod):
         self.stages = TokenStages(tuple(own["depths"].tolist()), tuple(own["keep_ratios"].tolist()),
                                   int(own["selector_width"]), int(own["selector_heads"]))
         self.searching = bool(own["searching"])
+        if "latency_table" in own:
+            self.latency_table = json.loads(bytes(own["latency_table"].tolist()).decode())
         self._build(model)
 
     # ------------------------------------------------------------------ the card
@@ -271,7 +295,53 @@ class SPViTTokens(PruningMethod):
             stages = ", ".join(f"before layer {d}: {r:.0%}" for d, r in zip(self.stages.depths, self.stages.keep_ratios))
             lines.append(f"Token stages (share of the patch tokens kept): {stages}; dropped tokens are folded into "
                          f"one package token per stage.")
+        table = self.latency_table
+        if table is not None:
+            rows = "; ".join(f"layer {i}: " + " / ".join(f"{ms:.3g}" for ms in times)
+                             for i, times in enumerate(table["layers_ms"]))
+            lines.append(
+                f"Keep ratios chosen for the latency budget from a table measured on {table['hardware']} "
+                f"({table['device']}, batch {table['batch_size']}, median of {table['repeats']}; whole model "
+                f"{table['model_ms']:.3g} ms): ms per layer at {' / '.join(map(str, table['token_counts']))} "
+                f"tokens: {rows}.")
         return lines
+
+    def card_info(self) -> dict:
+        """The card's facts, plus the latency table the keep ratios were read from (when there is one)."""
+        info = super().card_info()
+        if self.latency_table is not None:
+            info["details"] = {"token_latency_table": self.latency_table}
+        return info
 
     def citations(self) -> list[dict[str, str]]:
         return [SPVIT_CITATION]
+
+
+def _token_grid(model: nn.Module) -> list[int]:
+    """Token counts the latency table is measured at: the full sequence and down to one patch token, in
+    sixteenths of the patches (latencies in between are interpolated)."""
+    tokens, patches = num_tokens(model), num_patches(model)
+    special = tokens - patches
+    step = max(1, patches // 16)
+    return sorted({*(special + kept for kept in range(1, patches + 1, step)), tokens})
+
+
+def predicted_latency_ms(table: dict, path, tokens: int) -> float:
+    """The model's latency with token path ``path`` as ``table`` predicts it: the measured whole-model latency,
+    with each layer's time at the full sequence replaced by its time at the tokens it sees (interpolated)."""
+    counts = table["token_counts"]
+
+    def at(times: list[float], n: float) -> float:
+        n = min(max(n, counts[0]), counts[-1])
+        for (a, ta), (b, tb) in zip(zip(counts, times), zip(counts[1:], times[1:])):
+            if a <= n <= b:
+                return ta + (tb - ta) * (n - a) / (b - a)
+        return times[-1]
+
+    seen = path.tokens_per_layer(tokens, len(table["layers_ms"]))
+    return table["model_ms"] + sum(at(times, n) - at(times, tokens) for times, n in zip(table["layers_ms"], seen))
+
+
+def _json_tensor(value: dict) -> torch.Tensor:
+    """``value`` as JSON bytes in a uint8 tensor: checkpoints hold tensors only."""
+    return torch.tensor(list(json.dumps(value).encode()), dtype=torch.uint8)

@@ -75,14 +75,19 @@ def _stats_dict(value: Any, name: str) -> dict:
 
 
 def _method_card(value: Any) -> dict:
-    """A validated copy of a method card: ``description`` (str), ``recipe`` (list of str), ``citations``."""
+    """A validated copy of a method card: ``description`` (str), ``recipe`` (list of str), ``citations``, and
+    optionally ``details`` (a dict of JSON facts the method measured, e.g. token pruning's latency table)."""
     fix = "build it with hf_vitprune.methods.method_card(config), or leave it out to have it built"
-    if not isinstance(value, dict) or set(value) != {"description", "recipe", "citations"}:
+    required = {"description", "recipe", "citations"}
+    if not isinstance(value, dict) or not required <= set(value) <= required | {"details"}:
         keys = sorted(value) if isinstance(value, dict) else type(value).__name__
         raise ValueError(
-            f"PruningReport.method_card must be a dict with exactly description, recipe and citations (got {keys}); "
-            f"{fix}."
+            f"PruningReport.method_card must be a dict with description, recipe and citations, and optionally "
+            f"details (got {keys}); {fix}."
         )
+    details = value.get("details")
+    if details is not None and not isinstance(details, dict):
+        raise ValueError(f"PruningReport.method_card['details'] must be a dict; {fix}.")
     description, recipe, citations = value["description"], value["recipe"], value["citations"]
     if not isinstance(description, str) or not description.strip():
         raise ValueError(f"PruningReport.method_card['description'] must be a non-empty string; {fix}.")
@@ -95,7 +100,10 @@ def _method_card(value: Any) -> dict:
         raise ValueError(
             f"PruningReport.method_card['citations'] must be a list of {{'what': str, 'bibtex': str}}; {fix}."
         )
-    return {"description": description, "recipe": list(recipe), "citations": [dict(entry) for entry in citations]}
+    card = {"description": description, "recipe": list(recipe), "citations": [dict(entry) for entry in citations]}
+    if details is not None:
+        card["details"] = json.loads(json.dumps(details))  # a copy, and proof that it is JSON
+    return card
 
 
 def _metrics(value: Any, name: str) -> dict[str, float] | None:
