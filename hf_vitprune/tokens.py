@@ -244,7 +244,9 @@ class TokenPruning(nn.Module):
             mask = self._state.get("mask")
             if len(args) > 1:
                 return (hidden, mask, *args[2:]), kwargs
-            return (hidden,), ({**kwargs, "attention_mask": mask} if mask is not None else kwargs)
+            if mask is not None or "attention_mask" in kwargs:  # the stages' mask replaces the model's
+                kwargs = {**kwargs, "attention_mask": mask}
+            return (hidden,), kwargs
 
         return hook
 
