@@ -217,6 +217,21 @@ def parameter_matched(methods: list[str]) -> list[str]:
     return [method for method in methods if method not in FLOPS_MATCHED_METHODS]
 
 
+def method_options(settings: Settings, library_method: str, seed: int) -> dict:
+    """The benchmark's shared method options that ``library_method`` (a registered method) has.
+
+    The search phase's share of the epochs (``admm_fraction``, or ``search_fraction`` for the methods
+    that call it so), the Z/U update interval, ``admm_rho_final`` when set, and the seed of the random
+    baseline's scores; a method without one of these options does not get it.
+    """
+    options = dict(admm_update_steps=settings.admm_update_steps, admm_fraction=settings.admm_fraction,
+                   search_fraction=settings.admm_fraction, random_seed=seed)
+    if settings.admm_rho_final is not None:
+        options["admm_rho_final"] = settings.admm_rho_final
+    known = {f.name for f in dataclasses.fields(get_method(library_method).options_class)}
+    return {key: value for key, value in options.items() if key in known}
+
+
 def pruning_config(settings: Settings, method: str, sparsity: float, seed: int,
                    target_flops_reduction: float | None = None) -> PruningConfig:
     """The benchmark's recipe for ``method``; the seed reaches the methods that draw at random.
@@ -233,12 +248,7 @@ def pruning_config(settings: Settings, method: str, sparsity: float, seed: int,
         raise ValueError(f"{method} is pruned to the parameter sparsity; only {', '.join(FLOPS_MATCHED_METHODS)} "
                          f"take a target_flops_reduction.")
     library_method = "ofb" if flops_matched else method
-    options = dict(admm_update_steps=settings.admm_update_steps, admm_fraction=settings.admm_fraction,
-                   search_fraction=settings.admm_fraction, random_seed=seed)
-    if settings.admm_rho_final is not None:
-        options["admm_rho_final"] = settings.admm_rho_final
-    known = {f.name for f in dataclasses.fields(get_method(library_method).options_class)}
-    options = {key: value for key, value in options.items() if key in known}
+    options = method_options(settings, library_method, seed)
     options.update(FLOPS_MATCHED_METHODS.get(method, {}))
     budget = (dict(target_flops_reduction=target_flops_reduction) if flops_matched
               else dict(target_sparsity=sparsity))
