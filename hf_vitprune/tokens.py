@@ -15,9 +15,12 @@ Two ways to run a stage, which give the same logits for the same decisions:
 - *masking* (train mode): shapes stay fixed. Each token's keep decision is a hard sample of a
   binary Gumbel-softmax (logistic noise) with a straight-through gradient; dropped tokens stay in
   the sequence but are masked out of every later attention as keys (each token still attends to
-  itself), and the package token is appended as in dropping. The mask enters as
-  ``log(keep + 1e-30)``: a dropped key's weight is ``1e-30`` of a kept one's, and the gradient with
-  respect to the decision is DynamicViT's attention-with-policy gradient, also for dropped tokens.
+  itself), and the package token is appended as in dropping. The attention is DynamicViT's softmax
+  with a policy (:func:`policy_attention`, registered with transformers' ``AttentionInterface`` and
+  set on the model by :func:`attach_token_pruning`): the keys' exponentials are multiplied by the
+  decisions, so dropped keys weigh exactly zero and the decisions get the gradient of how much
+  each key would matter. A model switched to another attention implementation afterwards still
+  masks exactly (an additive mask goes along), but its decisions then learn from the losses only.
   ``TokenPruning.decide = "top_k"`` makes the masked forward take the inference decisions instead.
 
 The path is recorded in the model config (``token_pruning``: depths, keep ratios, selector width)
@@ -25,8 +28,8 @@ and rebuilt by the ``Pruned*`` classes, so a token-pruned model reloads with ``f
 Families whose tokens carry a position structure after the embeddings (BEiT's relative position
 bias) or whose classifier averages the patch tokens (DINOv2) have no token path.
 
-Imports only torch and ``.architectures``: this file is copied next to saved models for
-``trust_remote_code=True`` loading.
+Imports only torch, transformers and ``.architectures``: this file is copied next to saved models
+for ``trust_remote_code=True`` loading.
 """
 
 from __future__ import annotations
@@ -38,6 +41,9 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from transformers import AttentionInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
 from .architectures import embedding_width, embeddings_module, family_of, find_encoder_layers, num_patches, num_tokens
 
 CONFIG_KEY = "token_pruning"  # the model config attribute recording the stages
@@ -46,7 +52,8 @@ WHY_NOT = {
     "beit": "its relative position bias is indexed by the fixed patch grid",
     "dinov2": "its classifier averages the patch tokens, which token pruning replaces",
 }
-_MASK_FLOOR = 1e-30  # a masked key's weight relative to a kept one's (log: -69)
+POLICY_ATTENTION = "hf_vitprune_token_policy"  # the attention implementation name token pruning sets
+FALLBACK_ATTRIBUTE = "hf_vitprune_attention"  # on each attention module: the implementation used without a policy
 
 
 @dataclass(frozen=True)
@@ -237,11 +244,13 @@ class TokenPruning(nn.Module):
             if index == self.stages.depths[0]:
                 _check_no_padding(mask)
                 self._state = {"patches": hidden.shape[1] - self.special, "alive": hidden.shape[1] - self.special,
-                               "packages": 0, "policy": None, "mask": None}
+                               "packages": 0, "policy": None, "mask": None, "policy_matrix": None}
                 self.kept_fractions = []
             if stage is not None:
                 hidden = self._mask_stage(stage, hidden) if self.training else self._drop_stage(stage, hidden)
             mask = self._state.get("mask")
+            if self._state.get("policy_matrix") is not None:
+                kwargs = {**kwargs, "token_policy": self._state["policy_matrix"]}
             if len(args) > 1:
                 return (hidden, mask, *args[2:]), kwargs
             if mask is not None or "attention_mask" in kwargs:  # the stages' mask replaces the model's
@@ -292,7 +301,10 @@ class TokenPruning(nn.Module):
                           new_policy.new_ones(len(new_policy), hidden.shape[1] - special - patches_count)], 1)
         eye = torch.eye(keys.shape[1], dtype=keys.dtype, device=keys.device)
         allowed = keys[:, None, None, :] + eye * (1 - keys[:, None, None, :])  # each token sees itself
-        state["mask"] = torch.log(allowed.float() + _MASK_FLOOR).to(hidden.dtype)
+        state["policy_matrix"] = allowed
+        hidden_keys = allowed.detach() == 0  # for an implementation without the policy: exact masking, no gradient
+        state["mask"] = torch.zeros_like(allowed, dtype=hidden.dtype).masked_fill(hidden_keys,
+                                                                                  torch.finfo(hidden.dtype).min)
         return hidden
 
 
@@ -322,6 +334,45 @@ def _straight_through_sample(logits: torch.Tensor, temperature: float) -> torch.
     soft = torch.sigmoid((logits + torch.log(uniform) - torch.log1p(-uniform)) / temperature)
     hard = (soft > 0.5).to(soft.dtype)
     return hard + soft - soft.detach()
+
+
+def policy_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
+                     token_policy: torch.Tensor | None = None, **kwargs):
+    """Attention with DynamicViT's policy softmax when the token path passes ``token_policy`` (batch, 1, n, n:
+    1 where a query may see a key, straight-through decisions), else the model's own implementation.
+
+    ``softmax_with_policy``: exp(score - max) x policy, normalised, with the max over the visible keys
+    (so the visible weights sum to at least 1). Hidden keys weigh exactly zero. Their decisions'
+    gradient treats a hidden key as no heavier than the strongest visible one (its exponent is capped
+    at 0): uncapped, a trained model's hidden keys that outscore every visible one gave gradient norms
+    up to 3e5 (median 74) where the capped ones stay near the unmasked training's (docs/methods.md).
+    """
+    if token_policy is None:
+        own = ALL_ATTENTION_FUNCTIONS.get_interface(getattr(module, FALLBACK_ATTRIBUTE, "sdpa"), _eager_attention)
+        return own(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    scores = torch.matmul(query, key.transpose(2, 3)).float() * scaling
+    visible = token_policy.detach() > 0
+    top = scores.detach().masked_fill(~visible, float("-inf")).amax(-1, keepdim=True)
+    weights = torch.exp((scores - top).clamp(max=0.0)) * token_policy.float()
+    weights = (weights / weights.sum(-1, keepdim=True)).to(query.dtype)
+    weights = nn.functional.dropout(weights, p=dropout, training=module.training)
+    return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
+
+
+def _eager_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """The families' eager attention (their ``eager_attention_forward``), for a model that ran eager."""
+    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        scores = scores + attention_mask
+    weights = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    weights = nn.functional.dropout(weights, p=dropout, training=module.training)
+    return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
+
+
+AttentionInterface.register(POLICY_ATTENTION, policy_attention)
 
 
 # --------------------------------------------------------------------------- attaching
@@ -358,6 +409,11 @@ def attach_token_pruning(model: nn.Module, stages: TokenStages) -> TokenPruning:
     path = TokenPruning(model, stages)
     path.to(next(model.parameters()).device)
     base_model(model).token_pruning = path
+    current = model.config._attn_implementation
+    if current != POLICY_ATTENTION:  # the policy attention, falling back to the model's own without a policy
+        for layer in find_encoder_layers(model):
+            setattr(layer.attention, FALLBACK_ATTRIBUTE, current)
+        model.set_attn_implementation(POLICY_ATTENTION)
     return path
 
 
