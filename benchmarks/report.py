@@ -36,6 +36,23 @@ def _std(values):
     return statistics.stdev(values) if len(values) > 1 else 0.0
 
 
+def accuracy_figures(runs: list[dict], dense_accuracy: float) -> dict:
+    """What every table row says about a set of seeds: test accuracy (mean, spread, range, drop from dense in
+    points), validation accuracy, and the mean parameters, FLOPs and FLOPs ratio."""
+    accuracy = [r["test_accuracy"] for r in runs]
+    return {
+        "accuracy_mean": _mean(accuracy),
+        "accuracy_std": _std(accuracy),
+        "accuracy_min": min(accuracy),
+        "accuracy_max": max(accuracy),
+        "drop_points": 100 * (dense_accuracy - _mean(accuracy)),
+        "validation_accuracy_mean": _mean([r["validation_accuracy"] for r in runs]),
+        "params": _mean([r["params"] for r in runs]),
+        "flops": _mean([r["flops"] for r in runs]),
+        "flops_ratio": _mean([r["flops_ratio"] for r in runs]),
+    }
+
+
 def _mean_known(values):
     """The mean of the values that are not None (None if none is): figures some methods do not have."""
     known = [value for value in values if value is not None]
@@ -50,21 +67,12 @@ def summarise(results: dict) -> dict:
         groups.setdefault((run["sparsity"], run["method"]), []).append(run)
     rows = []
     for (sparsity, method), runs in sorted(groups.items(), key=lambda item: (item[0][0], _order(item[0][1]))):
-        accuracy = [r["test_accuracy"] for r in runs]
         residuals = [r["admm_residual_last_logged"] for r in runs if r.get("admm_residual_last_logged") is not None]
         rows.append({
             "sparsity": sparsity,
             "method": method,
             "seeds": sorted(r["seed"] for r in runs),
-            "accuracy_mean": _mean(accuracy),
-            "accuracy_std": _std(accuracy),
-            "accuracy_min": min(accuracy),
-            "accuracy_max": max(accuracy),
-            "drop_points": 100 * (dense_accuracy - _mean(accuracy)),
-            "validation_accuracy_mean": _mean([r["validation_accuracy"] for r in runs]),
-            "params": _mean([r["params"] for r in runs]),
-            "flops": _mean([r["flops"] for r in runs]),
-            "flops_ratio": _mean([r["flops_ratio"] for r in runs]),
+            **accuracy_figures(runs, dense_accuracy),
             "params_ratio": _mean([r["params_ratio"] for r in runs]),
             "flops_matched_to": runs[0].get("flops_matched_to"),  # None: matched on parameters
             "embedding_width": _mean_known([r.get("embedding_width") for r in runs]),

@@ -222,28 +222,36 @@ def prune_once(settings: Settings, data, method: str, sparsity: float, seed: int
     return record
 
 
-def time_pruned(settings: Settings, record: dict, pruned, dense) -> None:
-    """Add the measured speed of ``pruned`` against ``dense`` (same process, interleaved) to ``record``."""
+def speed_between(settings: Settings, model, reference) -> dict:
+    """``measure_speed`` of ``model`` against ``reference`` (same process, interleaved) at batch 1 and 64, with
+    the timing threads."""
     torch.set_num_threads(settings.speed_threads)
     try:
-        speed = measure_speed(pruned, dense, batch_size_latency=1, batch_size_throughput=64,
-                              repeats=settings.speed_repeats)
+        return measure_speed(model, reference, batch_size_latency=1, batch_size_throughput=64,
+                             repeats=settings.speed_repeats)
     finally:
         torch.set_num_threads(settings.threads)
+
+
+def time_pruned(settings: Settings, record: dict, pruned, dense) -> None:
+    """Add the measured speed of ``pruned`` against ``dense`` (same process, interleaved) to ``record``."""
+    speed = speed_between(settings, pruned, dense)
     record["speed"] = speed
     record["throughput_speedup_over_flops_speedup"] = speed["throughput_speedup"] / record["flops_speedup"]
     record["latency_speedup_over_flops_speedup"] = speed["latency_speedup"] / record["flops_speedup"]
 
 
 # Worker processes (settings.workers > 1): each loads the data once, then runs pruning jobs.
-_WORKER: dict = {}
+WORKER: dict = {}
 
 
-def _init_worker(settings: dict) -> None:
+def init_worker(settings: dict, settings_class: type = Settings) -> None:
+    """A pruning worker's start (this benchmark's or benchmarks.tokens'): quiet transformers, its threads, and
+    the settings and data, loaded once, in ``WORKER``."""
     transformers.logging.set_verbosity_warning()
-    _WORKER["settings"] = Settings(**settings)
-    torch.set_num_threads(_WORKER["settings"].threads)
-    _WORKER["data"] = load_data(_WORKER["settings"])
+    WORKER["settings"] = settings_class(**settings)
+    torch.set_num_threads(WORKER["settings"].threads)
+    WORKER["data"] = load_data(WORKER["settings"])
 
 
 def _prune_job(settings: Settings, data, job: Job, save_dir: str) -> dict:
@@ -252,7 +260,7 @@ def _prune_job(settings: Settings, data, job: Job, save_dir: str) -> dict:
 
 
 def _worker_job(job: Job, save_dir: str) -> dict:
-    return _prune_job(_WORKER["settings"], _WORKER["data"], job, save_dir)
+    return _prune_job(WORKER["settings"], WORKER["data"], job, save_dir)
 
 
 def prune_all(settings: Settings, data, jobs: list[tuple], models_dir: Path, on_done) -> None:
@@ -270,7 +278,7 @@ def prune_all(settings: Settings, data, jobs: list[tuple], models_dir: Path, on_
             on_done(_prune_job(settings, data, job, save_dir(job)), save_dir(job))
         return
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(settings.workers, mp_context=context, initializer=_init_worker,
+    with ProcessPoolExecutor(settings.workers, mp_context=context, initializer=init_worker,
                              initargs=(settings.to_dict(),)) as pool:
         futures = {pool.submit(_worker_job, job, save_dir(job)): job for job in jobs}
         for future in as_completed(futures):

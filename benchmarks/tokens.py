@@ -65,7 +65,6 @@ from transformers import AutoModelForImageClassification, HfArgumentParser
 from hf_vitprune import PruningConfig, PruningTrainer, model_stats
 from hf_vitprune.architectures import num_patches, num_tokens
 from hf_vitprune.metrics import make_compute_metrics
-from hf_vitprune.speed import measure_speed
 from hf_vitprune.tokens import token_pruning_of
 
 from .common import (
@@ -80,7 +79,7 @@ from .common import (
     train_or_reuse_dense,
     training_arguments,
 )
-from .run import _write, environment, evaluate, time_pruned
+from .run import WORKER, _write, environment, evaluate, init_worker, speed_between, time_pruned
 from .tokens_report import summarise, write_markdown
 
 logger = logging.getLogger("benchmarks.tokens")
@@ -322,12 +321,7 @@ def time_record(settings: TokenSettings, record: dict, dense) -> None:
     record["images_per_second"] = {"batch_1": 1000 / speed["pruned"]["latency_ms"], "batch_64": speed["pruned"]["throughput"]}
     if record["kind"] == "stack":
         base = AutoModelForImageClassification.from_pretrained(record["base"]["model_dir"]).eval()
-        torch.set_num_threads(settings.speed_threads)
-        try:
-            speed = measure_speed(pruned, base, batch_size_latency=1, batch_size_throughput=64,
-                                  repeats=settings.speed_repeats)
-        finally:
-            torch.set_num_threads(settings.threads)
+        speed = speed_between(settings, pruned, base)
         record["speed_vs_base"] = speed
         record["throughput_ratio_vs_base"] = speed["throughput_speedup"]
         record["throughput_efficiency_vs_base"] = speed["throughput_speedup"] / record["flops_speedup_vs_base"]
@@ -336,18 +330,10 @@ def time_record(settings: TokenSettings, record: dict, dense) -> None:
 # --------------------------------------------------------------------------- all runs
 
 
-_WORKER: dict = {}
-
-
-def _init_worker(settings: dict) -> None:
-    transformers.logging.set_verbosity_warning()
-    _WORKER["settings"] = TokenSettings(**settings)
-    torch.set_num_threads(_WORKER["settings"].threads)
-    _WORKER["data"] = load_data(_WORKER["settings"])
 
 
 def _worker_job(job: Job) -> dict:
-    return prune_once(_WORKER["settings"], _WORKER["data"], job)
+    return prune_once(WORKER["settings"], WORKER["data"], job)
 
 
 def train_all(settings: TokenSettings, data, jobs: list[Job], ready_bases: set[int], on_done) -> None:
@@ -363,8 +349,8 @@ def train_all(settings: TokenSettings, data, jobs: list[Job], ready_bases: set[i
         return
     waiting = [job for job in jobs if job.kind == "stack" and job.seed not in ready_bases]
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(settings.workers, mp_context=context, initializer=_init_worker,
-                             initargs=(settings.to_dict(),)) as pool:
+    with ProcessPoolExecutor(settings.workers, mp_context=context, initializer=init_worker,
+                             initargs=(settings.to_dict(), TokenSettings)) as pool:
         futures = {pool.submit(_worker_job, job): job for job in jobs if job not in waiting}
         while futures:
             done, _ = wait(futures, return_when=FIRST_COMPLETED)

@@ -6,7 +6,7 @@ import json
 import math
 from pathlib import Path
 
-from .report import _from_scratch_minutes, _mean, _provenance, _rel, _status, _std, _table
+from .report import _from_scratch_minutes, _mean, _provenance, _rel, _status, _table, accuracy_figures
 
 # The targets of issue 13 (deliverable 6).
 TOKENS_TARGET_REDUCTION = 0.35  # "tokens alone at about 35% fewer FLOPs"
@@ -32,7 +32,6 @@ def summarise(results: dict) -> dict:
         runs = _runs_of(results, name)
         if not runs:
             continue
-        accuracy = [r["test_accuracy"] for r in runs]
         first = runs[0]
         stages = first.get("token_stages")
         row = {
@@ -40,15 +39,7 @@ def summarise(results: dict) -> dict:
             "kind": first["kind"],
             "seeds": [r["seed"] for r in runs],
             "target_flops_reduction": first["target_flops_reduction"],
-            "accuracy_mean": _mean(accuracy),
-            "accuracy_std": _std(accuracy),
-            "accuracy_min": min(accuracy),
-            "accuracy_max": max(accuracy),
-            "drop_points": 100 * (dense_accuracy - _mean(accuracy)),
-            "validation_accuracy_mean": _mean([r["validation_accuracy"] for r in runs]),
-            "params": _mean([r["params"] for r in runs]),
-            "flops": _mean([r["flops"] for r in runs]),
-            "flops_ratio": _mean([r["flops_ratio"] for r in runs]),
+            **accuracy_figures(runs, dense_accuracy),
             "flops_speedup": _mean([r["flops_speedup"] for r in runs]),
             # the stages' token counts follow from the budget alone, so every seed has the same
             "tokens_per_layer": first["tokens_per_layer"],
