@@ -12,10 +12,13 @@ The method gives the model a token path (:mod:`hf_vitprune.tokens`) and trains i
    it will run; the trainer's usual distillation applies. No structural unit is removed.
 
 Keep ratios follow DynamicViT/SPViT's shape, ``rho, rho**2, rho**3, ...`` over the stages, with
-``rho`` the largest one whose FLOPs (``model_stats``, selectors included) meet
-``target_flops_reduction``; a model already pruned structurally is budgeted from its own FLOPs.
-Departure (docs/methods.md): the paper reads its ratios off a device latency table; that is not
-here yet, and ``keep_ratios`` may be given instead.
+``rho`` the largest one whose cost meets the budget: the FLOPs (``model_stats``, selectors included)
+for ``target_flops_reduction``, or for ``target_latency_reduction`` the latency predicted from a
+table of the model's layers timed at a grid of token counts on this machine
+(:func:`hf_vitprune.speed.layer_latency_table`). A model already pruned structurally is budgeted
+from its own cost; ``keep_ratios`` may be given instead. Departures (docs/methods.md): the paper
+picks each stage's ratio from its latency table, here it sets the one ``rho``; the package token
+passes no gradient to the selectors.
 """
 
 from __future__ import annotations
