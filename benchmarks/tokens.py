@@ -427,25 +427,25 @@ def run(settings: TokenSettings, command: str, resume: bool = False) -> dict:
     done = {(r["row"], r["seed"]) for r in runs}
     jobs = [job for job in jobs_of(settings) if (job.row, job.seed) not in done]
     ready = {r["seed"] for r in runs if r["kind"] == "gohsp"}
-    pending: list[dict] = []
 
     def finished(job: Job, record: dict) -> None:
         logger.info("%s seed %d: test %.4f, FLOPs ratio %.4f, tokens per layer %s, train() %.0fs", record["row"],
                     record["seed"], record["test_accuracy"], record["flops_ratio"], record["tokens_per_layer"],
                     record["train_seconds"])
-        pending.append(record)
+        runs.append(record)  # saved untimed at once: an interrupted benchmark keeps it (--resume times it)
+        _write(settings, results)
 
     Path(settings.models_dir).mkdir(parents=True, exist_ok=True)
     train_all(settings, data, jobs, ready, finished)
     # Timing after all training, so that no pruning job of ours competes with the clock; gohsp before the stacks.
     order = {"gohsp": 0, "tokens": 1, "stack": 2}
-    for record in sorted(pending, key=lambda r: (order[r["kind"]], r["row"], r["seed"])):
+    untimed = [r for r in runs if "speed" not in r]
+    for record in sorted(untimed, key=lambda r: (order[r["kind"]], r["row"], r["seed"])):
         time_record(settings, record, dense)
         logger.info("%s seed %d: throughput x%.2f, FLOPs x%.2f%s", record["row"], record["seed"],
                     record["speed"]["throughput_speedup"], record["flops_speedup"],
                     f", against its gohsp model x{record['throughput_ratio_vs_base']:.2f}"
                     if record["kind"] == "stack" else "")
-        runs.append(record)
         _write(settings, results)
     rows = row_names(settings)
     runs.sort(key=lambda r: (rows.index(r["row"]), r["seed"]))
