@@ -36,6 +36,15 @@ def _std(values):
     return statistics.stdev(values) if len(values) > 1 else 0.0
 
 
+def measured_by(results: dict, runtime: str, json_path: str) -> str:
+    """The page's provenance sentence: which commands measured it, how long, on what machine, where the JSON is."""
+    env = results["environment"]
+    return (f"Every figure below was measured by {_provenance(results)} ({runtime}) on {env['hardware']} "
+            f"({env['cpu_count']} cores, {env['workers']} pruning runs in parallel with {env['torch_threads']} torch "
+            f"thread(s) each, {env['speed_threads']} thread(s) for timing, after all training); the raw figures are in "
+            f"`{json_path}`.")
+
+
 def accuracy_figures(runs: list[dict], dense_accuracy: float) -> dict:
     """What every table row says about a set of seeds: test accuracy (mean, spread, range, drop from dense in
     points), validation accuracy, and the mean parameters, FLOPs and FLOPs ratio."""
@@ -613,11 +622,8 @@ def write_markdown(results: dict, path: Path, plot: Path) -> None:
            if "torch_pruning" in settings["methods"] else "")
         + (", and OFB with and without PMIM at the FLOPs of the GOHSP runs (same epochs)"
            if any(r["flops_matched_to"] for r in rows) else "")
-        + f". Every figure below was measured by {_provenance(results)} "
-        f"({runtime}) on {env['hardware']} ({env['cpu_count']} cores, "
-        f"{env['workers']} pruning runs in parallel with {env['torch_threads']} torch thread(s) each, "
-        f"{env['speed_threads']} thread(s) for timing, after all training); the raw "
-        f"figures are in `{_rel(Path(settings['output_dir']) / (settings['results_name'] + '.json'), path)}`.",
+        + ". " + measured_by(results, runtime, _rel(Path(settings['output_dir']) / (settings['results_name'] + '.json'),
+                                                    path)),
         "",
         "## How to run it",
         "",

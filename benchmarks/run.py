@@ -337,6 +337,39 @@ def _invocations(previous: dict) -> list[dict]:
              "seconds": previous.get("total_seconds")}]
 
 
+def open_results(settings: Settings, command: str, previous: dict | None) -> tuple[dict, list[dict]]:
+    """A new results record for ``command``, continuing ``previous`` (a resumed run): the record, and the
+    earlier invocations whose commands the report names and whose time it adds up."""
+    results = {"command": command, "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+               "settings": settings.to_dict(), "environment": environment(settings)}
+    earlier = _invocations(previous) if previous else []
+    if earlier:
+        results["invocations"] = earlier + [{"command": command, "started": results["started"], "finished": None,
+                                             "seconds": None}]  # filled in by close_results
+    return results, earlier
+
+
+def close_results(results: dict, earlier: list[dict], started: float) -> None:
+    """Stamp the end of this invocation and the total time over every invocation."""
+    seconds = time.perf_counter() - started
+    results["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    if earlier:
+        results["invocations"][-1].update(finished=results["finished"], seconds=seconds)
+    results["total_seconds"] = sum(i["seconds"] or 0 for i in earlier) + seconds
+
+
+def results_of(args, settings: Settings, argv: list[str], module: str, run_benchmark, summarise_results) -> dict:
+    """The results an entry point reports: rebuilt from the JSON (``--report_only``) or measured now."""
+    if args.report_only:
+        if not settings.results_path.is_file():
+            raise SystemExit(f"--report_only: {settings.results_path} does not exist; run the benchmark first.")
+        results = json.loads(settings.results_path.read_text())
+        results["summary"] = summarise_results(results)
+        return results
+    command = f"python -m {module}" + "".join(f" {shlex.quote(a)}" for a in argv)
+    return run_benchmark(settings, command, resume=args.resume)
+
+
 def _write(settings: Settings, results: dict) -> None:
     with atomic_directory(settings.results_path.parent) as staging:
         (staging / settings.results_path.name).write_text(json.dumps(results, indent=2) + "\n")
@@ -351,13 +384,8 @@ def run(settings: Settings, command: str, resume: bool = False) -> dict:
     """Train and time every pruning run not already kept, then the sections measured after them."""
     started = time.perf_counter()
     torch.set_num_threads(settings.threads)
-    results = {"command": command, "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-               "settings": settings.to_dict(), "environment": environment(settings)}
     previous = _load_previous(settings) if resume else None
-    earlier = _invocations(previous) if previous else []
-    if earlier:  # the report names every command behind the figures and adds up their time
-        results["invocations"] = earlier + [{"command": command, "started": results["started"], "finished": None,
-                                             "seconds": None}]  # filled in at the end
+    results, earlier = open_results(settings, command, previous)
     data = load_data(settings)
     logger.info("data: %s", {name: len(split) for name, split in data.items()})
     dense_info = train_or_reuse_dense(settings, data)
@@ -408,11 +436,7 @@ def run(settings: Settings, command: str, resume: bool = False) -> dict:
     runs.sort(key=lambda r: (r["sparsity"], settings.methods.index(r["method"]), r["seed"]))
     _measure_sections(settings, data, results)
     results["summary"] = summarise(results)
-    seconds = time.perf_counter() - started
-    results["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    if earlier:
-        results["invocations"][-1].update(finished=results["finished"], seconds=seconds)
-    results["total_seconds"] = sum(i["seconds"] or 0 for i in earlier) + seconds
+    close_results(results, earlier, started)
     _write(settings, results)
     return results
 
@@ -441,14 +465,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     (args,) = HfArgumentParser(BenchmarkArguments).parse_args_into_dataclasses(args=argv)
     settings = resolve_settings(args)
-    if args.report_only:
-        if not settings.results_path.is_file():
-            raise SystemExit(f"--report_only: {settings.results_path} does not exist; run the benchmark first.")
-        results = json.loads(settings.results_path.read_text())
-        results["summary"] = summarise(results)
-    else:
-        command = "python -m benchmarks.run" + "".join(f" {shlex.quote(a)}" for a in argv)
-        results = run(settings, command, resume=args.resume)
+    results = results_of(args, settings, argv, "benchmarks.run", run, summarise)
     write_reports(results, settings)
     written = [settings.plot_path, settings.markdown_file] + ([] if args.report_only else [settings.results_path])
     logger.info("wrote %s", ", ".join(map(str, written)))

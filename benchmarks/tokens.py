@@ -48,13 +48,11 @@ from __future__ import annotations
 import json
 import logging
 import multiprocessing
-import shlex
 import sys
 import tempfile
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field, fields
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import NamedTuple
 
@@ -79,7 +77,17 @@ from .common import (
     train_or_reuse_dense,
     training_arguments,
 )
-from .run import WORKER, _write, environment, evaluate, init_worker, speed_between, time_pruned
+from .run import (
+    WORKER,
+    _write,
+    close_results,
+    evaluate,
+    init_worker,
+    open_results,
+    results_of,
+    speed_between,
+    time_pruned,
+)
 from .tokens_report import summarise, write_markdown
 
 logger = logging.getLogger("benchmarks.tokens")
@@ -396,15 +404,8 @@ def _kept_runs(settings: TokenSettings, previous: dict) -> list[dict]:
 def run(settings: TokenSettings, command: str, resume: bool = False) -> dict:
     started = time.perf_counter()
     torch.set_num_threads(settings.threads)
-    results = {"command": command, "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-               "settings": settings.to_dict(), "environment": environment(settings)}
     previous = _load_previous(settings) if resume else None
-    earlier = list(previous.get("invocations") or [{"command": previous["command"], "started": previous["started"],
-                                                    "finished": previous.get("finished"),
-                                                    "seconds": previous.get("total_seconds")}]) if previous else []
-    if earlier:
-        results["invocations"] = earlier + [{"command": command, "started": results["started"], "finished": None,
-                                             "seconds": None}]
+    results, earlier = open_results(settings, command, previous)
     data = load_data(settings)
     logger.info("data: %s", {name: len(split) for name, split in data.items()})
     dense_info = train_or_reuse_dense(settings.dense_settings(), data)
@@ -450,11 +451,7 @@ def run(settings: TokenSettings, command: str, resume: bool = False) -> dict:
     rows = row_names(settings)
     runs.sort(key=lambda r: (rows.index(r["row"]), r["seed"]))
     results["summary"] = summarise(results)
-    seconds = time.perf_counter() - started
-    results["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    if earlier:
-        results["invocations"][-1].update(finished=results["finished"], seconds=seconds)
-    results["total_seconds"] = sum(i["seconds"] or 0 for i in earlier) + seconds
+    close_results(results, earlier, started)
     _write(settings, results)
     return results
 
@@ -465,14 +462,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     (args,) = HfArgumentParser(TokenBenchmarkArguments).parse_args_into_dataclasses(args=argv)
     settings = resolve_settings(args)
-    if args.report_only:
-        if not settings.results_path.is_file():
-            raise SystemExit(f"--report_only: {settings.results_path} does not exist; run the benchmark first.")
-        results = json.loads(settings.results_path.read_text())
-        results["summary"] = summarise(results)
-    else:
-        command = "python -m benchmarks.tokens" + "".join(f" {shlex.quote(a)}" for a in argv)
-        results = run(settings, command, resume=args.resume)
+    results = results_of(args, settings, argv, "benchmarks.tokens", run, summarise)
     write_markdown(results, Path(settings.markdown_file))
     logger.info("wrote %s", ", ".join(map(str, [settings.markdown_file] + ([] if args.report_only
                                                                            else [settings.results_path]))))

@@ -6,7 +6,7 @@ import json
 import math
 from pathlib import Path
 
-from .report import _from_scratch_minutes, _mean, _provenance, _rel, _status, _table, accuracy_figures
+from .report import _from_scratch_minutes, _mean, _rel, _status, _table, accuracy_figures, measured_by
 
 # The targets of issue 13 (deliverable 6).
 TOKENS_TARGET_REDUCTION = 0.35  # "tokens alone at about 35% fewer FLOPs"
@@ -358,10 +358,7 @@ def write_markdown(results: dict, path: Path) -> None:
         f"and stacked on gohsp's head and neuron pruning, on "
         + (f"a token-rich variant of the benchmark model ({data_name}, {dense['tokens']} tokens)." if fashion else
            f"the quick benchmark's model ({data_name}, {dense['tokens']} tokens; a smoke run of the pipeline).")
-        + f" Every figure below was measured by {_provenance(results)} "
-        f"({_runtime(results)}) on {env['hardware']} ({env['cpu_count']} cores, {env['workers']} pruning runs in "
-        f"parallel with {env['torch_threads']} torch thread(s) each, {env['speed_threads']} thread(s) for timing, "
-        f"after all training); the raw figures are in `{_rel(json_path, path)}`.",
+        + " " + measured_by(results, _runtime(results), _rel(json_path, path)),
         "",
         "## How to run it",
         "",
