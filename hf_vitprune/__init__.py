@@ -9,7 +9,7 @@ from .methods import MethodOptions, PruningMethod, register_method
 from .modeling import register_auto_classes
 from .plan import PruningPlan
 from .stats import LayerStats, ModelStats, model_stats
-from .surgery import UnitMasks, add_token_pruning, apply_plan, attach_masks
+from .surgery import UnitMasks, add_token_pruning, apply_plan, attach_masks, convert_attention
 from .trainer import PruningTrainer
 
 register_auto_classes()
@@ -28,6 +28,7 @@ __all__ = [
     "UnitMasks",
     "add_token_pruning",
     "apply_plan",
+    "convert_attention",
     "attach_masks",
     "model_stats",
     "register_method",

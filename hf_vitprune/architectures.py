@@ -93,7 +93,14 @@ class EncoderLayer:
         return int(self.attention.head_dim)
 
     @property
+    def is_convolution(self) -> bool:
+        """Whether the attention was turned into a convolution (``hf_vitprune.convolution.ConvMixer``): no heads."""
+        return bool(getattr(self.attention, "is_convolution", False))
+
+    @property
     def num_heads(self) -> int:
+        if self.is_convolution:
+            return 0
         return self.attention.o_proj.in_features // self.head_dim
 
     @property
@@ -402,6 +409,8 @@ def compact_layer(layer: EncoderLayer, heads: Sequence[int], neurons: Sequence[i
 
 
 def _head_parameters(layer: EncoderLayer) -> Slices:
+    if layer.is_convolution:  # no heads: the convolution is the layer's fixed part
+        return
     attention = layer.attention
     for name in ATTENTION_PROJECTIONS[:3]:
         linear = getattr(attention, name, None)  # an AttentionRemoved block has only o_proj
@@ -444,6 +453,8 @@ def _keep_attention_channels(attention: nn.Module, rows: torch.Tensor) -> None:
 
 
 def _compact_heads(layer: EncoderLayer, heads: Sequence[int]) -> None:
+    if layer.is_convolution:  # it has no heads to keep or drop
+        return
     attention, head_dim = layer.attention, layer.head_dim
     _keep_attention_channels(attention, _head_rows(heads, head_dim))
     if hasattr(attention, "num_attention_heads"):
@@ -541,8 +552,30 @@ def _head_dim_rows(layer: EncoderLayer, channels: Sequence[int]) -> torch.Tensor
 
 def _compact_head_dims(layer: EncoderLayer, channels: Sequence[int]) -> None:
     attention = layer.attention
+    if layer.is_convolution:  # a convolution's head dims are its channels
+        _compact_conv_channels(attention, _index(channels))
+        return
     _keep_attention_channels(attention, _head_dim_rows(layer, channels))
     attention.head_dim = len(channels)  # attention.scaling stays that of the dense head_dim
+
+
+def _compact_conv_channels(mixer: nn.Module, channels: torch.Tensor) -> None:
+    """Keep ``channels`` of a convolution layer: its kernels and bias, BatchNorm, and the projection's inputs."""
+    conv, norm = mixer.conv, mixer.norm
+    channels = channels.to(conv.weight.device)
+    new = nn.Conv2d(conv.in_channels, len(channels), conv.kernel_size, padding=conv.padding, bias=True, device="meta")
+    new.weight = nn.Parameter(conv.weight.detach().index_select(0, channels).clone())
+    new.bias = nn.Parameter(conv.bias.detach().index_select(0, channels).clone())
+    mixer.conv = new
+    kept = nn.BatchNorm2d(len(channels), eps=norm.eps, momentum=norm.momentum, device="meta")
+    kept.weight = nn.Parameter(norm.weight.detach().index_select(0, channels).clone())
+    kept.bias = nn.Parameter(norm.bias.detach().index_select(0, channels).clone())
+    for name in ("running_mean", "running_var"):
+        setattr(kept, name, getattr(norm, name).index_select(0, channels).clone())
+    kept.num_batches_tracked = norm.num_batches_tracked.clone()
+    kept.train(norm.training)
+    mixer.norm = kept
+    mixer.o_proj = sliced_linear(mixer.o_proj, None, channels)
 
 
 def _head_dim_gates(layer: EncoderLayer) -> tuple[tuple[nn.Module, ...], int]:

@@ -266,11 +266,16 @@ def _init_with_option_keywords(self, *args, **kwargs):
 PruningConfig.__init__ = _init_with_option_keywords
 
 
-def pruning_arguments() -> type:
+def pruning_arguments(method: str | None = None) -> type:
     """One flat dataclass with the common fields and every registered method's options, for
-    ``HfArgumentParser``: every option is a flag; :func:`config_from_arguments` builds the config."""
+    ``HfArgumentParser``: every option is a flag; :func:`config_from_arguments` builds the config.
+
+    An option several methods share (``search_fraction``) is one flag; its default is ``method``'s
+    (the default method's when None), so a run of that method gets its own defaults."""
     fields_, seen = [], set()
-    sources = [PruningConfig, *(method.options_class for method in METHODS.values())]
+    chosen = METHODS.get(method or DEFAULT_METHOD)
+    others = [cls for cls in METHODS.values() if cls is not chosen]
+    sources = [PruningConfig, *(cls.options_class for cls in ([chosen] if chosen else []) + others)]
     for source in sources:
         types = typing.get_type_hints(source)
         for f in dataclasses.fields(source):

@@ -11,7 +11,7 @@ which makes a stock class given a pruned directory fail at once with a hint to u
 classes, instead of transformers' error about per-layer attributes.
 
 Imports only torch, transformers (and safetensors, its dependency), ``.architectures``,
-``.tokens`` and ``.fileio``: these files are copied next to saved models (``custom_object_save``) for
+``.tokens``, ``.convolution`` and ``.fileio``: these files are copied next to saved models (``custom_object_save``) for
 ``trust_remote_code=True`` loading.
 """
 
@@ -60,6 +60,8 @@ from .architectures import (
     find_shared_position_bias,
     mlp_layout,
 )
+from .convolution import CONFIG_KEY as LAYER_TYPE_KEY
+from .convolution import attach_layer_types, layer_type_of
 from .fileio import atomic_directory
 from .tokens import CONFIG_KEY as TOKEN_CONFIG_KEY
 from .tokens import TokenStages, attach_token_pruning
@@ -81,6 +83,15 @@ def layer_unit_counts(config: PreTrainedConfig) -> list[dict[str, int]]:
     ]
 
 
+def recorded_layer_types(config: PreTrainedConfig) -> list[str] | None:
+    """Each layer's type (``"attention"``, ``"conv1x1"``, ...) as ``per_layer_config`` records it, or None when it
+    records none (every layer is attention)."""
+    if not config.is_heterogeneous:
+        return None
+    types = [getattr(view, LAYER_TYPE_KEY, None) for view in config.per_layer_config]
+    return types if any(t is not None for t in types) else None
+
+
 def layer_widths(config: PreTrainedConfig) -> list[tuple[int, int]]:
     """(heads, MLP width) of every layer as the config records them."""
     return [(counts["heads"], counts["neurons"]) for counts in layer_unit_counts(config)]
@@ -93,6 +104,9 @@ class PrunedModelMixin:
         dense = dense_view(config)
         super().__init__(dense, *args, **kwargs)
         adopt_config(self, dense, config)
+        types = recorded_layer_types(config)
+        if types is not None:  # a hybrid model: its convolution layers, at the dense widths
+            attach_layer_types(self, types)
         layers = find_encoder_layers(self)
         recorded = layer_unit_counts(config)
         if len(layers) != len(recorded):
@@ -368,6 +382,10 @@ def convert_to_pruned(model: nn.Module) -> nn.Module:
     ]
     for key in keys:  # a global value too, for configs that derive it (Dinov2's intermediate_size)
         values.setdefault(key, max(c[key] for c in counts))
+    if any(layer.is_convolution for layer in layers):  # a hybrid model: every layer's type
+        keys.append(LAYER_TYPE_KEY)
+        for layer, c in zip(layers, counts):
+            c[LAYER_TYPE_KEY] = layer_type_of(layer)
     if values.get("use_shared_relative_position_bias") and find_shared_position_bias(model) is None:
         # the shared table was copied into every layer (architectures.unshare_position_bias)
         values["use_shared_relative_position_bias"] = False

@@ -172,7 +172,7 @@ class _TrainingArguments(TrainingArguments):
 def build_parser(prog: str | None = None, full: bool = True, method: str | None = None) -> HfArgumentParser:
     """The recipe's parser; with ``full=False`` its help lists only ``COMMON_TRAINING_FLAGS`` of TrainingArguments
     and the options of ``method`` (the default method when None), not every method's."""
-    pruning = pruning_arguments()
+    pruning = pruning_arguments(method)
     shown = method or DEFAULT_METHOD
     pruning._argument_group_name = (
         "pruning (PruningConfig and every method's options)" if full
@@ -241,7 +241,7 @@ def parse_arguments(argv: list[str] | None = None, prog: str | None = None):
         defaults["output_dir"] = f"outputs/vit-digits-{method}"
     if not _accelerator_present():  # pinned memory only helps copies to an accelerator; torch warns without one
         defaults["dataloader_pin_memory"] = "false"
-    parser = build_parser(prog)
+    parser = build_parser(prog, method=_method_in(given))
     *parsed, unknown = parser.parse_args_into_dataclasses(args=_as_argv(defaults) + given,
                                                           return_remaining_strings=True)
     if unknown:

@@ -31,6 +31,7 @@ from .architectures import (
     num_tokens,
 )
 from .modeling import is_recorded
+from .convolution import layer_type_of
 from .plan import PruningPlan
 from .surgery import compacted_shapes
 from .tokens import token_pruning_of
@@ -48,6 +49,7 @@ class LayerCost:
     unit_params: dict[str, int]
     unit_flops: dict[str, int]
     fixed_params: int
+    fixed_flops: int = 0  # what a convolution standing in for the attention costs (no unit owns it)
 
     @property
     def params_per_head(self) -> int:
@@ -73,7 +75,7 @@ class LayerCost:
 
     def flops(self, heads: int | None = None, neurons: int | None = None, **others: int) -> int:
         counts = self._counts(heads, neurons, others)
-        return sum(self.unit_flops[name] * n for name, n in counts.items())
+        return self.fixed_flops + sum(self.unit_flops[name] * n for name, n in counts.items())
 
     def _counts(self, heads: int | None, neurons: int | None, others: dict[str, int]) -> dict[str, int]:
         counts = {name: n for name, n in (("heads", heads), ("neurons", neurons)) if n is not None}
@@ -93,7 +95,9 @@ class LayerStats:
     Heads and neurons have their own fields (the report format); ``other_units`` holds the
     non-zero counts of any other registered kind, so it stays empty, and out of ``to_dict``,
     for models with only heads and neurons. ``tokens`` is the tokens the layer sees when the
-    model prunes tokens (None, and out of ``to_dict``, when every layer sees them all).
+    model prunes tokens (None, and out of ``to_dict``, when every layer sees them all);
+    ``layer_type`` the layer's type in a model where some attention became a convolution
+    (``"attention"``, ``"conv1x1"``, ``"conv3x3"``; None, and out of ``to_dict``, otherwise).
     """
 
     index: int
@@ -103,6 +107,7 @@ class LayerStats:
     flops: int
     other_units: dict[str, int] = field(default_factory=dict, hash=False)
     tokens: int | None = None
+    layer_type: str | None = None
 
     def units(self, kind: str) -> int:
         """The kept count of the kind called ``kind`` (0 for a kind this layer does not have)."""
@@ -116,15 +121,18 @@ class LayerStats:
             del data["other_units"]
         if self.tokens is None:
             del data["tokens"]
+        if self.layer_type is None:
+            del data["layer_type"]
         return data
 
     @classmethod
     def from_dict(cls, data: Mapping) -> LayerStats:
         """The inverse of :meth:`to_dict`; every count must be an integer."""
-        values = {key: int(value) for key, value in data.items() if key not in ("other_units", "tokens")}
+        values = {key: int(value) for key, value in data.items() if key not in ("other_units", "tokens", "layer_type")}
         other = {str(kind): int(count) for kind, count in dict(data.get("other_units") or {}).items()}
-        tokens = data.get("tokens")
-        return cls(**values, other_units=other, tokens=None if tokens is None else int(tokens))
+        tokens, layer_type = data.get("tokens"), data.get("layer_type")
+        return cls(**values, other_units=other, tokens=None if tokens is None else int(tokens),
+                   layer_type=None if layer_type is None else str(layer_type))
 
 
 @dataclass(frozen=True)
@@ -169,7 +177,8 @@ def layer_cost(layer: EncoderLayer, tokens: int, shared_bias_rows: int = 0) -> L
     """Unit costs of ``layer`` from its module shapes; ``shared_bias_rows`` adds a shared table's column per head.
 
     The fixed part is every parameter of the layer that no registered kind owns a slice of
-    (norms, layer scale, output biases).
+    (norms, layer scale, output biases, a convolution standing in for the attention), and the
+    FLOPs of such a convolution.
     """
     kinds = UNIT_KINDS.values()
     owned = {id(tensor) for kind in kinds for tensor, _ in kind.parameters(layer)}
@@ -178,6 +187,7 @@ def layer_cost(layer: EncoderLayer, tokens: int, shared_bias_rows: int = 0) -> L
         unit_params={kind.name: kind.params_per_unit(layer, shared_bias_rows) for kind in kinds},
         unit_flops={kind.name: kind.flops_per_unit(layer, tokens) for kind in kinds},
         fixed_params=fixed,
+        fixed_flops=layer.attention.flops(tokens) if layer.is_convolution else 0,
     )
 
 
@@ -231,6 +241,7 @@ def model_stats(model: nn.Module, plan: PruningPlan | None = None) -> ModelStats
               and is_recorded(kind, [kind.count(layer) for layer in layers], model.config)}
     per_layer = []
     pruned_tokens = token_pruning_of(model) is not None
+    hybrid = any(layer.is_convolution for layer in layers)
     for layer, tokens_seen in zip(layers, layer_tokens(model)):
         cost = layer_cost(layer, tokens_seen, shared_rows)
         counts = {kind.name: kind.count(layer) for kind in UNIT_KINDS.values()}
@@ -239,7 +250,7 @@ def model_stats(model: nn.Module, plan: PruningPlan | None = None) -> ModelStats
         other = {name: n for name, n in counts.items() if name in listed and n}
         params, flops = cost.params(**counts), cost.flops(**counts)
         per_layer.append(LayerStats(layer.index, counts["heads"], counts["neurons"], params, flops, other,
-                                    tokens_seen if pruned_tokens else None))
+                                    tokens_seen if pruned_tokens else None, layer_type_of(layer) if hybrid else None))
     return ModelStats(
         params=outside_params + sum(s.params for s in per_layer),
         flops=outside_flops + sum(s.flops for s in per_layer),

@@ -16,6 +16,7 @@ from .architectures import (
     meta_copy,
     unshare_position_bias,
 )
+from .convolution import ATTENTION, check_layer_type, convert_layer, patch_grid
 from .embedding import EmbeddingGate, compact_embedding
 from .modeling import convert_to_pruned
 from .plan import PruningPlan
@@ -55,6 +56,11 @@ def apply_plan(model: nn.Module, plan: PruningPlan | Mapping) -> nn.Module:
             "The plan narrows the embedding width of a model with token pruning, whose selectors read the full "
             "width. Narrow the embedding width first, then add token pruning (add_token_pruning)."
         )
+    if plan.embedding is not None and any(layer.is_convolution for layer in find_encoder_layers(model)):
+        raise ValueError(
+            "The plan narrows the embedding width of a model whose attention was turned into convolutions in some "
+            "layers; the convolutions read the full width. Narrow the embedding width first, then convert layers."
+        )
     unshare_position_bias(model)
     for layer in find_encoder_layers(model):
         kept = {kind.name: plan.kept(kind.name, layer.index, kind.count(layer)) for kind in UNIT_KINDS.values()}
@@ -76,8 +82,54 @@ def add_token_pruning(model: nn.Module, keep_ratios: Sequence[float], depths: Se
     """
     check_token_family(model)
     stages = stages_for(model, keep_ratios, depths, selector_width)
+    late = [layer.index for layer in find_encoder_layers(model) if layer.is_convolution and layer.index >= min(stages.depths)]
+    if late:
+        raise ValueError(
+            f"Layers {late} are convolutions over the patch grid, which a token stage before them would break up "
+            f"(the first stage runs before layer {min(stages.depths)}). Put the stages after the last convolution "
+            f"layer (depths=...)."
+        )
     attach_token_pruning(model, stages)
     setattr(model.config, TOKEN_CONFIG_KEY, stages.to_dict())
+    return convert_to_pruned(model)
+
+
+def convert_attention(model: nn.Module, layer_types: Mapping[int, str],
+                      mixing: Mapping[int, torch.Tensor] | None = None,
+                      norms: Mapping[int, nn.BatchNorm2d] | None = None) -> nn.Module:
+    """Turn the attention of the layers in ``layer_types`` (index -> ``"conv1x1"``/``"conv3x3"``/``"attention"``)
+    into convolutions over the patch grid, in place, and return ``model``.
+
+    The convolutions share the attention's value and output projections (:mod:`hf_vitprune.convolution`);
+    ``mixing[i]`` is layer ``i``'s ``heads x 9`` head-to-tap matrix (columns summing to one; default: every
+    head alike) and ``norms[i]`` the BatchNorm whose state it takes (default: a fresh one). The model becomes
+    its ``Pruned*`` class with each layer's type in ``per_layer_config``, so it saves and reloads.
+    """
+    family_of(model)
+    layers = find_encoder_layers(model)
+    patch_grid(model)  # a ValueError when the tokens are not a grid
+    mixing, norms = dict(mixing or {}), dict(norms or {})
+    for index, layer_type in layer_types.items():
+        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(layers):
+            raise ValueError(f"convert_attention: layer {index!r} does not exist; the model has layers 0 to "
+                             f"{len(layers) - 1}.")
+        check_layer_type(layer_type, f"convert_attention: layer {index}")
+        layer = layers[index]
+        if layer_type == ATTENTION or layer.is_convolution:
+            if layer.is_convolution and layer_type != layer.attention.layer_type:
+                raise ValueError(f"convert_attention: layer {index} is already a {layer.attention.layer_type} "
+                                 f"convolution; it cannot become {layer_type!r}.")
+            continue
+        if layer.num_heads == 0 or not hasattr(layer.attention, "v_proj"):
+            raise ValueError(f"convert_attention: layer {index} has no heads left, so no value projection to build "
+                             f"a convolution from; keep it as attention.")
+        weights = mixing.get(index)
+        if weights is None:
+            weights = torch.full((layer.num_heads, 9), 1.0 / layer.num_heads, device=layer.attention.o_proj.weight.device)
+        if tuple(weights.shape) != (layer.num_heads, 9):
+            raise ValueError(f"convert_attention: mixing[{index}] has shape {tuple(weights.shape)}; layer {index} needs "
+                             f"({layer.num_heads}, 9), one row per head and one column per 3x3 kernel tap.")
+        convert_layer(model, layer, layer_type, weights, norms.get(index))
     return convert_to_pruned(model)
 
 

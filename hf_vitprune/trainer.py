@@ -72,6 +72,9 @@ class SearchStepCallback(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         trainer = self.trainer
         if trainer.phase == trainer.method.phase_name:
+            for group in trainer.method.parameter_groups():  # Trainer zeroes the model's gradients only
+                for parameter in group["params"]:
+                    parameter.grad = None
             trainer.method.on_step_end(trainer.accelerator.unwrap_model(trainer.model), state.global_step)
             plan = trainer.method.pending_compaction()
             if plan is not None:

@@ -243,7 +243,7 @@ def test_example_pushes_the_pruned_model_and_card_without_the_token(imagefolder,
     assert result.returncode == 0, f"{result.stderr[-4000:]}\nunhandled: {hub.unhandled}"
     (commit,) = [c for c in hub.commits if c.repo_id == "user/tiny-vit-pruned"]
     uploaded = set(commit.files) | set(commit.lfs_files)
-    assert {"config.json", "model.safetensors", "modeling.py", "architectures.py", "fileio.py", "tokens.py", "README.md",
+    assert {"config.json", "model.safetensors", "modeling.py", "architectures.py", "fileio.py", "tokens.py", "convolution.py", "README.md",
             "pruning_config.json", "pruning_plan.json"} <= uploaded
     assert not any(name.startswith(("admm/", "finetune/")) for name in uploaded), "checkpoints stay local"
     card = commit.files["README.md"].decode()

@@ -30,7 +30,8 @@ TOKEN = "hf_fake_secret_token"
 TINY = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=37, image_size=16,
             patch_size=4, num_labels=5)
 PLAN = PruningPlan(heads={0: [0, 2]}, neurons={1: [0, 1, 2]})
-MODEL_FILES = {"model.safetensors", "config.json", "modeling.py", "architectures.py", "fileio.py", "tokens.py"}
+MODEL_FILES = {"model.safetensors", "config.json", "modeling.py", "architectures.py", "fileio.py", "tokens.py",
+               "convolution.py"}
 PRUNING_FILES = {"pruning_config.json", "pruning_plan.json", "pruning_report.json", "README.md"}
 
 PUSH = r"""

@@ -334,7 +334,7 @@ def test_saving_leaves_the_in_memory_model_usable(make_model, tmp_path, pixel_va
     copy.deepcopy(pruned).save_pretrained(tmp_path / "a")  # saving twice over itself is fine
     assert_identical(helpers.outputs(pruned, pixel_values), before)
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == sorted(
-        ["architectures.py", "config.json", "fileio.py", "model.safetensors", "modeling.py", "tokens.py"]
+        ["architectures.py", "config.json", "convolution.py", "fileio.py", "model.safetensors", "modeling.py", "tokens.py"]
     )
 
 

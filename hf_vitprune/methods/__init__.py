@@ -18,6 +18,7 @@ from .baselines import Magnitude, Random, RandomOptions, Taylor, TaylorOptions  
 from .gohsp import GOHSP, GOHSPOptions  # noqa: E402
 from .ofb import OFB, OFBOptions  # noqa: E402
 from .spvit_tokens import SPViTTokens, TokenPruningOptions  # noqa: E402
+from .spvit_conv import ConvSearchOptions, SPViTConv  # noqa: E402
 
 DEFAULT_METHOD = GOHSP.name  # what PruningConfig() prunes with
 
@@ -31,6 +32,7 @@ __all__ = [
     "ADMMOptions",
     "ADMMSearch",
     "ADMMState",
+    "ConvSearchOptions",
     "DEFAULT_METHOD",
     "GOHSP",
     "GOHSPOptions",
@@ -42,6 +44,7 @@ __all__ = [
     "PruningMethod",
     "Random",
     "RandomOptions",
+    "SPViTConv",
     "SPViTTokens",
     "SearchContext",
     "Taylor",

@@ -138,7 +138,8 @@ class PruningMethod:
 
     def parameter_groups(self) -> list[dict[str, Any]]:
         """Optimizer parameter groups (``{"params": [...], "lr": ..., ...}``) of the method's own trainable
-        tensors, added to the search phase's optimizer after the model's groups."""
+        tensors, added to the search phase's optimizer after the model's groups; the trainer clears their
+        gradients after every optimizer step, as it does the model's."""
         return []
 
     def before_optimizer_step(self, model: nn.Module) -> None:
@@ -196,6 +197,26 @@ class PruningMethod:
         """Everything the card says about the method, as plain JSON (stored in pruning_report.json)."""
         return {"description": self.description or self.name, "recipe": self.card_recipe(),
                 "citations": self.citations()}
+
+
+def average_over_processes(parameters: Iterable[nn.Parameter], buffers: Iterable[torch.Tensor] = ()) -> None:
+    """Average the gradients of a method's own ``parameters`` (and the values of ``buffers``) over the processes.
+
+    A method's tensors live outside the model, so DDP does not average them; call this in
+    :meth:`PruningMethod.before_optimizer_step`. Every process joins every all-reduce, gradient or not.
+    """
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    world = torch.distributed.get_world_size()
+    for parameter in parameters:
+        if parameter.grad is None:
+            parameter.grad = torch.zeros_like(parameter)
+        torch.distributed.all_reduce(parameter.grad)
+        parameter.grad /= world
+    for buffer in buffers:
+        if buffer.is_floating_point():
+            torch.distributed.all_reduce(buffer)
+            buffer /= world
 
 
 # --------------------------------------------------------------------------- the registry

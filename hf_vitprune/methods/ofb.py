@@ -52,7 +52,7 @@ from ..embedding import gated_layer_norm, residual_layer_norms
 from ..plan import PruningPlan
 from ..stats import model_stats
 from ..surgery import compacted_shapes
-from .base import MethodOptions, PruningMethod, SearchContext, register_method
+from .base import MethodOptions, PruningMethod, SearchContext, average_over_processes, register_method
 from .pmim import PatchMaskReconstruction
 from .width_cost import WidthCost
 
@@ -471,14 +471,7 @@ class OFB(PruningMethod):
         return groups
 
     def before_optimizer_step(self, model: nn.Module) -> None:
-        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-            return
-        world = torch.distributed.get_world_size()
-        for parameter in self._own_parameters():  # every process joins every all-reduce, gradient or not
-            if parameter.grad is None:
-                parameter.grad = torch.zeros_like(parameter)
-            torch.distributed.all_reduce(parameter.grad)
-            parameter.grad /= world
+        average_over_processes(self._own_parameters())
 
     def _widths(self, values: list) -> tuple[list, list, list, object]:
         """(heads, head dims, neurons per layer, embedding width): ``values`` where searched, else the dense ones."""
@@ -521,8 +514,6 @@ class OFB(PruningMethod):
         return terms
 
     def on_step_end(self, model, step: int) -> None:
-        for parameter in self._own_parameters():  # Trainer zeroes the model's gradients only
-            parameter.grad = None
         self.step = step
         if self.pmim is not None:
             self._schedule_pmim()

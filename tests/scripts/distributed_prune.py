@@ -1,10 +1,11 @@
 """Run under `torchrun --nproc_per_node 2`: a short pruning on CPU, gohsp (tests/test_trainer.py) or,
-with a second argument ``ofb`` or ``spvit_tokens``, an OFB search (tests/test_ofb.py) or token pruning
-(tests/test_spvit_tokens.py).
+with a second argument ``ofb``, ``spvit_tokens`` or ``spvit_conv``, an OFB search (tests/test_ofb.py), token
+pruning (tests/test_spvit_tokens.py) or the attention-to-convolution search (tests/test_spvit_conv.py).
 
 Each rank writes the plan it derived (rank<k>_plan.json) and what decided it (gohsp: its graph head
 importance, rank<k>_importance.json; ofb: its searched widths, the units sliced out mid-search and
-the weights' sum after each search step, rank<k>.json; spvit_tokens: its stages and the same sums), and the
+the weights' sum after each search step, rank<k>.json; spvit_tokens: its stages, spvit_conv: its layer map,
+and the same sums), and the
 main process
 saves the final model, so the tests can compare ranks and reload the result.
 """
@@ -48,6 +49,9 @@ def main(output_dir: str, method: str = "gohsp") -> None:
         pruning = PruningConfig(target_sparsity=0.4, calibration_samples=32, admm_update_steps=2)
     elif method == "spvit_tokens":
         pruning = PruningConfig(method="spvit_tokens", target_flops_reduction=0.3, calibration_samples=16)
+    elif method == "spvit_conv":  # gates that move within the 5 search steps
+        pruning = PruningConfig(method="spvit_conv", target_flops_reduction=0.3, calibration_samples=16,
+                                search_fraction=0.5, arch_learning_rate=0.3)
     else:
         # fast-moving logits: candidates drop, and units are sliced out, within the 5 search steps
         pruning = PruningConfig(method="ofb", target_flops_reduction=0.5, calibration_samples=16, shrink_interval=2,
@@ -66,6 +70,10 @@ def main(output_dir: str, method: str = "gohsp") -> None:
     elif method == "spvit_tokens":
         (out / f"rank{rank}.json").write_text(json.dumps({
             "stages": trainer.method.stages.to_dict(), "search_weights": weight_sums.sums,
+            "world_size": trainer.accelerator.num_processes}))
+    elif method == "spvit_conv":
+        (out / f"rank{rank}.json").write_text(json.dumps({
+            "layer_types": trainer.method.types, "search_weights": weight_sums.sums,
             "world_size": trainer.accelerator.num_processes}))
     else:
         sliced = max((entry.get("ofb_sliced_units", 0) for entry in trainer.state.log_history), default=0)

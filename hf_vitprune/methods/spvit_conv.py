@@ -1,0 +1,483 @@
+"""SPViT attention-to-convolution pruning (He et al., TPAMI 2024) as a method: a single-path search.
+
+Every attention layer gets a *single path* that holds three choices: a 1x1 convolution, a 3x3
+convolution and the attention itself. The convolutions share the attention's value and output
+projections (:mod:`hf_vitprune.convolution`: a learned ``heads x 9`` mixing, a softmax over the heads
+at temperature ``mixing_temperature``, builds each kernel tap from the heads), each with its own
+BatchNorm and a ReLU; the class/distillation/register tokens bypass them. Two gates per layer choose,
+chained as in the paper: ``g3`` (the 3x3 over the 1x1) and ``ga`` (attention over the 3x3, counted
+only where ``g3`` is on), so the layer's output is
+``ga * attention + g3 (1 - ga) * conv3x3 + (1 - g3)(1 - ga) * conv1x1``. Every MLP neuron has a gate
+too (a mask on the output projection's input). A gate is a learned threshold ``theta``: in training a
+Bernoulli sample of ``sigmoid(theta)`` with a straight-through gradient (logistic noise, hard
+forward), in evaluation ``theta > 0``; thresholds start at ``initial_gate`` > 0, so everything starts
+as the attention with all its neurons.
+
+The loss adds ``flops_loss_weight x ((cost - target) / dense)^2``, the cost (FLOPs or parameters,
+counted exactly by ``model_stats`` for each layer type) taken at the thresholded gates with a
+straight-through gradient of ``sigmoid(theta)``. Gates and mixings train in their own optimizer group
+(``arch_learning_rate``), the BatchNorms with the weights.
+
+After the search each layer takes the type its gates chose and becomes a real ``nn.Conv2d`` layer
+(:func:`hf_vitprune.convert_attention`, the search's mixing and BatchNorm state carried over, so the
+converted model computes what the search model computed with those gates), and the MLP neurons are
+chosen by their thresholds with the project's exact budget selection (``select_plan``): a final exact
+adjustment that makes the result meet the budget to within one neuron. The model then fine-tunes
+with the usual distillation.
+
+Departures (docs/methods.md): the paper's fourth choice, skipping the attention altogether, is not
+offered (the layer types are attention, conv3x3, conv1x1); the cost term is relative to the dense
+model's cost rather than in GFLOPs, so one weight serves every model size; the gate samples are drawn
+from a generator seeded by the run's seed, the same on every process, so all processes train the same
+path at each step; and the neurons are chosen to meet the budget exactly after the search.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ..architectures import find_encoder_layers, meta_copy, num_patches
+from ..budget import Budget, select_plan, unit_costs
+from ..convolution import ATTENTION, KERNEL_SIZES, LAYER_TYPES, check_layer_type, patch_grid, shared_conv_weights
+from ..plan import PruningPlan
+from ..stats import model_stats
+from ..surgery import convert_attention
+from .base import MethodOptions, PruningMethod, SearchContext, average_over_processes, register_method
+
+SPVIT_CONV_CITATION = {
+    "what": "SPViT attention-to-convolution pruning (He et al., TPAMI 2024, arXiv:2111.11802)",
+    "bibtex": """@article{he2024pruning,
+  title = {Pruning Self-Attentions Into Convolutional Layers in Single Path},
+  author = {He, Haoyu and Cai, Jianfei and Liu, Jing and Pan, Zizheng and Zhang, Jing and Tao, Dacheng and Zhuang, Bohan},
+  journal = {IEEE Transactions on Pattern Analysis and Machine Intelligence},
+  year = {2024},
+  eprint = {2111.11802},
+  archivePrefix = {arXiv}
+}""",
+}
+PREFIX = "spvit_conv."
+TYPE_CODES = {name: code for code, name in enumerate(LAYER_TYPES)}
+
+
+def _help(text: str, **kwargs) -> dict:
+    return {"metadata": {"help": text}, **kwargs}
+
+
+@dataclass
+class ConvSearchOptions(MethodOptions):
+    """How the single-path search runs and what it may choose."""
+
+    search_fraction: float = field(
+        default=0.3, **_help("Share of the optimizer steps spent searching (gates sampled, cost term on); the rest "
+                             "fine-tunes the converted model.")
+    )
+    flops_loss_weight: float = field(
+        default=20.0, **_help("Weight of the cost term (relative gap to the target, squared; the paper's lambda, "
+                              "there in GFLOPs).")
+    )
+    arch_learning_rate: float = field(
+        default=1e-2, **_help("Learning rate of the gates' thresholds and the head-to-tap mixings (paper: 5e-4 to "
+                              "1e-3 over 10 ImageNet epochs).")
+    )
+    initial_gate: float = field(
+        default=0.5, **_help("Initial threshold of every gate (> 0: everything starts as attention with all its "
+                             "neurons, and the other paths are sampled with probability 1 - sigmoid(0.5) = 0.38).")
+    )
+    mixing_temperature: float = field(
+        default=0.01, **_help("Temperature of the softmax over the heads that mixes them into each kernel tap "
+                              "(paper: 0.01).")
+    )
+    gate_neurons: bool = field(default=True, **_help("Gate (and prune) the MLP neurons too, as the paper does."))
+    min_attention_layers: int = field(
+        default=1, **_help("Layers that stay attention at least (those the search leaves closest to attention): the "
+                           "class token reads the image only through attention layers, as it bypasses convolutions.")
+    )
+    min_neurons_per_layer: int = field(default=1, **_help("Neurons every layer keeps at least."))
+    layer_types: dict[int, str] | str | None = field(
+        default=None, **_help("Layers whose type is fixed instead of searched, e.g. {0: 'conv3x3', 5: 'attention'}; "
+                              "JSON on the command line: '{\"0\": \"conv3x3\"}' (types: attention, conv3x3, conv1x1).")
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        self._check_number("search_fraction", low=0, high=1)
+        self._check_number("flops_loss_weight", low=0, low_open=False)
+        self._check_number("arch_learning_rate", low=0)
+        self._check_number("initial_gate", low=0)
+        self._check_number("mixing_temperature", low=0)
+        self._check_int("min_neurons_per_layer", 0)
+        self._check_int("min_attention_layers", 0)
+        if isinstance(self.layer_types, str):  # from the command line: JSON
+            try:
+                self.layer_types = json.loads(self.layer_types)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"ConvSearchOptions.layer_types={self.layer_types!r} is not JSON ({error}); write it "
+                                 f"as '{{\"0\": \"conv3x3\"}}'.") from None
+        if self.layer_types is not None:
+            if not isinstance(self.layer_types, dict):
+                raise ValueError(f"ConvSearchOptions.layer_types={self.layer_types!r} must map layer indices to layer "
+                                 f"types, e.g. {{0: 'conv3x3'}}.")
+            fixed = {}
+            for index, layer_type in self.layer_types.items():
+                key = int(index) if isinstance(index, str) and index.isdigit() else index  # JSON keys are strings
+                if isinstance(key, bool) or not isinstance(key, int) or key < 0:
+                    raise ValueError(f"ConvSearchOptions.layer_types has key {index!r}; keys are layer indices >= 0.")
+                fixed[key] = check_layer_type(layer_type, f"ConvSearchOptions.layer_types[{index!r}]")
+            self.layer_types = fixed
+
+
+class LayerSearch(nn.Module):
+    """One layer's search state: two chained kernel gates, a head-to-tap mixing, two BatchNorms, neuron gates."""
+
+    def __init__(self, heads: int, channels: int, neurons: int, initial_gate: float):
+        super().__init__()
+        self.kernel_gates = nn.Parameter(torch.full((2,), float(initial_gate)))  # [3x3 over 1x1, attention over 3x3]
+        self.mixing = nn.Parameter(torch.ones(heads, 9))
+        self.norms = nn.ModuleDict({"conv1x1": nn.BatchNorm2d(channels), "conv3x3": nn.BatchNorm2d(channels)})
+        self.neuron_gates = nn.Parameter(torch.full((neurons,), float(initial_gate)))
+
+
+def _thresholded(theta: torch.Tensor) -> torch.Tensor:
+    """``theta > 0`` forward, the gradient of ``sigmoid(theta)`` backward."""
+    soft = torch.sigmoid(theta)
+    return (theta > 0).to(theta.dtype) + soft - soft.detach()
+
+
+def _sampled(theta: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """A Bernoulli sample of ``sigmoid(theta)`` (logistic noise, hard forward) with a straight-through gradient."""
+    uniform = torch.rand(theta.shape, generator=generator, dtype=torch.float64).clamp(1e-6, 1 - 1e-6)
+    noise = (uniform.log() - (-uniform).log1p()).to(theta.device, theta.dtype)
+    soft = torch.sigmoid(theta + noise)
+    return (theta + noise > 0).to(theta.dtype) + soft - soft.detach()
+
+
+@register_method
+class SPViTConv(PruningMethod):
+    name = "spvit_conv"
+    options_class = ConvSearchOptions
+    phase_name = "conv_search"
+    budgets = ("params", "flops")
+    description = ("SPViT attention-to-convolution pruning: a single-path search turns some attention layers into "
+                   "convolutions built from their own value/output projections and gates the MLP neurons.")
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.search: nn.ModuleList | None = None
+        self.searching = True
+        self.types: list[str] | None = None  # after the search: each layer's type
+        self.searched: list[bool] = []  # per layer: its type is searched (not fixed by layer_types)
+        self.generator = torch.Generator()
+        self.fixed: dict[int, str] = {}
+        self.costs: dict | None = None
+        self.budget: Budget | None = None
+        self._grid: tuple[int, int] = (0, 0)
+        self._patches = 0
+        self._hooks = []
+        self._logs: dict[str, float] = {}
+
+    def search_steps(self, total_steps: int) -> int:
+        return min(max(1, round(total_steps * self.options.search_fraction)), total_steps - 1)
+
+    # ------------------------------------------------------------------ setup
+
+    def setup(self, context: SearchContext) -> None:
+        self.budget = context.budget
+        self._build(context.model)
+        self.generator.manual_seed(context.seed)
+
+    def _build(self, model: nn.Module) -> None:
+        """The search state and hooks on the model as it is before the search."""
+        o = self.options
+        self._grid, self._patches = patch_grid(model), num_patches(model)  # a ValueError when not a grid
+        layers = find_encoder_layers(model)
+        fixed = dict(o.layer_types or {})
+        outside = sorted(i for i in fixed if i >= len(layers))
+        if outside:
+            raise ValueError(f"ConvSearchOptions.layer_types names layers {outside}, but the model has layers 0 to "
+                             f"{len(layers) - 1}.")
+        self.searched = []
+        for layer in layers:
+            convertible = layer.num_heads > 0 and not layer.is_convolution
+            if layer.index in fixed and fixed[layer.index] != ATTENTION and not convertible:
+                raise ValueError(f"ConvSearchOptions.layer_types[{layer.index}]={fixed[layer.index]!r}, but layer "
+                                 f"{layer.index} has no heads left (or is a convolution already) to build one from.")
+            self.searched.append(convertible and layer.index not in fixed)
+        self.fixed = fixed
+        self.search = nn.ModuleList(
+            LayerSearch(max(1, layer.num_heads), layer.head_dim, layer.num_neurons, o.initial_gate) for layer in layers
+        ).to(next(model.parameters()).device)
+        self.costs = self._layer_costs(model)
+        self._check_reachable()
+        self._attach(model)
+
+    def _layer_costs(self, model: nn.Module) -> dict:
+        """Exact costs in the budget's measure: the model's, and per layer the change each layer type makes and
+        one neuron's cost (counted by ``model_stats`` on meta copies with the layer converted)."""
+        measure = self.budget.measure
+        dense = measure(model_stats(model))
+        deltas = []
+        for layer in find_encoder_layers(model):
+            change = {ATTENTION: 0.0}
+            if layer.num_heads > 0 and not layer.is_convolution:
+                for layer_type in KERNEL_SIZES:
+                    shaped = convert_attention(meta_copy(model), {layer.index: layer_type})
+                    change[layer_type] = float(measure(model_stats(shaped)) - dense)
+            deltas.append(change)
+        neuron = [float(c) for c in unit_costs(model, self.budget)["neurons"]]
+        return {"dense": float(dense), "deltas": deltas, "neuron": neuron,
+                "neurons": [layer.num_neurons for layer in find_encoder_layers(model)]}
+
+    def _check_reachable(self) -> None:
+        """The cheapest model the search space holds must meet the budget."""
+        c, o = self.costs, self.options
+        cheapest, savings = c["dense"], []
+        for i, change in enumerate(c["deltas"]):
+            allowed = [self.fixed[i]] if i in self.fixed else list(change)
+            best = min(change[t] for t in allowed)
+            if self.searched[i]:
+                savings.append(best)
+            else:
+                cheapest += best
+            if o.gate_neurons:
+                cheapest -= (c["neurons"][i] - min(o.min_neurons_per_layer, c["neurons"][i])) * c["neuron"][i]
+        fixed_attention = sum(1 for i, t in self.fixed.items() if t == ATTENTION)
+        staying = max(0, o.min_attention_layers - fixed_attention)  # searched layers that must stay attention
+        if staying > len(savings):
+            raise ValueError(
+                f"ConvSearchOptions.min_attention_layers={o.min_attention_layers} asks for more attention layers than "
+                f"the model can keep ({fixed_attention} fixed as attention by layer_types, {len(savings)} searched); "
+                f"lower it or fix fewer layers as convolutions."
+            )
+        cheapest += sum(sorted(savings)[: len(savings) - staying])  # the layers that save least stay attention
+        target = (1 - self.budget.fraction) * c["dense"]
+        if cheapest > target:
+            neurons = f"{o.min_neurons_per_layer} MLP neuron(s) per layer" if o.gate_neurons else "every MLP neuron"
+            raise ValueError(
+                f"{self.budget.target_name}={self.budget.fraction:g} asks for at most {target:,.0f} "
+                f"{self.budget.unit_name} (of {c['dense']:,.0f}), but the cheapest model spvit_conv can reach (1x1 "
+                f"convolutions wherever layer_types and min_attention_layers={o.min_attention_layers} allow, "
+                f"{neurons}) keeps {cheapest:,.0f}. Ask for at most {1 - cheapest / c['dense']:.3f}, or prune the "
+                f"model's heads and neurons first."
+            )
+
+    def _attach(self, model: nn.Module) -> None:
+        for layer, state in zip(find_encoder_layers(model), self.search):
+            self._hooks.append(layer.attention.register_forward_hook(self._single_path(layer, state)))
+            if self.options.gate_neurons:
+                self._hooks.append(layer.mlp_out.register_forward_pre_hook(self._neuron_gate(state)))
+
+    # ------------------------------------------------------------------ the single path
+
+    def _gates(self, index: int, state: LayerSearch, training: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """(g3, ga): the 3x3 gate and the chained attention gate of layer ``index``."""
+        fixed = self.fixed.get(index, ATTENTION if not self.searched[index] else None)
+        if fixed is not None:
+            one, zero = state.kernel_gates.new_ones(()), state.kernel_gates.new_zeros(())
+            return {"conv1x1": (zero, zero), "conv3x3": (one, zero), ATTENTION: (one, one)}[fixed]
+        gates = _sampled(state.kernel_gates, self.generator) if training else _thresholded(state.kernel_gates)
+        g3 = gates[0]
+        ga = g3 * gates[1]
+        if training and bool(g3 > 0) and bool(ga > 0):  # the paper slows the smaller choice's gate down
+            g3 = g3.detach()
+        return g3, ga
+
+    def _single_path(self, layer, state: LayerSearch):
+        index = layer.index
+
+        def hook(module, args, output):
+            hidden = args[0]
+            attention_output = output[0]
+            g3, ga = self._gates(index, state, module.training)
+            if not self.searched[index]:  # a fixed type: only its path
+                if bool(ga > 0):
+                    return output
+                mixed = self._conv_path(module, state, hidden, "conv3x3" if bool(g3 > 0) else "conv1x1")
+                return (mixed, *output[1:])
+            conv3 = self._conv_path(module, state, hidden, "conv3x3")
+            conv1 = self._conv_path(module, state, hidden, "conv1x1")
+            mixed = ga * attention_output + g3 * (1 - ga) * conv3 + (1 - g3) * (1 - ga) * conv1
+            return (mixed, *output[1:])
+
+        return hook
+
+    def _conv_path(self, attention: nn.Module, state: LayerSearch, hidden: torch.Tensor, layer_type: str
+                   ) -> torch.Tensor:
+        """The layer's output as a ``layer_type`` convolution sharing the attention's weights (special tokens
+        bypass it)."""
+        kernel_size = KERNEL_SIZES[layer_type]
+        norm = state.norms[layer_type]
+        norm.train(attention.training)  # the search state is not part of the model: follow its mode
+        mixing = self.mixing_of(state)
+        kernel, bias, projection, out_bias = shared_conv_weights(attention, mixing, kernel_size)
+        special = hidden.shape[1] - self._patches
+        patches = hidden[:, special:]
+        images = patches.transpose(1, 2).reshape(patches.shape[0], patches.shape[2], *self._grid)
+        features = F.relu(norm(F.conv2d(images, kernel, bias, padding=kernel_size // 2)))
+        out = F.linear(features.flatten(2).transpose(1, 2), projection, out_bias)
+        return torch.cat([hidden[:, :special], out], dim=1)
+
+    def mixing_of(self, state: LayerSearch) -> torch.Tensor:
+        """The head-to-tap mixing: a softmax over the heads of each tap, at the mixing temperature."""
+        return torch.softmax(state.mixing / self.options.mixing_temperature, dim=0)
+
+    def _neuron_gate(self, state: LayerSearch):
+        def hook(module, args):
+            gates = (_sampled(state.neuron_gates, self.generator) if module.training
+                     else _thresholded(state.neuron_gates))
+            return (args[0] * gates,)
+
+        return hook
+
+    # ------------------------------------------------------------------ the search
+
+    def loss_terms(self, model, inputs, outputs) -> dict[str, torch.Tensor]:
+        cost = self._expected_cost()
+        c = self.costs
+        target = (1 - self.budget.fraction) * c["dense"]
+        self._logs["spvit_cost_ratio"] = float(cost.detach()) / c["dense"]
+        return {"spvit_cost": self.options.flops_loss_weight * ((cost - target) / c["dense"]).square()}
+
+    def _expected_cost(self) -> torch.Tensor:
+        """The model's cost at the thresholded gates, differentiable in the thresholds (straight-through)."""
+        c = self.costs
+        total = torch.zeros((), dtype=torch.float64, device=self.search[0].kernel_gates.device)
+        for i, state in enumerate(self.search):
+            g3, ga = (x.double() for x in self._gates(i, state, training=False))
+            change = c["deltas"][i]
+            if len(change) > 1:
+                total = total + g3 * (1 - ga) * change["conv3x3"] + (1 - g3) * (1 - ga) * change["conv1x1"]
+            if self.options.gate_neurons:
+                dropped = (1 - _thresholded(state.neuron_gates).double()).sum()
+                total = total - dropped * c["neuron"][i]
+        return total + c["dense"]
+
+    def parameter_groups(self) -> list[dict]:
+        arch = [p for state in self.search for p in (state.kernel_gates, state.mixing, state.neuron_gates)]
+        norms = [p for state in self.search for p in state.norms.parameters()]
+        return [{"params": arch, "lr": self.options.arch_learning_rate, "weight_decay": 0.0},
+                {"params": norms, "weight_decay": 0.0}]
+
+    def before_optimizer_step(self, model: nn.Module) -> None:
+        average_over_processes(self.search.parameters(), self.search.buffers())
+
+    def current_types(self) -> list[str]:
+        """Each layer's type under the thresholded gates (the fixed ones as fixed), with at least
+        ``min_attention_layers`` attention layers: those whose gates are closest to attention stay it."""
+        types = []
+        for i, state in enumerate(self.search):
+            g3, ga = self._gates(i, state, training=False)
+            types.append(ATTENTION if bool(ga > 0) else "conv3x3" if bool(g3 > 0) else "conv1x1")
+        missing = self.options.min_attention_layers - types.count(ATTENTION)
+        if missing > 0:
+            candidates = [i for i, t in enumerate(types) if t != ATTENTION and self.searched[i]]
+            candidates.sort(key=lambda i: (-float(self.search[i].kernel_gates.detach().min()), i))
+            for i in candidates[:missing]:
+                types[i] = ATTENTION
+        return types
+
+    def log_values(self) -> dict[str, float]:
+        if self.search is None:
+            return {}
+        types = self.current_types()
+        logs = dict(self._logs, spvit_conv_layers=float(sum(t != ATTENTION for t in types)))
+        if self.options.gate_neurons:
+            logs["spvit_open_neurons"] = float(sum(int((s.neuron_gates > 0).sum()) for s in self.search))
+        return logs
+
+    # ------------------------------------------------------------------ the end of the search
+
+    def finalize(self, model) -> PruningPlan:
+        """Convert the chosen layers into convolutions, then choose the neurons that meet the budget exactly."""
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks.clear()
+        self.types = self._filled(self.current_types())
+        self.searching = False
+        converted = {i: t for i, t in enumerate(self.types) if t != ATTENTION}
+        with torch.no_grad():
+            mixing = {i: self.mixing_of(self.search[i]) for i in converted}
+            norms = {i: self.search[i].norms[t] for i, t in converted.items()}
+            convert_attention(model, converted, mixing=mixing, norms=norms)
+        dense = self.costs["dense"]
+        now = self.budget.measure(model_stats(model))
+        remaining = 1 - (1 - self.budget.fraction) * dense / now
+        if not self.options.gate_neurons:
+            return PruningPlan()
+        scores = [state.neuron_gates.detach().cpu().double() for state in self.search]
+        if remaining <= 0:  # the layer types alone meet the budget: drop the neurons whose gates closed
+            floor = self.options.min_neurons_per_layer
+            return PruningPlan(neurons={
+                i: sorted(int(n) for n in torch.argsort(-score, stable=True)[:max(int((score > 0).sum()), floor)])
+                for i, score in enumerate(scores)})
+        return select_plan(model, neuron_scores=scores, budget=Budget(self.budget.metric, remaining), prune_heads=False,
+                           min_neurons_per_layer=self.options.min_neurons_per_layer)
+
+    def _filled(self, types: list[str]) -> list[str]:
+        """``types``, with searched layers moved back toward attention (the closest first, one step at a time:
+        1x1 -> 3x3 -> attention) while the layer types alone, with every neuron, cost less than the budget: the
+        neuron selection then meets the budget exactly instead of leaving it far behind."""
+        c = self.costs
+        target = (1 - self.budget.fraction) * c["dense"]
+        types = list(types)
+        order = sorted((i for i, t in enumerate(types) if t != ATTENTION and self.searched[i]),
+                       key=lambda i: (-float(self.search[i].kernel_gates.detach().min()), i))
+        for i in order:
+            while types[i] != ATTENTION and c["dense"] + sum(d[t] for d, t in zip(c["deltas"], types)) < target:
+                types[i] = "conv3x3" if types[i] == "conv1x1" else ATTENTION
+        return types
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        if not self.searching:
+            return {f"{PREFIX}types": torch.tensor([TYPE_CODES[t] for t in self.types], dtype=torch.int64)}
+        if self.search is None:
+            return {}
+        tensors = {f"{PREFIX}search.{k}": v.detach().clone() for k, v in self.search.state_dict().items()}
+        tensors[f"{PREFIX}generator"] = self.generator.get_state()
+        return tensors
+
+    def load_state_dict(self, state: dict[str, torch.Tensor], model) -> None:
+        own = {k[len(PREFIX):]: v for k, v in state.items() if k.startswith(PREFIX)}
+        if not own:
+            return
+        if "types" in own:  # fine-tuning: give the dense model the converted layers (their weights load next)
+            self.types = [LAYER_TYPES[code] for code in own["types"].tolist()]
+            self.searching = False
+            convert_attention(model, {i: t for i, t in enumerate(self.types) if t != ATTENTION})
+            return
+        self.budget = self.config.budget
+        self._build(model)
+        self.search.load_state_dict({k[len("search."):]: v for k, v in own.items() if k.startswith("search.")})
+        self.generator.set_state(own["generator"])
+
+    # ------------------------------------------------------------------ the card
+
+    def card_recipe(self) -> list[str]:
+        o = self.options
+        lines = [
+            f"Schedule: a single-path search over attention, 3x3 and 1x1 convolutions sharing the attention's "
+            f"value/output projections{' and over the MLP neurons' if o.gate_neurons else ''} for the first "
+            f"{o.search_fraction:.0%} of the optimizer steps (loss: classification + {o.flops_loss_weight:g} x the "
+            f"squared relative gap to the target cost; gates at learning rate {o.arch_learning_rate:g}), then the "
+            f"chosen layers became convolutions, the neurons were chosen to meet the budget exactly, and the model "
+            f"was fine-tuned.",
+        ]
+        if self.types is not None:
+            layer_map = ", ".join(f"{i}: {t}" for i, t in enumerate(self.types))
+            lines.append(f"Layer map: {layer_map}.")
+        return lines
+
+    def card_info(self) -> dict:
+        info = super().card_info()
+        if self.types is not None:
+            info["details"] = {"layer_map": list(self.types)}
+        return info
+
+    def citations(self) -> list[dict[str, str]]:
+        return [SPVIT_CONV_CITATION]
