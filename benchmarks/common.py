@@ -92,8 +92,8 @@ FASHION_MNIST = dict(
     calibration_samples=256,
     admm_update_steps=20,
     logging_steps=50,
-    # torch_pruning: benchmarks/torch_pruning_peer.py; ofb, ofb_no_pmim: FLOPS_MATCHED_METHODS below
-    methods=["gohsp", "magnitude", "taylor", "random", "torch_pruning", "ofb", "ofb_no_pmim"],
+    # torch_pruning: benchmarks/torch_pruning_peer.py; ofb, ofb_no_pmim, spvit: FLOPS_MATCHED_METHODS below
+    methods=["gohsp", "magnitude", "taylor", "random", "torch_pruning", "ofb", "ofb_no_pmim", "spvit"],
     sparsities=[0.4, 0.6],
     seeds=[0, 1, 2],
     threads=1,
@@ -204,11 +204,11 @@ def training_arguments(settings: Settings, output_dir: str | Path, *, epochs: fl
     return TrainingArguments(str(output_dir), **values)
 
 
-# Benchmark methods whose budget is FLOPs, not parameters: name -> OFB's method_options. OFB's native budget
-# is FLOPs, so each of its rows keeps the FLOPs of FLOPS_REFERENCE's runs at the row's sparsity (their mean
-# FLOPs ratio; the reference's budget is exact, so the ratio is the same for every seed) and is compared with
-# the parameter-matched methods at equal inference cost.
-FLOPS_MATCHED_METHODS = {"ofb": {}, "ofb_no_pmim": {"pmim": False}}
+# Benchmark methods whose budget is FLOPs, not parameters: name -> (registered method, its method_options).
+# OFB's and SPViT's native budget is FLOPs, so each of their rows keeps the FLOPs of FLOPS_REFERENCE's runs at
+# the row's sparsity (their mean FLOPs ratio; the reference's budget is exact, so the ratio is the same for
+# every seed) and is compared with the parameter-matched methods at equal inference cost.
+FLOPS_MATCHED_METHODS = {"ofb": ("ofb", {}), "ofb_no_pmim": ("ofb", {"pmim": False}), "spvit": ("spvit_conv", {})}
 FLOPS_REFERENCE = "gohsp"
 
 
@@ -236,9 +236,9 @@ def pruning_config(settings: Settings, method: str, sparsity: float, seed: int,
                    target_flops_reduction: float | None = None) -> PruningConfig:
     """The benchmark's recipe for ``method``; the seed reaches the methods that draw at random.
 
-    A FLOPs-matched method (:data:`FLOPS_MATCHED_METHODS`) runs OFB with ``target_flops_reduction``
-    instead of the parameter ``sparsity``, searching for the same share of the epochs as the ADMM
-    methods (``admm_fraction``) so that every method fine-tunes for as long.
+    A FLOPs-matched method (:data:`FLOPS_MATCHED_METHODS`) runs its registered method (OFB, SPViT) with
+    ``target_flops_reduction`` instead of the parameter ``sparsity``, searching for the same share of the
+    epochs as the ADMM methods (``admm_fraction``) so that every method fine-tunes for as long.
     """
     flops_matched = method in FLOPS_MATCHED_METHODS
     if flops_matched and target_flops_reduction is None:
@@ -247,9 +247,9 @@ def pruning_config(settings: Settings, method: str, sparsity: float, seed: int,
     if not flops_matched and target_flops_reduction is not None:
         raise ValueError(f"{method} is pruned to the parameter sparsity; only {', '.join(FLOPS_MATCHED_METHODS)} "
                          f"take a target_flops_reduction.")
-    library_method = "ofb" if flops_matched else method
+    library_method, own_options = FLOPS_MATCHED_METHODS.get(method, (method, {}))
     options = method_options(settings, library_method, seed)
-    options.update(FLOPS_MATCHED_METHODS.get(method, {}))
+    options.update(own_options)
     budget = (dict(target_flops_reduction=target_flops_reduction) if flops_matched
               else dict(target_sparsity=sparsity))
     return PruningConfig(method=library_method, **budget, calibration_samples=settings.calibration_samples,

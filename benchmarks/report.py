@@ -21,7 +21,12 @@ OFB_METHOD = "ofb"
 OFB_ABLATION = "ofb_no_pmim"
 OFB_ACCURACY_SPARSITY = 0.6  # "at the 60% budget's FLOPs, ofb at or above every other method"
 
-METHOD_ORDER = ("gohsp", "magnitude", "taylor", "random", "torch_pruning", OFB_METHOD, OFB_ABLATION)
+# The SPViT (attention -> convolution) targets, at the FLOPs of the gohsp runs too.
+SPVIT_METHOD = "spvit"
+SPVIT_ACCURACY_SPARSITY = 0.4  # "at equal FLOPs, spvit within 0.5 points of the best method at 40%"
+SPVIT_MAX_GAP_POINTS = 0.5
+
+METHOD_ORDER = ("gohsp", "magnitude", "taylor", "random", "torch_pruning", OFB_METHOD, OFB_ABLATION, SPVIT_METHOD)
 
 
 def _order(method: str) -> int:
@@ -198,7 +203,8 @@ def _targets(results: dict, rows: list[dict], dense_accuracy: float) -> list[dic
             "miss_by": f"{memory['ratio'] - MAX_MEMORY_RATIO:.2f}x",
             "detail": {},
         })
-    return targets + [_ofb_accuracy_target(all_rows), _ofb_speed_target(results, all_rows)]
+    return targets + [_ofb_accuracy_target(all_rows), _ofb_speed_target(results, all_rows),
+                      _spvit_accuracy_target(all_rows), _spvit_latency_target(results, all_rows)]
 
 
 def _not_run(target: dict, measured: str) -> dict:
@@ -233,6 +239,51 @@ def _ofb_accuracy_target(rows: list[dict]) -> dict:
                        "largest_seed_std_points": spread,
                        "margin_points_by_method": {r["method"]: round(ahead(r), 2) for r in others},
                        "pmim_points": round(ahead(ablation), 2) if ablation else None}}
+
+
+def _spvit_accuracy_target(rows: list[dict]) -> dict:
+    """At the FLOPs of gohsp's 40% runs: spvit's mean accuracy within SPVIT_MAX_GAP_POINTS of the best method's."""
+    sparsity = SPVIT_ACCURACY_SPARSITY
+    others = [r for r in rows if abs(r["sparsity"] - sparsity) < 1e-9 and r["method"] != SPVIT_METHOD]
+    spvit = _row(rows, sparsity, SPVIT_METHOD)
+    target = {"id": f"spvit_close_at_{round(100 * sparsity)}",
+              "target": f"At the FLOPs of gohsp's {sparsity:.0%} runs (same epochs): {SPVIT_METHOD} within "
+                        f"{SPVIT_MAX_GAP_POINTS} points of the best method"}
+    if spvit is None or not others:
+        return _not_run(target, f"not run: no {SPVIT_METHOD if spvit is None else 'other method'} runs at "
+                                f"{sparsity:.0%}")
+    best = max(others, key=lambda r: r["accuracy_mean"])
+    gap = 100 * (best["accuracy_mean"] - spvit["accuracy_mean"])
+    return {**target,
+            "measured": f"{SPVIT_METHOD} {100 * spvit['accuracy_mean']:.2f}% vs best ({best['method']}) "
+                        f"{100 * best['accuracy_mean']:.2f}%: {-gap:+.2f} points ({len(spvit['seeds'])} seeds)",
+            "met": gap <= SPVIT_MAX_GAP_POINTS,
+            "miss_by": f"{gap - SPVIT_MAX_GAP_POINTS:.2f} points",
+            "detail": {"sparsity": sparsity, "gap_points": gap, "best": best["method"]}}
+
+
+def _spvit_latency_target(results: dict, rows: list[dict]) -> dict:
+    """At every sparsity's FLOPs: spvit's batch-1 speedup over the dense model above gohsp's (each measured
+    interleaved with the dense model in its own run)."""
+    sparsities = results["settings"]["sparsities"]
+    target = {"id": "spvit_batch1_vs_gohsp",
+              "target": f"{SPVIT_METHOD} at the FLOPs of gohsp's runs: throughput at batch 1 (1 / latency) better than "
+                        f"gohsp's, as speedups over the dense model"}
+    pairs = {s: (_row(rows, s, SPVIT_METHOD), _row(rows, s, "gohsp")) for s in sparsities}
+    present = {s: pair for s, pair in pairs.items() if None not in pair}
+    if not present:
+        return _not_run(target, f"not run: no {SPVIT_METHOD} and gohsp runs at the same sparsity")
+    parts = [f"{s:.0%}: {ours['latency_speedup']:.2f}x vs gohsp {gohsp['latency_speedup']:.2f}x"
+             for s, (ours, gohsp) in present.items()]
+    worst = min(ours["latency_speedup"] - gohsp["latency_speedup"] for ours, gohsp in present.values())
+    missing = [f"{s:.0%}" for s in pairs if s not in present]
+    return {**target,
+            "measured": "; ".join(parts) + (f"; not run at {', '.join(missing)}" if missing else ""),
+            "met": None if missing else worst > 0,
+            "miss_by": f"{-worst:.2f}x of the dense model's batch-1 throughput",
+            "detail": {"batch1_speedup_by_sparsity": {f"{s:g}": [round(o["latency_speedup"], 3),
+                                                                  round(g["latency_speedup"], 3)]
+                                                      for s, (o, g) in present.items()}}}
 
 
 def _ofb_speed_target(results: dict, rows: list[dict]) -> dict:
@@ -529,6 +580,14 @@ def _why_ofb_speed(target: dict, results: dict) -> str:
     )
 
 
+def _why_spvit(target: dict, results: dict) -> str:
+    runs = [r for r in results["runs"] if r["method"] == SPVIT_METHOD and r.get("layer_types")]
+    maps = "; ".join(f"{r['sparsity']:.0%} seed {r['seed']}: {' '.join(r['layer_types'])}" for r in runs)
+    return (f"Layer maps the search chose (encoder layers in order): {maps or 'not recorded'}. A convolution layer "
+            "replaces the attention's q/k/v/o projections and its two token-by-token products by a k x k convolution "
+            "to one head's width and a projection back; the MLP neurons make up the rest of the budget.")
+
+
 WHY = {
     "accuracy_40": _why_accuracy,
     "gohsp_best_at": _why_ranking,
@@ -539,6 +598,8 @@ WHY = {
     "memory": _why_memory,
     "ofb_best_at": _why_ofb_accuracy,
     "ofb_speedup_efficiency": _why_ofb_speed,
+    "spvit_close_at": _why_spvit,
+    "spvit_batch1_vs_gohsp": _why_spvit,
 }
 
 

@@ -1,5 +1,5 @@
 """Benchmark hf_vitprune: GOHSP against magnitude, Taylor and random structured pruning, Torch-Pruning as a peer,
-and OFB at the FLOPs of the GOHSP runs.
+and OFB and SPViT (attention turned into convolutions) at the FLOPs of the GOHSP runs.
 
 Full run on Fashion-MNIST (``apt-get install -y dataset-fashion-mnist``, ``pip install -e ".[bench]"``):
 7 methods x 2 sparsities x 3 seeds, then the speed section at real model shapes
@@ -12,10 +12,10 @@ time, on both cores under torchrun). Run from the repository root::
 It writes ``benchmarks/results/fashion_mnist.json``, the plot
 ``benchmarks/results/fashion_mnist_accuracy.png`` and the table ``BENCHMARKS.md``.
 
-``ofb`` and ``ofb_no_pmim`` (OFB with PMIM off) are pruned to a FLOPs budget: each keeps the sparsity label
-of the gohsp row it is matched to and removes the share of FLOPs the gohsp runs at that sparsity removed
-(``benchmarks.common.FLOPS_MATCHED_METHODS``), so they run after gohsp's runs. To add them to results
-that already hold the other methods' runs, training only the OFB runs and keeping every section already
+``ofb``, ``ofb_no_pmim`` (OFB with PMIM off) and ``spvit`` (``spvit_conv``) are pruned to a FLOPs budget: each
+keeps the sparsity label of the gohsp row it is matched to and removes the share of FLOPs the gohsp runs at
+that sparsity removed (``benchmarks.common.FLOPS_MATCHED_METHODS``), so they run after gohsp's runs. To add
+them to results that already hold the other methods' runs, training only the missing runs and keeping every section already
 measured (``--speed_shapes none`` also makes sure that the speed-at-shapes section is not measured again)::
 
     python -m benchmarks.run --resume --speed_shapes none
@@ -71,6 +71,7 @@ from transformers import AutoModelForImageClassification, HfArgumentParser, Trai
 import hf_vitprune  # noqa: F401  (registers the pruned classes with the Auto classes)
 from hf_vitprune import PruningTrainer, model_stats
 from hf_vitprune.architectures import find_encoder_layers
+from hf_vitprune.convolution import layer_type_of
 from hf_vitprune.fileio import atomic_directory
 from hf_vitprune.metrics import make_compute_metrics
 from hf_vitprune.speed import hardware_name, measure_speed
@@ -185,7 +186,7 @@ def prune_once(settings: Settings, data, method: str, sparsity: float, seed: int
     """One PruningTrainer run from the cached dense model, evaluated on the test split; saves the pruned model.
 
     ``method="torch_pruning"`` is the Torch-Pruning peer (``benchmarks.torch_pruning_peer.prune_once``), which
-    returns the same record. A FLOPs-matched method (``ofb``, ``ofb_no_pmim``) prunes to
+    returns the same record. A FLOPs-matched method (``ofb``, ``ofb_no_pmim``, ``spvit``) prunes to
     ``target_flops_reduction`` and keeps ``sparsity`` as the label of the row it is matched to; its record
     says so.
     """
@@ -217,8 +218,10 @@ def prune_once(settings: Settings, data, method: str, sparsity: float, seed: int
         "admm_residual_last_logged": residuals[-1] if residuals else None,
     }
     if target_flops_reduction is not None:
+        layers = find_encoder_layers(trainer.model)
         record.update(target_flops_reduction=target_flops_reduction, flops_matched_to=FLOPS_REFERENCE,
-                      head_dims_per_layer=[layer.head_dim for layer in find_encoder_layers(trainer.model)])
+                      head_dims_per_layer=[layer.head_dim for layer in layers],
+                      layer_types=[layer_type_of(layer) for layer in layers])
     return record
 
 

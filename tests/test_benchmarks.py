@@ -12,7 +12,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 METHODS = ["gohsp", "magnitude", "taylor", "random", "torch_pruning"]  # matched on parameters
-OFB_METHODS = ["ofb", "ofb_no_pmim"]  # matched on the FLOPs of the gohsp runs
+FLOPS_METHODS = ["ofb", "ofb_no_pmim", "spvit"]  # matched on the FLOPs of the gohsp runs
 ADMM_METHODS = ["gohsp", "magnitude", "taylor", "random"]
 SPARSITIES = [0.4, 0.6]
 SEEDS = [0, 1]
@@ -37,12 +37,12 @@ def quick_run(tmp_path_factory):
 def test_every_method_sparsity_and_seed_is_in_the_json(quick_run):
     results = json.loads((quick_run / "results" / "digits_quick.json").read_text())
     runs = {(r["method"], r["sparsity"], r["seed"]) for r in results["runs"]}
-    assert runs == {(m, s, seed) for m in METHODS + OFB_METHODS for s in SPARSITIES for seed in SEEDS}
+    assert runs == {(m, s, seed) for m in METHODS + FLOPS_METHODS for s in SPARSITIES for seed in SEEDS}
     rows = {(r["method"], r["sparsity"]) for r in results["summary"]["rows"]}
-    assert rows == {(m, s) for m in METHODS + OFB_METHODS for s in SPARSITIES}
+    assert rows == {(m, s) for m in METHODS + FLOPS_METHODS for s in SPARSITIES}
     assert {t["id"] for t in results["summary"]["targets"]} >= {
         "accuracy_40", "gohsp_best_at_40", "gohsp_best_at_60", "admm_step", "memory", "ofb_best_at_60",
-        "ofb_speedup_efficiency",
+        "ofb_speedup_efficiency", "spvit_close_at_40", "spvit_batch1_vs_gohsp",
         *(f"admm_residual_{method}" for method in ADMM_METHODS)}
 
 
@@ -87,7 +87,7 @@ def test_the_numbers_are_plausible(quick_run):
     gohsp_flops = {r["sparsity"]: r["flops_ratio"] for r in results["runs"] if r["method"] == "gohsp"}
     for run in results["runs"]:
         assert 0 <= run["test_accuracy"] <= 1
-        if run["method"] in OFB_METHODS:  # OFB's budget is the gohsp run's FLOPs, within 1%
+        if run["method"] in FLOPS_METHODS:  # their budget is the gohsp run's FLOPs, within 1%
             assert run["flops_matched_to"] == "gohsp"
             assert abs(run["flops_ratio"] - gohsp_flops[run["sparsity"]]) <= 0.01, run
         else:
@@ -98,7 +98,7 @@ def test_the_numbers_are_plausible(quick_run):
         assert speed["repeats"] >= 5 and speed["batch_size_latency"] == 1 and speed["batch_size_throughput"] == 64
         assert speed["pruned"]["latency_ms"] > 0 and speed["dense"]["throughput"] > 0
         assert run["throughput_speedup_over_flops_speedup"] > 0
-        assert run["ranking_share"] is None if run["method"] in OFB_METHODS else 0 <= run["ranking_share"] < 1
+        assert run["ranking_share"] is None if run["method"] in FLOPS_METHODS else 0 <= run["ranking_share"] < 1
     step = results["training_step"]
     assert 0 < step["plain_step_seconds"] and step["ratio"] > 0.2
     memory = results["memory"]
@@ -108,7 +108,7 @@ def test_the_numbers_are_plausible(quick_run):
 
 def test_table_and_plot_are_written(quick_run):
     markdown = (quick_run / "BENCHMARKS.md").read_text()
-    for method in METHODS + OFB_METHODS:
+    for method in METHODS + FLOPS_METHODS:
         assert f"| {method} |" in markdown
     assert "## Targets" in markdown and "digits_quick_accuracy.png" in markdown
     assert "## Speed at real model shapes" in markdown and "ADMM residual at hard prune" in markdown

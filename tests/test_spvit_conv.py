@@ -212,7 +212,7 @@ def train(directory, config=None, **arguments):
 
 @pytest.mark.parametrize("target", [{"target_flops_reduction": 0.4}, {"target_sparsity": 0.3}], ids=str)
 def test_the_budget_is_met_within_two_percent_on_digits(tmp_path, target):
-    config = conv_config(**{"target_flops_reduction": None, "arch_learning_rate": 0.05, **target})
+    config = conv_config(**{"target_flops_reduction": None, "arch_learning_rate": 0.2, "search_fraction": 0.5, **target})
     trainer = train(tmp_path, config=config, max_steps=40, logging_steps=4)
     budget = config.budget
     kept = budget.measure(model_stats(trainer.model)) / budget.measure(trainer.dense_stats)
@@ -228,6 +228,10 @@ def test_the_budget_is_met_within_two_percent_on_digits(tmp_path, target):
     assert report["method_card"]["details"]["layer_map"] == types
     card = (tmp_path / "README.md").read_text()
     assert "he2024pruning" in card and "Layer map: " + ", ".join(f"{i}: {t}" for i, t in enumerate(types)) in card
+    assert all(f"| {i} | {t} | " in card for i, t in enumerate(types))  # the layer table's Type column
+    converted = [str(i) for i, t in enumerate(types) if t != "attention"]
+    assert converted, "the search turned no layer into a convolution"
+    assert f"{', '.join(converted)} became a convolution over the patch grid" in card
 
 
 def test_resume_mid_search_equals_the_uninterrupted_run(tmp_path):

@@ -84,6 +84,10 @@ def _summary(report: PruningReport) -> str:
         "The pruned heads and neurons are physically removed, so it is a smaller dense model that runs with "
         "the stock PyTorch kernels: no masks and no sparse kernels."
     )
+    if _has_type_column(report):
+        converted = [layer.index for layer in report.pruned_stats.layers if layer.layer_type not in (None, "attention")]
+        text += (f" The attention of layer{'s' if len(converted) > 1 else ''} {', '.join(map(str, converted))} became a "
+                 f"convolution over the patch grid (see the layer table).")
     if _has_token_column(report):
         last = report.pruned_stats.layers[-1].tokens
         text += (f" Token pruning shortens the sequence as it goes: the last layer sees {last} of the "
@@ -151,11 +155,17 @@ def _has_token_column(report: PruningReport) -> bool:
     return any(layer.tokens is not None for layer in report.pruned_stats.layers)
 
 
+def _has_type_column(report: PruningReport) -> bool:
+    """Whether some layer's attention became a convolution (SPViT): the table shows each layer's type."""
+    return any(layer.layer_type not in (None, "attention") for layer in report.pruned_stats.layers)
+
+
 def _layer_rows(report: PruningReport) -> list[dict]:
     dense_tokens = report.dense_stats.tokens
     return [
         {
             "index": after.index,
+            "layer_type": after.layer_type or "attention",
             "tokens": f"{after.tokens if after.tokens is not None else dense_tokens} / "
                       f"{before.tokens if before.tokens is not None else dense_tokens}",
             "heads": f"{after.heads} / {before.heads}",
@@ -280,6 +290,7 @@ def render_model_card(report: PruningReport, template: str | os.PathLike | None 
         layer_rows=_layer_rows(report),
         other_columns=[_kind_label(kind) for kind in _other_columns(report)],
         token_column=_has_token_column(report),
+        type_column=_has_type_column(report),
         tokens=report.pruned_stats.tokens,
         recipe=_recipe(report),
         pruning_config_json=json.dumps(report.pruning_config, indent=2, sort_keys=True),
