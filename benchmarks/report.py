@@ -26,6 +26,14 @@ SPVIT_METHOD = "spvit"
 SPVIT_ACCURACY_SPARSITY = 0.4  # "at equal FLOPs, spvit within 0.5 points of the best method at 40%"
 SPVIT_MAX_GAP_POINTS = 0.5
 
+FLOPS_MATCHED_NAMES = {OFB_METHOD: "OFB", OFB_ABLATION: "OFB without PMIM",
+                       SPVIT_METHOD: "SPViT's attention-to-convolution search (`spvit_conv`)"}
+
+
+def _listed(items: list[str]) -> str:
+    """'a', 'a and b', 'a, b and c'."""
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
 METHOD_ORDER = ("gohsp", "magnitude", "taylor", "random", "torch_pruning", OFB_METHOD, OFB_ABLATION, SPVIT_METHOD)
 
 
@@ -623,16 +631,20 @@ def _flops_matched_setup(rows: list[dict], settings: dict, speed_shapes: bool) -
     if not methods:
         return ""
     reference = next(r["flops_matched_to"] for r in rows if r["flops_matched_to"])
+    named = _listed([f"**{method}** ({FLOPS_MATCHED_NAMES.get(method, method)})" for method in methods])
+    searches = [text for names, text in (
+        ((OFB_METHOD, OFB_ABLATION), "OFB searches heads, head dims, MLP width and the embedding width"),
+        ((SPVIT_METHOD,), "SPViT searches which attention layers become 1x1 or 3x3 convolutions, and the MLP "
+                          "neurons")) if set(names) & set(methods)]
     return (
-        f" **{'** and **'.join(methods)}** (OFB, `method_options` pmim on and off) are matched on FLOPs, not "
-        f"parameters: each row removes the share of FLOPs that the {reference} runs of its sparsity removed "
-        f"(`target_flops_reduction` = 1 - their mean FLOPs ratio), so its sparsity names the {reference} row it is "
-        "matched to and its parameter count is its own. OFB searches heads, head dims, MLP width and the embedding "
-        f"width for the first {settings['admm_fraction']:.0%} of the steps (the ADMM methods' share), then fine-tunes "
-        "the compacted model with the same distillation; it has no ranking pass (it learns its importance scores "
-        "in the search)."
+        f" {named} are matched on FLOPs, not parameters: each row removes the share of FLOPs that the {reference} "
+        f"runs of its sparsity removed (`target_flops_reduction` = 1 - their mean FLOPs ratio), so its sparsity names "
+        f"the {reference} row it is matched to and its parameter count is its own. {'; '.join(searches)}, for the "
+        f"first {settings['admm_fraction']:.0%} of the steps (the ADMM methods' share), then fine-tune{'s' if len(searches) == 1 else ''} "
+        "the compacted model with the same distillation; there is no ranking pass (the importance is learnt in the "
+        "search)."
         + (" They are not in the section on speed at real model shapes, which times plans made without training: "
-           "OFB's widths come out of its search during training." if speed_shapes else "")
+           "their widths come out of the search during training." if speed_shapes else "")
     )
 
 
@@ -681,8 +693,9 @@ def write_markdown(results: dict, path: Path, plot: Path) -> None:
         "importance, same pipeline and the same epoch budget for each"
         + (", and Torch-Pruning as a peer (same dense model, budget, epochs, learning rate and distillation)"
            if "torch_pruning" in settings["methods"] else "")
-        + (", and OFB with and without PMIM at the FLOPs of the GOHSP runs (same epochs)"
-           if any(r["flops_matched_to"] for r in rows) else "")
+        + (f", and {_listed([FLOPS_MATCHED_NAMES.get(m, m) for m in flops_matched])} at the FLOPs of the GOHSP runs "
+           "(same epochs)" if (flops_matched := sorted({r["method"] for r in rows if r["flops_matched_to"]}, key=_order))
+           else "")
         + ". " + measured_by(results, runtime, _rel(Path(settings['output_dir']) / (settings['results_name'] + '.json'),
                                                     path)),
         "",

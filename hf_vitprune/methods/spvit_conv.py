@@ -396,7 +396,7 @@ class SPViTConv(PruningMethod):
         for hook in self._hooks:
             hook.remove()
         self._hooks.clear()
-        self.types = self._filled(self.current_types())
+        self.types = self._fitted(self.current_types())
         self.searching = False
         converted = {i: t for i, t in enumerate(self.types) if t != ATTENTION}
         with torch.no_grad():
@@ -417,18 +417,37 @@ class SPViTConv(PruningMethod):
         return select_plan(model, neuron_scores=scores, budget=Budget(self.budget.metric, remaining), prune_heads=False,
                            min_neurons_per_layer=self.options.min_neurons_per_layer)
 
-    def _filled(self, types: list[str]) -> list[str]:
-        """``types``, with searched layers moved back toward attention (the closest first, one step at a time:
-        1x1 -> 3x3 -> attention) while the layer types alone, with every neuron, cost less than the budget: the
-        neuron selection then meets the budget exactly instead of leaving it far behind."""
-        c = self.costs
+    def _fitted(self, types: list[str]) -> list[str]:
+        """``types`` adjusted so that the neuron selection can meet the budget exactly.
+
+        Searched layers move one step at a time (attention -> 3x3 -> 1x1 or back), in the order of their gates:
+        toward convolutions, the layers furthest from attention first, while even the fewest neurons would leave
+        the model above the budget (keeping ``min_attention_layers``); toward attention, the closest first,
+        while every neuron would leave it below.
+        """
+        c, o = self.costs, self.options
         target = (1 - self.budget.fraction) * c["dense"]
+        floor = sum((n - min(o.min_neurons_per_layer, n)) * cost for n, cost in zip(c["neurons"], c["neuron"]))
+
+        def cost(kinds: list[str], fewest_neurons: bool) -> float:
+            total = c["dense"] + sum(d[t] for d, t in zip(c["deltas"], kinds))
+            return total - floor if fewest_neurons and o.gate_neurons else total
+
         types = list(types)
-        order = sorted((i for i, t in enumerate(types) if t != ATTENTION and self.searched[i]),
-                       key=lambda i: (-float(self.search[i].kernel_gates.detach().min()), i))
-        for i in order:
-            while types[i] != ATTENTION and c["dense"] + sum(d[t] for d, t in zip(c["deltas"], types)) < target:
-                types[i] = "conv3x3" if types[i] == "conv1x1" else ATTENTION
+        searched = [i for i in range(len(types)) if self.searched[i]]
+        closeness = {i: float(self.search[i].kernel_gates.detach().min()) for i in searched}
+        smaller = {ATTENTION: "conv3x3", "conv3x3": "conv1x1"}
+        for i in sorted(searched, key=lambda i: (closeness[i], i)):
+            while cost(types, True) > target and types[i] in smaller:
+                if types[i] == ATTENTION and types.count(ATTENTION) <= o.min_attention_layers:
+                    break
+                types[i] = smaller[types[i]]
+        for i in sorted(searched, key=lambda i: (-closeness[i], i)):
+            while types[i] != ATTENTION and cost(types, False) < target:
+                larger = types[:i] + ["conv3x3" if types[i] == "conv1x1" else ATTENTION] + types[i + 1:]
+                if cost(larger, True) > target:  # then no neuron selection could meet the budget
+                    break
+                types = larger
         return types
 
     # ------------------------------------------------------------------ checkpoints
