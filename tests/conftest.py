@@ -179,6 +179,29 @@ class SimulatedCrash(TrainerCallback):
             raise KeyboardInterrupt("simulated crash")
 
 
+def uninterrupted_and_resumed(make_trainer, directory, phase: str, crash: int):
+    """(a run trained straight through in ``directory/reference``, the same run killed after step ``crash`` of
+    ``phase`` in ``directory/resumed`` and resumed from its newest checkpoint). ``make_trainer(output_dir)``
+    builds a fresh trainer (model, arguments, data and config alike each time)."""
+    reference = make_trainer(directory / "reference")
+    reference.train()
+    crashed = make_trainer(directory / "resumed")
+    crashed.add_callback(SimulatedCrash(crashed, phase, crash))
+    with pytest.raises(KeyboardInterrupt):
+        crashed.train()
+    resumed = make_trainer(directory / "resumed")
+    resumed.train(resume_from_checkpoint=True)
+    return reference, resumed
+
+
+def assert_same_weights(got: nn.Module, expected: nn.Module) -> None:
+    """Bit-identical state dicts, key for key."""
+    expected_state, got_state = expected.state_dict(), got.state_dict()
+    assert expected_state.keys() == got_state.keys()
+    for name in expected_state:
+        torch.testing.assert_close(got_state[name], expected_state[name], rtol=0, atol=0, msg=name)
+
+
 # --------------------------------------------------------------------------- fixtures
 
 

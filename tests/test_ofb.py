@@ -23,7 +23,7 @@ from transformers import (
     ViTForImageClassification,
 )
 
-from conftest import ARCHITECTURES, SimulatedCrash, build_model
+from conftest import ARCHITECTURES, assert_same_weights, build_model, uninterrupted_and_resumed
 from hf_vitprune import PruningConfig, PruningPlan, PruningTrainer, attach_masks, model_stats
 from hf_vitprune.architectures import find_encoder_layers
 from hf_vitprune.methods import SearchContext
@@ -284,21 +284,12 @@ def test_slicing_mid_search_gives_the_search_that_keeps_the_dense_shapes(tmp_pat
 def test_resume_mid_search_after_shrinking_equals_the_uninterrupted_run(tmp_path):
     config = ofb_config(**SHRINKING)  # units are sliced out by step 4
 
-    def run(directory, crash=None):
+    def make_trainer(directory):
         args = ofb_args(directory, save_strategy="steps", save_steps=4)
-        trainer = PruningTrainer(model=digits_vit(), args=args, train_dataset=digits(), pruning_config=config)
-        if crash is None:
-            trainer.train()
-            return trainer
-        trainer.add_callback(SimulatedCrash(trainer, "search", crash))
-        with pytest.raises(KeyboardInterrupt):
-            trainer.train()
-        resumed = PruningTrainer(model=digits_vit(), args=args, train_dataset=digits(), pruning_config=config)
-        resumed.train(resume_from_checkpoint=True)
-        return resumed
+        return PruningTrainer(model=digits_vit(), args=args, train_dataset=digits(), pruning_config=config)
 
-    reference = run(tmp_path / "reference")
-    resumed = run(tmp_path / "resumed", crash=4)  # after the step-4 checkpoint, which follows a shrink
+    # killed after the step-4 checkpoint, which follows a shrink
+    reference, resumed = uninterrupted_and_resumed(make_trainer, tmp_path, "search", crash=4)
     assert resumed.method.searched_widths == reference.method.searched_widths
     # the checkpoint resumed from holds shrunk candidate sets
     state = load_file(tmp_path / "resumed" / "search" / "checkpoint-4" / "pruning_state.safetensors")
@@ -308,10 +299,7 @@ def test_resume_mid_search_after_shrinking_equals_the_uninterrupted_run(tmp_path
     sliced = json.loads((tmp_path / "resumed" / "search" / "checkpoint-4" / "pruning_state.json").read_text())["plan"]
     assert sliced is not None and PruningPlan.from_dict(sliced) != PruningPlan()
     assert resumed.plan == reference.plan
-    expected, got = reference.model.state_dict(), resumed.model.state_dict()
-    assert expected.keys() == got.keys()
-    for name in expected:
-        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=0, msg=name)
+    assert_same_weights(resumed.model, reference.model)
 
 
 def test_two_processes_derive_the_same_architecture(tmp_path):

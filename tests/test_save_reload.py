@@ -139,6 +139,24 @@ with open(sys.argv[4], "w") as handle:
 """
 
 
+def outputs_without_hf_vitprune(tmp_path, jobs: list[tuple[str, str, str]], pixel_values) -> tuple[dict, dict]:
+    """(outputs by ``"<case>/<key>"``, what the process saw per case) of the saved models ``jobs`` (case,
+    directory, Auto class name), loaded with ``trust_remote_code=True`` in a process that cannot import
+    hf_vitprune, and run on ``pixel_values``."""
+    save_file({"pixel_values": pixel_values}, tmp_path / "inputs.safetensors")
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)}
+    env.update(HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error",
+               OMP_NUM_THREADS="1")
+    completed = subprocess.run(
+        [sys.executable, "-c", REMOTE_CODE_SCRIPT, json.dumps(jobs), str(tmp_path / "inputs.safetensors"),
+         str(tmp_path / "outputs.safetensors"), str(tmp_path / "info.json")],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    info = json.loads((tmp_path / "info.json").read_text())
+    assert info["vitprune_modules"] == []
+    return load_file(tmp_path / "outputs.safetensors"), info
+
+
 def test_reload_with_trust_remote_code_without_hf_vitprune(make_model, tmp_path, pixel_values, helpers):
     """One subprocess loads every architecture (plus emptied branches and a twice-pruned model)."""
     cases = {name: (name, helpers.random_plan(make_model(name), 0)) for name in helpers.architectures}
@@ -155,28 +173,7 @@ def test_reload_with_trust_remote_code_without_hf_vitprune(make_model, tmp_path,
         jobs.append((case, str(directory), auto_class_name(arch, helpers)))
         expected.update({f"{case}/{k}": v for k, v in helpers.outputs(pruned, pixel_values).items()})
         params[case] = (type(pruned).__name__, sum(p.numel() for p in pruned.parameters()))
-    save_file({"pixel_values": pixel_values}, tmp_path / "inputs.safetensors")
-
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)}
-    env.update(
-        HF_MODULES_CACHE=str(tmp_path / "modules"),
-        HF_HUB_OFFLINE="1",
-        TRANSFORMERS_VERBOSITY="error",
-        OMP_NUM_THREADS="1",
-    )
-    completed = subprocess.run(
-        [sys.executable, "-c", REMOTE_CODE_SCRIPT, json.dumps(jobs), str(tmp_path / "inputs.safetensors"),
-         str(tmp_path / "outputs.safetensors"), str(tmp_path / "info.json")],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert completed.returncode == 0, completed.stderr[-4000:]
-    info = json.loads((tmp_path / "info.json").read_text())
-    assert info["vitprune_modules"] == []
-    got = load_file(tmp_path / "outputs.safetensors")
+    got, info = outputs_without_hf_vitprune(tmp_path, jobs, pixel_values)
     assert_identical(got, expected)
     for case, (class_name, count) in params.items():
         assert info[case]["class"] == class_name

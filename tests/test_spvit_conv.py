@@ -14,11 +14,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import load_file, save_file
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoImageProcessor, AutoModelForImageClassification, ViTImageProcessor, pipeline
 
-from conftest import SimulatedCrash
+from conftest import assert_same_weights, uninterrupted_and_resumed
 from hf_vitprune import (
     PruningConfig,
     PruningPlan,
@@ -33,7 +32,7 @@ from hf_vitprune.budget import Budget
 from hf_vitprune.convolution import ConvMixer, shared_conv_weights
 from hf_vitprune.methods import SearchContext, SPViTConv
 from test_ofb import digits, digits_vit, ofb_args
-from test_save_reload import REMOTE_CODE_SCRIPT
+from test_save_reload import outputs_without_hf_vitprune
 
 SCRIPTS = Path(__file__).parent / "scripts"
 CONV_ARCHITECTURES = ["vit", "deit_teacher", "vit_msn", "dinov2", "beit_shared_bias"]
@@ -187,17 +186,7 @@ def test_save_reload_pipeline_export_and_remote_code(make_model, helpers, tmp_pa
         torch.testing.assert_close(exported.module()(pixel_values=pixel_values).logits,
                                    logits_of(model, pixel_values), rtol=1e-5, atol=1e-6)
 
-    save_file({"pixel_values": pixel_values}, tmp_path / "inputs.safetensors")
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error",
-               OMP_NUM_THREADS="1")
-    completed = subprocess.run(
-        [sys.executable, "-c", REMOTE_CODE_SCRIPT, json.dumps(jobs), str(tmp_path / "inputs.safetensors"),
-         str(tmp_path / "outputs.safetensors"), str(tmp_path / "info.json")],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert completed.returncode == 0, completed.stderr[-4000:]
-    assert json.loads((tmp_path / "info.json").read_text())["vitprune_modules"] == []
-    got = load_file(tmp_path / "outputs.safetensors")
+    got, _ = outputs_without_hf_vitprune(tmp_path, jobs, pixel_values)
     assert got.keys() == expected.keys()
     for key in expected:
         torch.testing.assert_close(got[key], expected[key], rtol=0, atol=0, msg=key)
@@ -235,28 +224,14 @@ def test_the_budget_is_met_within_two_percent_on_digits(tmp_path, target):
 
 
 def test_resume_mid_search_equals_the_uninterrupted_run(tmp_path):
-    def run(directory, crash=None):
-        args = dict(save_strategy="steps", save_steps=3, max_steps=12)
-        config = conv_config(arch_learning_rate=0.2, search_fraction=0.5)
-        trainer = PruningTrainer(model=digits_vit(), args=ofb_args(directory, **args), train_dataset=digits(),
-                                 pruning_config=config)
-        if crash is None:
-            trainer.train()
-            return trainer
-        trainer.add_callback(SimulatedCrash(trainer, "conv_search", crash))
-        with pytest.raises(KeyboardInterrupt):
-            trainer.train()
-        resumed = PruningTrainer(model=digits_vit(), args=ofb_args(directory, **args), train_dataset=digits(),
-                                 pruning_config=config)
-        resumed.train(resume_from_checkpoint=True)
-        return resumed
+    def make_trainer(directory):
+        args = ofb_args(directory, save_strategy="steps", save_steps=3, max_steps=12)
+        return PruningTrainer(model=digits_vit(), args=args, train_dataset=digits(),
+                              pruning_config=conv_config(arch_learning_rate=0.2, search_fraction=0.5))
 
-    reference, resumed = run(tmp_path / "reference"), run(tmp_path / "resumed", crash=3)
+    reference, resumed = uninterrupted_and_resumed(make_trainer, tmp_path, "conv_search", crash=3)
     assert resumed.method.types == reference.method.types
-    expected, got = reference.model.state_dict(), resumed.model.state_dict()
-    assert expected.keys() == got.keys()
-    for name in expected:
-        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=0, msg=name)
+    assert_same_weights(resumed.model, reference.model)
 
 
 def test_two_processes_derive_the_same_layer_map(tmp_path):

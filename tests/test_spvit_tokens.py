@@ -13,7 +13,7 @@ import pytest
 import torch
 from transformers import AutoModelForImageClassification
 
-from conftest import SimulatedCrash
+from conftest import assert_same_weights, uninterrupted_and_resumed
 from hf_vitprune import PruningConfig, PruningPlan, PruningTrainer, apply_plan, model_stats
 from hf_vitprune.methods import spvit_tokens
 from hf_vitprune.methods.spvit_tokens import predicted_latency_ms
@@ -60,27 +60,14 @@ def test_flops_budget_and_learned_keep_rates(tmp_path):
 
 
 def test_resume_mid_search_equals_the_uninterrupted_run(tmp_path):
-    def run(directory, crash=None):
-        args = dict(save_strategy="steps", save_steps=4)
-        trainer = PruningTrainer(model=digits_vit(), args=ofb_args(directory, **args), train_dataset=digits(),
-                                 pruning_config=token_config())
-        if crash is None:
-            trainer.train()
-            return trainer
-        trainer.add_callback(SimulatedCrash(trainer, "token_search", crash))
-        with pytest.raises(KeyboardInterrupt):
-            trainer.train()
-        resumed = PruningTrainer(model=digits_vit(), args=ofb_args(directory, **args), train_dataset=digits(),
-                                 pruning_config=token_config())
-        resumed.train(resume_from_checkpoint=True)
-        return resumed
+    def make_trainer(directory):
+        return PruningTrainer(model=digits_vit(), args=ofb_args(directory, save_strategy="steps", save_steps=4),
+                              train_dataset=digits(), pruning_config=token_config())
 
-    reference, resumed = run(tmp_path / "reference"), run(tmp_path / "resumed", crash=4)
+    reference, resumed = uninterrupted_and_resumed(make_trainer, tmp_path, "token_search", crash=4)
     assert resumed.method.stages == reference.method.stages
-    expected, got = reference.model.state_dict(), resumed.model.state_dict()
-    assert expected.keys() == got.keys() and any("token_pruning" in name for name in got)
-    for name in expected:
-        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=0, msg=name)
+    assert any("token_pruning" in name for name in resumed.model.state_dict())
+    assert_same_weights(resumed.model, reference.model)
 
 
 def test_two_processes_derive_the_same_stages_and_weights(tmp_path):

@@ -3,22 +3,16 @@ save/reload (with and without hf_vitprune), pipeline, torch.export, training-mod
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import load_file, save_file
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoImageProcessor, AutoModelForImageClassification, ViTImageProcessor, pipeline
 
 from hf_vitprune import PruningPlan, add_token_pruning, apply_plan, model_stats
 from hf_vitprune.tokens import TokenStages, default_depths, token_pruning_of
-from test_save_reload import REMOTE_CODE_SCRIPT
+from test_save_reload import outputs_without_hf_vitprune
 
 TOKEN_ARCHITECTURES = ["vit", "deit", "deit_teacher", "vit_msn"]
 
@@ -108,17 +102,7 @@ def test_reload_with_trust_remote_code_without_hf_vitprune(make_model, tmp_path,
         model.eval().save_pretrained(tmp_path / case)
         jobs.append((case, str(tmp_path / case), "AutoModelForImageClassification"))
         expected.update({f"{case}/{k}": v for k, v in helpers.outputs(model, pixel_values).items()})
-    save_file({"pixel_values": pixel_values}, tmp_path / "inputs.safetensors")
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error",
-               OMP_NUM_THREADS="1")
-    completed = subprocess.run(
-        [sys.executable, "-c", REMOTE_CODE_SCRIPT, json.dumps(jobs), str(tmp_path / "inputs.safetensors"),
-         str(tmp_path / "outputs.safetensors"), str(tmp_path / "info.json")],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert completed.returncode == 0, completed.stderr[-4000:]
-    assert json.loads((tmp_path / "info.json").read_text())["vitprune_modules"] == []
-    got = load_file(tmp_path / "outputs.safetensors")
+    got, _ = outputs_without_hf_vitprune(tmp_path, jobs, pixel_values)
     assert got.keys() == expected.keys()
     for key in expected:
         torch.testing.assert_close(got[key], expected[key], rtol=0, atol=0, msg=key)

@@ -53,6 +53,7 @@ from ..importance import UnitScores
 from ..plan import PruningPlan
 from ..stats import model_stats
 from .base import MethodOptions, PruningMethod, SearchContext
+from .base import option_help as _help  # every option documents itself
 
 PLAN_KEY = "plan_json"
 
@@ -360,8 +361,6 @@ def scores_from_tensors(tensors: dict[str, torch.Tensor], prefix: str) -> UnitSc
 # --------------------------------------------------------------------------- the method
 
 
-def _help(text: str, **kwargs) -> dict:
-    return {"metadata": {"help": text}, **kwargs}
 
 
 @dataclass

@@ -41,6 +41,11 @@ from ..budget import Budget
 from ..plan import PruningPlan
 
 
+def option_help(text: str, **kwargs) -> dict:
+    """``field`` keywords of a documented option: ``field(default=..., **option_help("What it does."))``."""
+    return {"metadata": {"help": text}, **kwargs}
+
+
 @dataclass
 class MethodOptions:
     """Base of the per-method option dataclasses: every field has ``metadata={"help": ...}``.

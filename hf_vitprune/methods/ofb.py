@@ -53,6 +53,7 @@ from ..plan import PruningPlan
 from ..stats import model_stats
 from ..surgery import compacted_shapes
 from .base import MethodOptions, PruningMethod, SearchContext, average_over_processes, register_method
+from .base import option_help as _help  # every option documents itself
 from .pmim import PatchMaskReconstruction
 from .width_cost import WidthCost
 
@@ -77,8 +78,6 @@ SEARCHED_PREFIX = "ofb.searched."  # the searched widths, kept in fine-tuning ch
 DENSE_PREFIX = "ofb.dense."  # the dense widths the candidates come from (the model may be shrunk)
 
 
-def _help(text: str, **kwargs) -> dict:
-    return {"metadata": {"help": text}, **kwargs}
 
 
 @dataclass

@@ -48,6 +48,7 @@ from ..plan import PruningPlan
 from ..stats import model_stats
 from ..surgery import convert_attention
 from .base import MethodOptions, PruningMethod, SearchContext, average_over_processes, register_method
+from .base import option_help as _help  # every option documents itself
 
 SPVIT_CONV_CITATION = {
     "what": "SPViT attention-to-convolution pruning (He et al., TPAMI 2024, arXiv:2111.11802)",
@@ -64,8 +65,6 @@ PREFIX = "spvit_conv."
 TYPE_CODES = {name: code for code, name in enumerate(LAYER_TYPES)}
 
 
-def _help(text: str, **kwargs) -> dict:
-    return {"metadata": {"help": text}, **kwargs}
 
 
 @dataclass

@@ -37,6 +37,7 @@ from ..stats import model_stats
 from ..surgery import add_token_pruning
 from ..tokens import TokenStages, check_token_family, default_depths, stages_for, token_pruning_of
 from .base import MethodOptions, PruningMethod, SearchContext, register_method
+from .base import option_help as _help  # every option documents itself
 
 SPVIT_CITATION = {
     "what": "SPViT soft token pruning (Kong et al., ECCV 2022, arXiv:2112.13890)",
@@ -52,8 +53,6 @@ SPVIT_CITATION = {
 PREFIX = "spvit_tokens."
 
 
-def _help(text: str, **kwargs) -> dict:
-    return {"metadata": {"help": text}, **kwargs}
 
 
 @dataclass
