@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoImageProcessor, AutoModelForImageClassification, ViTImageProcessor, pipeline
 
 from conftest import assert_same_weights, uninterrupted_and_resumed
@@ -33,6 +32,7 @@ from hf_vitprune.convolution import ConvMixer, shared_conv_weights
 from hf_vitprune.methods import SearchContext, SPViTConv
 from test_ofb import digits, digits_vit, ofb_args
 from test_save_reload import outputs_without_hf_vitprune
+from test_stats import counted_flops
 
 SCRIPTS = Path(__file__).parent / "scripts"
 CONV_ARCHITECTURES = ["vit", "deit_teacher", "vit_msn", "dinov2", "beit_shared_bias"]
@@ -148,11 +148,8 @@ def test_costs_of_a_hybrid_model_equal_the_flop_counter_and_parameter_count(make
     apply_plan(model, helpers.random_plan(model, 4))  # structurally pruned first (convolutions of fewer heads)
     convert_attention(model, {0: "conv3x3", 2: "conv1x1"})
     apply_plan(model, PruningPlan(neurons={0: [1, 2, 3], 2: [0]}))  # then a hybrid's neurons
-    model.set_attn_implementation("eager")
     stats = model_stats(model.eval())
-    with FlopCounterMode(display=False) as counter:
-        model(pixel_values=torch.randn(1, 3, 16, 16))
-    assert stats.flops == counter.get_total_flops()
+    assert stats.flops == counted_flops(model)
     assert stats.params == sum(p.numel() for p in model.parameters())
     assert [layer.layer_type for layer in stats.layers] == ["conv3x3", "attention", "conv1x1"]
     assert stats.layers[0].heads == 0 and stats.layers[0].to_dict()["layer_type"] == "conv3x3"
