@@ -259,6 +259,13 @@ def command_report(args) -> int:
     if dense_stats is not None:
         header[1:3] = ["heads (kept/dense)", "MLP width (kept/dense)"]
         header.append("params ratio")
+    # a hybrid model's layer types and a token-pruned model's token counts, after the layer index
+    for title, values in (("tokens", [layer.tokens for layer in stats.layers]),
+                          ("type", [layer.layer_type for layer in stats.layers])):
+        if any(value is not None for value in values):
+            header.insert(1, title)
+            for row, value in zip(rows, values):
+                row.insert(1, str(value))
     print(plain_table([header, *rows]))
     print()
 

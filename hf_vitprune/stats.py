@@ -30,8 +30,8 @@ from .architectures import (
     num_patches,
     num_tokens,
 )
-from .modeling import is_recorded
 from .convolution import layer_type_of
+from .modeling import is_recorded
 from .plan import PruningPlan
 from .surgery import compacted_shapes
 from .tokens import token_pruning_of

@@ -28,6 +28,7 @@ from hf_vitprune import (
 )
 from hf_vitprune.architectures import find_encoder_layers
 from hf_vitprune.budget import Budget
+from hf_vitprune.cli import main as cli_main
 from hf_vitprune.convolution import ConvMixer, shared_conv_weights
 from hf_vitprune.methods import SearchContext, SPViTConv
 from test_ofb import digits, digits_vit, ofb_args
@@ -197,7 +198,7 @@ def train(directory, config=None, **arguments):
 
 
 @pytest.mark.parametrize("target", [{"target_flops_reduction": 0.4}, {"target_sparsity": 0.3}], ids=str)
-def test_the_budget_is_met_within_two_percent_on_digits(tmp_path, target):
+def test_the_budget_is_met_within_two_percent_on_digits(tmp_path, target, capsys):
     config = conv_config(**{"target_flops_reduction": None, "arch_learning_rate": 0.2, "search_fraction": 0.5, **target})
     trainer = train(tmp_path, config=config, max_steps=40, logging_steps=4)
     budget = config.budget
@@ -218,6 +219,11 @@ def test_the_budget_is_met_within_two_percent_on_digits(tmp_path, target):
     converted = [str(i) for i, t in enumerate(types) if t != "attention"]
     assert converted, "the search turned no layer into a convolution"
     assert f"{', '.join(converted)} became a convolution over the patch grid" in card
+    capsys.readouterr()  # the training's logs
+    assert cli_main(["report", str(tmp_path), "--no-speed"]) == 0  # the report's layer table shows the types
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[3].split()[:2] == ["layer", "type"]
+    assert [line.split()[1] for line in lines[5:9]] == types
 
 
 def test_resume_mid_search_equals_the_uninterrupted_run(tmp_path):
