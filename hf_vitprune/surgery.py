@@ -180,6 +180,8 @@ class UnitMasks:
         self._handles = []
         for layer in self.layers:
             for kind in kinds:
+                if kind.count(layer) == 0:  # nothing to gate (no heads left, or a convolution in the attention's place)
+                    continue
                 if kind.gate is not None:
                     module, channels = kind.gate(layer)
                     hook = self._gate(kind.name, layer.index, channels)

@@ -23,11 +23,12 @@ from hf_vitprune import (
     PruningTrainer,
     add_token_pruning,
     apply_plan,
+    attach_masks,
     convert_attention,
     model_stats,
 )
 from hf_vitprune.architectures import find_encoder_layers
-from hf_vitprune.budget import Budget
+from hf_vitprune.budget import Budget, select_plan
 from hf_vitprune.cli import main as cli_main
 from hf_vitprune.convolution import ConvMixer, shared_conv_weights
 from hf_vitprune.methods import SearchContext, SPViTConv
@@ -308,3 +309,16 @@ def test_the_recipe_gives_each_method_its_own_defaults_of_shared_options(tmp_pat
     *_, config, _ = parse_arguments(["--method", "spvit_conv", "--target_flops_reduction", "0.3", "--layer_types",
                                      '{"0": "conv3x3"}', "--search_fraction", "0.2", "--output_dir", str(tmp_path)])
     assert config.method_options.layer_types == {0: "conv3x3"} and config.method_options.search_fraction == 0.2
+
+
+def test_a_hybrid_model_is_masked_and_pruned_further_like_any_other(make_model, pixel_values):
+    model = convert_attention(make_model("vit"), {0: "conv3x3"})
+    generator = torch.Generator().manual_seed(5)
+    scores = [torch.rand(n, generator=generator) for n in (0, 4, 4)], [torch.rand(37, generator=generator)] * 3
+    plan = select_plan(model, *scores, target_flops_reduction=0.3)
+    assert plan.heads[0] == []  # the convolution layer has no heads to keep
+    with attach_masks(model, plan):
+        masked = logits_of(model, pixel_values)
+    apply_plan(model, plan)
+    torch.testing.assert_close(logits_of(model, pixel_values), masked, rtol=0, atol=1e-5)
+    assert find_encoder_layers(model)[0].is_convolution and model_stats(model).layers[0].layer_type == "conv3x3"
