@@ -12,7 +12,7 @@ import importlib.util
 import sys
 from pathlib import Path
 
-COMMANDS = ("report", "card", "prune")
+COMMANDS = ("report", "card", "export", "prune")
 
 
 def _standalone_cli():

@@ -1,7 +1,8 @@
-"""The ``hf-vitprune`` command line: ``report MODEL``, ``card MODEL_DIR`` and ``prune ...``.
+"""The ``hf-vitprune`` command line: ``report MODEL``, ``card MODEL_DIR``, ``export MODEL_DIR`` and ``prune ...``.
 
     hf-vitprune report out/deit-small-pruned-35       # per-layer table, totals, measured speed, ratios
     hf-vitprune card out/deit-small-pruned-35         # re-render README.md from pruning_report.json
+    hf-vitprune export out/deit-small-pruned-35       # ONNX (dynamic batch), checked in ONNX Runtime
     hf-vitprune prune --config recipe.yaml            # run a pruning recipe (hf_vitprune.recipe)
 """
 
@@ -68,6 +69,18 @@ def build_parser() -> argparse.ArgumentParser:
     card.add_argument("model_dir", metavar="MODEL_DIR", help="directory written by PruningTrainer.save_model()")
     card.add_argument("--repo-id", default=None, help="Hub repo id to show in the card's loading examples")
 
+    export = commands.add_parser(
+        "export",
+        help="export a pruned model directory to ONNX and check it in ONNX Runtime",
+        description="Export a pruned model (save_pretrained output) to ONNX with a dynamic batch dimension "
+        "(torch.onnx, dynamo exporter), then run it in ONNX Runtime at batch sizes 1 and 7 and compare with "
+        "PyTorch. Needs the onnx extra: pip install \"hf_vitprune[onnx]\".",
+    )
+    export.add_argument("model_dir", metavar="MODEL_DIR", help="directory of a model pruned by hf_vitprune")
+    export.add_argument("--format", choices=["onnx"], default="onnx", help="the export format (onnx)")
+    export.add_argument("--output", default=None, help="the file to write (default: MODEL_DIR/model.onnx)")
+    export.add_argument("--opset", type=_positive_int, default=18, help="ONNX opset, 18 or newer (18)")
+
     commands.add_parser(
         "prune",
         add_help=False,  # `hf-vitprune prune --help` is the recipe's help
@@ -92,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
             return command_report(args)
         if args.command == "card":
             return command_card(args)
+        if args.command == "export":
+            return command_export(args)
         return command_prune(rest)
     except CommandError as error:
         print(f"{PROG} {args.command}: error: {error}", file=sys.stderr)
@@ -110,6 +125,26 @@ def command_prune(argv: list[str]) -> int:
         raise CommandError("this installation of hf_vitprune has no recipe module (hf_vitprune.recipe); reinstall it.")
     recipe = importlib.import_module("hf_vitprune.recipe")
     return int(recipe.main(argv, prog=f"{PROG} prune") or 0)
+
+
+# --------------------------------------------------------------------------- export
+
+
+def command_export(args) -> int:
+    from .export import export_onnx
+
+    directory = Path(args.model_dir)
+    if not directory.is_dir():
+        raise CommandError(f"{directory} is not a directory. Pass the directory a pruned model was saved in.")
+    output = Path(args.output) if args.output else directory / "model.onnx"
+    try:
+        result = export_onnx(directory, output, opset=args.opset)
+    except (ValueError, ImportError, RuntimeError) as error:
+        raise CommandError(str(error)) from None
+    differences = ", ".join(f"batch {size}: {diff:.2g}" for size, diff in result.max_abs_diff.items())
+    print(f"Wrote {result.path} (opset {result.opset}, dynamic batch); ONNX Runtime vs PyTorch, max abs "
+          f"difference: {differences}.")
+    return 0
 
 
 # --------------------------------------------------------------------------- card
