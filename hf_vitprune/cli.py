@@ -60,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     report.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's)")
     report.add_argument("--no-speed", action="store_true", help="skip the timing runs")
+    report.add_argument("--onnx", action="store_true", help="also time the model and its dense architecture in "
+                        "ONNX Runtime (CPU), both exported first; needs the onnx extra")
 
     card = commands.add_parser(
         "card",
@@ -330,7 +332,36 @@ def command_report(args) -> int:
             f"\nSpeed measured on {speed['hardware']} ({speed['device']}{threads}, {speed['dtype']}): median of "
             f"{speed['repeats']} runs after {speed['warmup']} warm-up runs{paired}."
         )
+    if args.onnx:
+        _report_onnx_speed(model, reference, args)
     return 0
+
+
+def _report_onnx_speed(model, reference, args) -> None:
+    """The ONNX Runtime rows: the model against its dense architecture, both exported, timed interleaved."""
+    from .export import onnx_runtime_speed
+    from .reporting.table import plain_table
+
+    if reference is None:
+        raise CommandError("--onnx compares the model with its dense architecture, and this model has none (it is "
+                           "not pruned); time it with onnxruntime directly.")
+    try:
+        speed = onnx_runtime_speed(model, reference, batch_size_throughput=args.batch_size, repeats=args.repeats,
+                                   warmup=args.warmup)
+    except (ImportError, RuntimeError, ValueError) as error:
+        raise CommandError(f"ONNX Runtime timing failed: {error}") from None
+    latency = "Latency, batch 1 (ms)"
+    throughput = f"Throughput, batch {args.batch_size} (images/s)"
+    rows = [["ONNX Runtime", "dense", "this model", "this model / dense"],
+            [latency, f"{speed['dense']['latency_ms']:.3f}", f"{speed['pruned']['latency_ms']:.3f}",
+             f"{1 / speed['latency_speedup']:.3f}x ({speed['latency_speedup']:.2f}x faster)"],
+            [throughput, f"{speed['dense']['throughput']:.1f}", f"{speed['pruned']['throughput']:.1f}",
+             f"{speed['throughput_speedup']:.3f}x"]]
+    print()
+    print(plain_table(rows))
+    print(f"\nONNX Runtime speed: {speed['runtime']}, median of {speed['repeats']} runs after {speed['warmup']} "
+          f"warm-up runs, interleaved with the dense architecture (same config, fresh weights), both exported with "
+          f"a dynamic batch.")
 
 
 if __name__ == "__main__":  # python -m hf_vitprune.cli

@@ -13,6 +13,9 @@ Needs the ``onnx`` extra (``pip install "hf_vitprune[onnx]"``: onnx, onnxscript,
 from __future__ import annotations
 
 import os
+import statistics
+import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,3 +108,38 @@ def _first_output(outputs) -> torch.Tensor:
     """The logits of a classifier, the last hidden state of a backbone: what the graph's first output is."""
     logits = getattr(outputs, "logits", None)
     return logits if logits is not None else outputs.last_hidden_state
+
+
+def onnx_runtime_speed(model: nn.Module, reference: nn.Module, *, batch_size_throughput: int = 64, repeats: int = 5,
+                       warmup: int = 2) -> dict:
+    """Latency at batch 1 and throughput at ``batch_size_throughput`` of ``model`` and ``reference`` (its dense
+    architecture) in ONNX Runtime on the CPU: both exported (and checked), then timed interleaved, the order
+    alternating each round; medians. The same keys as :func:`hf_vitprune.speed.measure_speed`'s result."""
+    import onnxruntime
+
+    shape = (model.config.num_channels, *_image_size(model))
+    generator = torch.Generator().manual_seed(0)
+    batches = {"latency": torch.randn(1, *shape, generator=generator).numpy(),
+               "throughput": torch.randn(batch_size_throughput, *shape, generator=generator).numpy()}
+    with tempfile.TemporaryDirectory() as directory:
+        sessions = {}
+        for name, module in (("pruned", model), ("dense", reference)):
+            path = export_onnx(module, Path(directory) / f"{name}.onnx").path
+            sessions[name] = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    times = {(name, kind): [] for name in sessions for kind in batches}
+    order = list(sessions)
+    for step in range(warmup + repeats):
+        for kind, images in batches.items():
+            for name in order if step % 2 == 0 else reversed(order):
+                started = time.perf_counter()
+                sessions[name].run(None, {"pixel_values": images})
+                if step >= warmup:
+                    times[name, kind].append(time.perf_counter() - started)
+    result = {name: {"latency_ms": 1000 * statistics.median(times[name, "latency"]),
+                     "throughput": batch_size_throughput / statistics.median(times[name, "throughput"])}
+              for name in sessions}
+    result.update(latency_speedup=result["dense"]["latency_ms"] / result["pruned"]["latency_ms"],
+                  throughput_speedup=result["pruned"]["throughput"] / result["dense"]["throughput"],
+                  runtime=f"onnxruntime {onnxruntime.__version__} (CPUExecutionProvider)", batch_size_latency=1,
+                  batch_size_throughput=batch_size_throughput, repeats=repeats, warmup=warmup)
+    return result

@@ -71,3 +71,19 @@ def test_bad_exports_name_the_problem_and_write_nothing(make_model, tmp_path, ca
     assert sorted(p.name for p in (tmp_path / "pruned").iterdir() if "onnx" in p.name) == []
     with pytest.raises(ValueError, match="opset=17 is not supported"):
         export_onnx(pruned, tmp_path / "x.onnx", opset=17)
+
+
+def test_report_times_the_model_against_its_dense_architecture_in_onnx_runtime(make_model, helpers, tmp_path, capsys):
+    model = pruned_models(make_model, helpers)["token_pruned"]
+    model.save_pretrained(tmp_path)
+    assert cli_main(["report", str(tmp_path), "--no-speed", "--onnx", "--repeats", "3", "--warmup", "1",
+                     "--batch-size", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "ONNX Runtime speed: onnxruntime" in out and "median of 3 runs after 1 warm-up runs" in out
+    rows = {line.split("  ")[0]: line.split() for line in out.splitlines()
+            if line.startswith(("Latency, batch 1", "Throughput, batch 8"))}
+    latency, throughput = rows["Latency, batch 1 (ms)"], rows["Throughput, batch 8 (images/s)"]
+    dense, pruned = float(latency[-5]), float(latency[-4])
+    assert dense > 0 and pruned > 0 and float(latency[-3][:-1]) == pytest.approx(pruned / dense, abs=0.01)
+    dense, pruned = float(throughput[-3]), float(throughput[-2])
+    assert dense > 0 and pruned > 0 and float(throughput[-1][:-1]) == pytest.approx(pruned / dense, abs=0.01)
