@@ -189,8 +189,10 @@ def _looks_like_repo_id(text: str) -> bool:
 def load_model(name_or_path: str):
     """Load a saved model with the Auto classes (after registering the pruned architectures)."""
     import hf_vitprune  # noqa: F401  (registers the pruned architectures)
-    from transformers import AutoConfig, AutoModel, AutoModelForImageClassification
+    from transformers import AutoConfig
     from transformers.utils import logging as hf_logging
+
+    from .modeling import auto_class_for
 
     path = Path(name_or_path)
     if path.exists():
@@ -205,11 +207,7 @@ def load_model(name_or_path: str):
         raise CommandError(f"{path} does not exist. Pass a saved model directory or a Hub repo id (org/name).")
     hf_logging.disable_progress_bar()
     try:
-        config = AutoConfig.from_pretrained(name_or_path)
-        architectures = config.architectures or []
-        classifier = any("ForImageClassification" in name for name in architectures)
-        auto = AutoModelForImageClassification if classifier else AutoModel
-        return auto.from_pretrained(name_or_path)
+        return auto_class_for(AutoConfig.from_pretrained(name_or_path)).from_pretrained(name_or_path)
     except Exception as error:  # OSError (not found / offline), ValueError (bad config or weights)
         where = "the directory" if path.exists() else "the Hub repo (it is not a local path either)"
         raise CommandError(f"could not load {name_or_path} from {where}: {error}") from None
@@ -340,7 +338,7 @@ def command_report(args) -> int:
 def _report_onnx_speed(model, reference, args) -> None:
     """The ONNX Runtime rows: the model against its dense architecture, both exported, timed interleaved."""
     from .export import onnx_runtime_speed
-    from .reporting.table import plain_table
+    from .reporting.table import speed_rows, text_table
 
     if reference is None:
         raise CommandError("--onnx compares the model with its dense architecture, and this model has none (it is "
@@ -350,15 +348,8 @@ def _report_onnx_speed(model, reference, args) -> None:
                                    warmup=args.warmup)
     except (ImportError, RuntimeError, ValueError) as error:
         raise CommandError(f"ONNX Runtime timing failed: {error}") from None
-    latency = "Latency, batch 1 (ms)"
-    throughput = f"Throughput, batch {args.batch_size} (images/s)"
-    rows = [["ONNX Runtime", "dense", "this model", "this model / dense"],
-            [latency, f"{speed['dense']['latency_ms']:.3f}", f"{speed['pruned']['latency_ms']:.3f}",
-             f"{1 / speed['latency_speedup']:.3f}x ({speed['latency_speedup']:.2f}x faster)"],
-            [throughput, f"{speed['dense']['throughput']:.1f}", f"{speed['pruned']['throughput']:.1f}",
-             f"{speed['throughput_speedup']:.3f}x"]]
     print()
-    print(plain_table(rows))
+    print(text_table(speed_rows(speed), ["ONNX Runtime", "dense", "this model", "this model / dense"]))
     print(f"\nONNX Runtime speed: {speed['runtime']}, median of {speed['repeats']} runs after {speed['warmup']} "
           f"warm-up runs, interleaved with the dense architecture (same config, fresh weights), both exported with "
           f"a dynamic batch.")

@@ -26,6 +26,7 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from .architectures import EncoderLayer, embeddings_module, find_encoder_layers, num_patches, num_tokens
 
@@ -59,7 +60,6 @@ class ConvMixer(nn.Module):
             raise ValueError(f"ConvMixer: kernel_size={kernel_size!r} must be one of {sorted(KERNEL_SIZES.values())}.")
         self.conv = nn.Conv2d(width, channels, kernel_size, padding=kernel_size // 2, bias=True)
         self.norm = nn.BatchNorm2d(channels)
-        self.act = nn.ReLU()
         self.o_proj = nn.Linear(channels, width, bias=True)
         self.grid = tuple(int(n) for n in grid)
         self.special = int(special)
@@ -77,16 +77,26 @@ class ConvMixer(nn.Module):
         return int(self.conv.out_channels)
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, None]:
-        special, patches = hidden_states[:, : self.special], hidden_states[:, self.special :]
-        grid = patch_grid_of(patches.shape[1], self.grid)
-        images = patches.transpose(1, 2).reshape(patches.shape[0], patches.shape[2], *grid)
-        mixed = self.act(self.norm(self.conv(images))).flatten(2).transpose(1, 2)
-        return torch.cat([special, self.o_proj(mixed)], dim=1), None
+        grid = patch_grid_of(hidden_states.shape[1] - self.special, self.grid)
+        return conv_mix(hidden_states, self.special, grid, self.conv.weight, self.conv.bias, self.norm,
+                        self.o_proj.weight, self.o_proj.bias), None
 
     def flops(self, tokens: int) -> int:
         """Matrix-product FLOPs for a sequence of ``tokens`` (the convolution over the patches, the projection)."""
         patches = tokens - self.special
         return 2 * patches * self.conv.weight.numel() + 2 * patches * self.o_proj.weight.numel()
+
+
+def conv_mix(hidden: torch.Tensor, special: int, grid: tuple[int, int], kernel: torch.Tensor, bias: torch.Tensor,
+             norm: nn.Module, projection: torch.Tensor, projection_bias: torch.Tensor) -> torch.Tensor:
+    """A convolution layer's output: the patch tokens as a ``grid`` image through the ``kernel`` (same padding),
+    ``norm`` and a ReLU, projected back; the first ``special`` tokens returned as they came. The converted layer
+    and the search's convolution paths both compute it."""
+    patches = hidden[:, special:]
+    images = patches.transpose(1, 2).reshape(patches.shape[0], patches.shape[2], *grid)
+    features = torch.relu(norm(F.conv2d(images, kernel, bias, padding=kernel.shape[-1] // 2)))
+    return torch.cat([hidden[:, :special], F.linear(features.flatten(2).transpose(1, 2), projection, projection_bias)],
+                     dim=1)
 
 
 def patch_grid_of(patches: int, grid: tuple[int, int]) -> tuple[int, int]:

@@ -13,14 +13,15 @@ Needs the ``onnx`` extra (``pip install "hf_vitprune[onnx]"``: onnx, onnxscript,
 from __future__ import annotations
 
 import os
-import statistics
 import tempfile
-import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from .speed import _time, speed_figures, time_interleaved
 
 MIN_OPSET = 18  # the dynamo exporter's lowest supported opset
 CHECK_BATCH_SIZES = (1, 7)
@@ -38,7 +39,9 @@ class OnnxExport:
 
 def load_pruned(model_dir: str | os.PathLike) -> nn.Module:
     """The pruned model saved in ``model_dir`` (eval mode), or a ValueError saying why it is not one."""
-    from transformers import AutoConfig, AutoModel, AutoModelForImageClassification
+    from transformers import AutoConfig
+
+    from .modeling import auto_class_for
 
     directory = Path(model_dir)
     if not (directory / "config.json").is_file():
@@ -51,9 +54,7 @@ def load_pruned(model_dir: str | os.PathLike) -> nn.Module:
             f"Prune it first (PruningTrainer, or apply_plan and save_pretrained), or export a dense model with "
             f"torch.onnx.export directly."
         )
-    classifier = any(name.endswith(("ForImageClassification", "WithTeacher")) for name in config.architectures or ())
-    auto = AutoModelForImageClassification if classifier else AutoModel
-    return auto.from_pretrained(directory).eval()
+    return auto_class_for(config).from_pretrained(directory).eval()
 
 
 def export_onnx(model: nn.Module | str | os.PathLike, output: str | os.PathLike, opset: int = MIN_OPSET,
@@ -113,8 +114,8 @@ def _first_output(outputs) -> torch.Tensor:
 def onnx_runtime_speed(model: nn.Module, reference: nn.Module, *, batch_size_throughput: int = 64, repeats: int = 5,
                        warmup: int = 2) -> dict:
     """Latency at batch 1 and throughput at ``batch_size_throughput`` of ``model`` and ``reference`` (its dense
-    architecture) in ONNX Runtime on the CPU: both exported (and checked), then timed interleaved, the order
-    alternating each round; medians. The same keys as :func:`hf_vitprune.speed.measure_speed`'s result."""
+    architecture) in ONNX Runtime on the CPU: both exported (and checked), then timed as
+    :func:`hf_vitprune.speed.measure_speed` times models, with the same keys in its result."""
     import onnxruntime
 
     shape = (model.config.num_channels, *_image_size(model))
@@ -126,20 +127,13 @@ def onnx_runtime_speed(model: nn.Module, reference: nn.Module, *, batch_size_thr
         for name, module in (("pruned", model), ("dense", reference)):
             path = export_onnx(module, Path(directory) / f"{name}.onnx").path
             sessions[name] = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    times = {(name, kind): [] for name in sessions for kind in batches}
-    order = list(sessions)
-    for step in range(warmup + repeats):
-        for kind, images in batches.items():
-            for name in order if step % 2 == 0 else reversed(order):
-                started = time.perf_counter()
-                sessions[name].run(None, {"pixel_values": images})
-                if step >= warmup:
-                    times[name, kind].append(time.perf_counter() - started)
-    result = {name: {"latency_ms": 1000 * statistics.median(times[name, "latency"]),
-                     "throughput": batch_size_throughput / statistics.median(times[name, "throughput"])}
-              for name in sessions}
-    result.update(latency_speedup=result["dense"]["latency_ms"] / result["pruned"]["latency_ms"],
-                  throughput_speedup=result["pruned"]["throughput"] / result["dense"]["throughput"],
-                  runtime=f"onnxruntime {onnxruntime.__version__} (CPUExecutionProvider)", batch_size_latency=1,
+    timers = {(name, kind): _session_timer(sessions[name], images) for name in sessions
+              for kind, images in batches.items()}
+    result = speed_figures(time_interleaved(timers, warmup=warmup, repeats=repeats), batch_size_throughput)
+    result.update(runtime=f"onnxruntime {onnxruntime.__version__} (CPUExecutionProvider)", batch_size_latency=1,
                   batch_size_throughput=batch_size_throughput, repeats=repeats, warmup=warmup)
     return result
+
+
+def _session_timer(session, images) -> Callable[[], float]:
+    return lambda: _time(lambda: session.run(None, {"pixel_values": images}), torch.device("cpu"))

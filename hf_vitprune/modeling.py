@@ -294,6 +294,13 @@ for _model_class in CLASSIFIERS:
     _model_class._auto_class = "AutoModelForImageClassification"
 
 
+def auto_class_for(config: PreTrainedConfig) -> type:
+    """The Auto class that loads a saved model of ``config``: the image-classification one for classifiers (by
+    ``config.architectures``), ``AutoModel`` for backbones."""
+    classifier = any("ForImageClassification" in name for name in config.architectures or ())
+    return AutoModelForImageClassification if classifier else AutoModel
+
+
 def register_auto_classes() -> None:
     """Make ``AutoConfig``/``AutoModel``/``AutoModelForImageClassification`` know the pruned types."""
     for config_class in PRUNED_CONFIGS.values():

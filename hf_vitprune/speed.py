@@ -12,7 +12,7 @@ from __future__ import annotations
 import platform
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -78,6 +78,37 @@ def _timer(model: nn.Module, images: torch.Tensor, device: torch.device) -> Call
     return lambda: _time(lambda: model(pixel_values=images), device)
 
 
+def time_interleaved(timers: Mapping[tuple[str, str], Callable[[], float]], *, warmup: int, repeats: int
+                     ) -> dict[tuple[str, str], float]:
+    """The median seconds of each ``(model, batch)`` timer over ``repeats`` rounds after ``warmup`` untimed ones.
+
+    Each round runs every batch kind for every model, the models in alternating order, so that drift
+    (thermal, other jobs) hits them alike.
+    """
+    names = list(dict.fromkeys(name for name, _ in timers))
+    kinds = list(dict.fromkeys(kind for _, kind in timers))
+    times: dict[tuple[str, str], list[float]] = {key: [] for key in timers}
+    for step in range(warmup + repeats):
+        for kind in kinds:
+            for name in names if step % 2 == 0 else reversed(names):
+                elapsed = timers[name, kind]()
+                if step >= warmup:
+                    times[name, kind].append(elapsed)
+    return {key: statistics.median(values) for key, values in times.items()}
+
+
+def speed_figures(medians: Mapping[tuple[str, str], float], batch_size_throughput: int) -> dict:
+    """Latency (ms) and throughput (images/s) per model from :func:`time_interleaved`'s ``"latency"`` and
+    ``"throughput"`` medians, and the ``"dense"``-to-``"pruned"`` speedups when both were timed."""
+    names = list(dict.fromkeys(name for name, _ in medians))
+    result: dict = {name: {"latency_ms": medians[name, "latency"] * 1000.0,
+                           "throughput": batch_size_throughput / medians[name, "throughput"]} for name in names}
+    if "dense" in result:
+        result["latency_speedup"] = result["dense"]["latency_ms"] / result["pruned"]["latency_ms"]
+        result["throughput_speedup"] = result["pruned"]["throughput"] / result["dense"]["throughput"]
+    return result
+
+
 def measure_speed(
     pruned: nn.Module,
     dense: nn.Module | None = None,
@@ -118,30 +149,12 @@ def measure_speed(
         "throughput": torch.randn(batch_size_throughput, *shape, generator=generator).to(device=device, dtype=dtype),
     }
     models = {"pruned": pruned} if dense is None else {"pruned": pruned, "dense": dense}
-    times: dict[tuple[str, str], list[float]] = {(m, b): [] for m in models for b in batches}
     with torch.no_grad(), _inference_on(pruned, device), (
         _inference_on(dense, device) if dense is not None else _nothing()
     ):
         timers = {(m, b): _timer(models[m], batches[b], device) for m in models for b in batches}
-        order = list(models)
-        for step in range(warmup + repeats):
-            # alternate which model goes first, so drift (thermal, other jobs) hits both alike
-            for kind in batches:
-                for name in order if step % 2 == 0 else reversed(order):
-                    elapsed = timers[name, kind]()
-                    if step >= warmup:
-                        times[name, kind].append(elapsed)
-    result: dict = {}
-    for name in models:
-        latency = statistics.median(times[name, "latency"])
-        throughput_time = statistics.median(times[name, "throughput"])
-        result[name] = {
-            "latency_ms": latency * 1000.0,
-            "throughput": batch_size_throughput / throughput_time,
-        }
-    if dense is not None:
-        result["latency_speedup"] = result["dense"]["latency_ms"] / result["pruned"]["latency_ms"]
-        result["throughput_speedup"] = result["pruned"]["throughput"] / result["dense"]["throughput"]
+        medians = time_interleaved(timers, warmup=warmup, repeats=repeats)
+    result = speed_figures(medians, batch_size_throughput)
     result.update(
         hardware=hardware_name(device),
         device=device.type,

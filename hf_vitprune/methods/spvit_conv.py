@@ -39,11 +39,18 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from ..architectures import find_encoder_layers, meta_copy, num_patches
 from ..budget import Budget, select_plan, unit_costs
-from ..convolution import ATTENTION, KERNEL_SIZES, LAYER_TYPES, check_layer_type, patch_grid, shared_conv_weights
+from ..convolution import (
+    ATTENTION,
+    KERNEL_SIZES,
+    LAYER_TYPES,
+    check_layer_type,
+    conv_mix,
+    patch_grid,
+    shared_conv_weights,
+)
 from ..plan import PruningPlan
 from ..stats import model_stats
 from ..surgery import convert_attention
@@ -234,35 +241,42 @@ class SPViTConv(PruningMethod):
     def _check_reachable(self) -> None:
         """The cheapest model the search space holds must meet the budget."""
         c, o = self.costs, self.options
-        cheapest, savings = c["dense"], []
-        for i, change in enumerate(c["deltas"]):
-            allowed = [self.fixed[i]] if i in self.fixed else list(change)
-            best = min(change[t] for t in allowed)
-            if self.searched[i]:
-                savings.append(best)
-            else:
-                cheapest += best
-            if o.gate_neurons:
-                cheapest -= (c["neurons"][i] - min(o.min_neurons_per_layer, c["neurons"][i])) * c["neuron"][i]
-        fixed_attention = sum(1 for i, t in self.fixed.items() if t == ATTENTION)
+        cheapest = [self.fixed.get(i, min(change, key=change.get)) for i, change in enumerate(c["deltas"])]
+        searched = [i for i in range(len(cheapest)) if self.searched[i]]
+        fixed_attention = sum(1 for t in self.fixed.values() if t == ATTENTION)
         staying = max(0, o.min_attention_layers - fixed_attention)  # searched layers that must stay attention
-        if staying > len(savings):
+        if staying > len(searched):
             raise ValueError(
                 f"ConvSearchOptions.min_attention_layers={o.min_attention_layers} asks for more attention layers than "
-                f"the model can keep ({fixed_attention} fixed as attention by layer_types, {len(savings)} searched); "
+                f"the model can keep ({fixed_attention} fixed as attention by layer_types, {len(searched)} searched); "
                 f"lower it or fix fewer layers as convolutions."
             )
-        cheapest += sum(sorted(savings)[: len(savings) - staying])  # the layers that save least stay attention
+        for i in sorted(searched, key=lambda i: (c["deltas"][i][cheapest[i]], i), reverse=True)[:staying]:
+            cheapest[i] = ATTENTION  # the layers that save least stay attention
+        cost = self._cost(cheapest, fewest_neurons=True)
         target = (1 - self.budget.fraction) * c["dense"]
-        if cheapest > target:
+        if cost > target:
             neurons = f"{o.min_neurons_per_layer} MLP neuron(s) per layer" if o.gate_neurons else "every MLP neuron"
             raise ValueError(
                 f"{self.budget.target_name}={self.budget.fraction:g} asks for at most {target:,.0f} "
                 f"{self.budget.unit_name} (of {c['dense']:,.0f}), but the cheapest model spvit_conv can reach (1x1 "
                 f"convolutions wherever layer_types and min_attention_layers={o.min_attention_layers} allow, "
-                f"{neurons}) keeps {cheapest:,.0f}. Ask for at most {1 - cheapest / c['dense']:.3f}, or prune the "
+                f"{neurons}) keeps {cost:,.0f}. Ask for at most {1 - cost / c['dense']:.3f}, or prune the "
                 f"model's heads and neurons first."
             )
+
+    def _cost(self, types: list[str], fewest_neurons: bool) -> float:
+        """The model's cost (the budget's measure) with these layer types, and every MLP neuron or, when the
+        neurons are gated, only ``min_neurons_per_layer`` of them."""
+        c, o = self.costs, self.options
+        total = c["dense"] + sum(change[t] for change, t in zip(c["deltas"], types))
+        if fewest_neurons and o.gate_neurons:
+            total -= sum((n - min(o.min_neurons_per_layer, n)) * cost for n, cost in zip(c["neurons"], c["neuron"]))
+        return total
+
+    def _closeness(self, index: int) -> float:
+        """How close layer ``index``'s gates are to attention (the smaller threshold of the two)."""
+        return float(self.search[index].kernel_gates.detach().min())
 
     def _attach(self, model: nn.Module) -> None:
         for layer, state in zip(find_encoder_layers(model), self.search):
@@ -292,33 +306,28 @@ class SPViTConv(PruningMethod):
             hidden = args[0]
             attention_output = output[0]
             g3, ga = self._gates(index, state, module.training)
-            if not self.searched[index]:  # a fixed type: only its path
-                if bool(ga > 0):
-                    return output
-                mixed = self._conv_path(module, state, hidden, "conv3x3" if bool(g3 > 0) else "conv1x1")
+            if not self.searched[index] and bool(ga > 0):  # fixed to attention
+                return output
+            mixing = self.mixing_of(state)  # once for both paths
+            if not self.searched[index]:  # a fixed convolution: only its path
+                mixed = self._conv_path(module, state, mixing, hidden, "conv3x3" if bool(g3 > 0) else "conv1x1")
                 return (mixed, *output[1:])
-            conv3 = self._conv_path(module, state, hidden, "conv3x3")
-            conv1 = self._conv_path(module, state, hidden, "conv1x1")
+            conv3 = self._conv_path(module, state, mixing, hidden, "conv3x3")
+            conv1 = self._conv_path(module, state, mixing, hidden, "conv1x1")
             mixed = ga * attention_output + g3 * (1 - ga) * conv3 + (1 - g3) * (1 - ga) * conv1
             return (mixed, *output[1:])
 
         return hook
 
-    def _conv_path(self, attention: nn.Module, state: LayerSearch, hidden: torch.Tensor, layer_type: str
-                   ) -> torch.Tensor:
+    def _conv_path(self, attention: nn.Module, state: LayerSearch, mixing: torch.Tensor, hidden: torch.Tensor,
+                   layer_type: str) -> torch.Tensor:
         """The layer's output as a ``layer_type`` convolution sharing the attention's weights (special tokens
         bypass it)."""
         kernel_size = KERNEL_SIZES[layer_type]
         norm = state.norms[layer_type]
         norm.train(attention.training)  # the search state is not part of the model: follow its mode
-        mixing = self.mixing_of(state)
         kernel, bias, projection, out_bias = shared_conv_weights(attention, mixing, kernel_size)
-        special = hidden.shape[1] - self._patches
-        patches = hidden[:, special:]
-        images = patches.transpose(1, 2).reshape(patches.shape[0], patches.shape[2], *self._grid)
-        features = F.relu(norm(F.conv2d(images, kernel, bias, padding=kernel_size // 2)))
-        out = F.linear(features.flatten(2).transpose(1, 2), projection, out_bias)
-        return torch.cat([hidden[:, :special], out], dim=1)
+        return conv_mix(hidden, hidden.shape[1] - self._patches, self._grid, kernel, bias, norm, projection, out_bias)
 
     def mixing_of(self, state: LayerSearch) -> torch.Tensor:
         """The head-to-tap mixing: a softmax over the heads of each tap, at the mixing temperature."""
@@ -374,7 +383,7 @@ class SPViTConv(PruningMethod):
         missing = self.options.min_attention_layers - types.count(ATTENTION)
         if missing > 0:
             candidates = [i for i, t in enumerate(types) if t != ATTENTION and self.searched[i]]
-            candidates.sort(key=lambda i: (-float(self.search[i].kernel_gates.detach().min()), i))
+            candidates.sort(key=lambda i: (-self._closeness(i), i))
             for i in candidates[:missing]:
                 types[i] = ATTENTION
         return types
@@ -424,27 +433,19 @@ class SPViTConv(PruningMethod):
         the model above the budget (keeping ``min_attention_layers``); toward attention, the closest first,
         while every neuron would leave it below.
         """
-        c, o = self.costs, self.options
-        target = (1 - self.budget.fraction) * c["dense"]
-        floor = sum((n - min(o.min_neurons_per_layer, n)) * cost for n, cost in zip(c["neurons"], c["neuron"]))
-
-        def cost(kinds: list[str], fewest_neurons: bool) -> float:
-            total = c["dense"] + sum(d[t] for d, t in zip(c["deltas"], kinds))
-            return total - floor if fewest_neurons and o.gate_neurons else total
-
+        target = (1 - self.budget.fraction) * self.costs["dense"]
         types = list(types)
         searched = [i for i in range(len(types)) if self.searched[i]]
-        closeness = {i: float(self.search[i].kernel_gates.detach().min()) for i in searched}
         smaller = {ATTENTION: "conv3x3", "conv3x3": "conv1x1"}
-        for i in sorted(searched, key=lambda i: (closeness[i], i)):
-            while cost(types, True) > target and types[i] in smaller:
-                if types[i] == ATTENTION and types.count(ATTENTION) <= o.min_attention_layers:
+        for i in sorted(searched, key=lambda i: (self._closeness(i), i)):
+            while self._cost(types, fewest_neurons=True) > target and types[i] in smaller:
+                if types[i] == ATTENTION and types.count(ATTENTION) <= self.options.min_attention_layers:
                     break
                 types[i] = smaller[types[i]]
-        for i in sorted(searched, key=lambda i: (-closeness[i], i)):
-            while types[i] != ATTENTION and cost(types, False) < target:
+        for i in sorted(searched, key=lambda i: (-self._closeness(i), i)):
+            while types[i] != ATTENTION and self._cost(types, fewest_neurons=False) < target:
                 larger = types[:i] + ["conv3x3" if types[i] == "conv1x1" else ATTENTION] + types[i + 1:]
-                if cost(larger, True) > target:  # then no neuron selection could meet the budget
+                if self._cost(larger, fewest_neurons=True) > target:  # then no neuron selection could meet the budget
                     break
                 types = larger
         return types
