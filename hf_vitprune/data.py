@@ -106,3 +106,24 @@ def load_fashion_mnist(directory: str | Path = FASHION_MNIST_DIR, validation_siz
         validation=_dataset(train_images[val], train_labels[val], FASHION_MNIST_LABELS),
         test=_dataset(test_images, test_labels, FASHION_MNIST_LABELS),
     )
+
+
+def write_imagefolder(split: Dataset, directory: str | Path) -> Path:
+    """Write a built-in split as an imagefolder, ``directory/<class name>/<index>.png`` (8-bit images).
+
+    The form in which ImageNet-size data usually arrives: ``--train_dir`` reads it, and
+    ``--streaming`` streams it instead of loading it. A class name's ``/`` becomes ``-``.
+    """
+    from PIL import Image
+
+    directory = Path(directory)
+    names = split.features["labels"].names
+    columns = split.with_format("numpy")[:]
+    pixels, labels = columns["pixel_values"], columns["labels"]
+    images = np.clip(np.rint((pixels * 0.5 + 0.5) * 255), 0, 255).astype(np.uint8)  # undo _dataset's scaling
+    for index, (image, label) in enumerate(zip(images, labels)):
+        folder = directory / names[int(label)].replace("/", "-")
+        folder.mkdir(parents=True, exist_ok=True)
+        array = image[0] if image.shape[0] == 1 else np.moveaxis(image, 0, -1)
+        Image.fromarray(array).save(folder / f"{index}.png")
+    return directory

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from datasets import IterableDataset
 from transformers import (
     AutoConfig,
     AutoImageProcessor,
@@ -145,6 +146,17 @@ class DataArguments:
         metadata={"help": "Fraction of the training split held out for evaluation when the data has no "
                           "--validation_split_name split, in (0, 1)."},
     )
+    streaming: bool = field(
+        default=False,
+        metadata={"help": "Stream --dataset_name or --train_dir/--validation_dir (a datasets IterableDataset) instead "
+                          "of loading them into memory, for ImageNet-size data. Needs --max_steps (a stream has no "
+                          "length) and a validation split; calibration takes the first images of the stream."},
+    )
+    shuffle_buffer_size: int = field(
+        default=10000,
+        metadata={"help": "With --streaming: the training stream is shuffled within a buffer of this many examples "
+                          "(reshuffled each epoch). --train_sampling_strategy sequential keeps the stream's order."},
+    )
     max_train_samples: int | None = field(default=None, metadata={"help": "Truncate the training set (debugging)."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Truncate the evaluation set."})
 
@@ -256,7 +268,23 @@ def parse_arguments(argv: list[str] | None = None, prog: str | None = None):
     _check_unused_flags(given, training_args)
     if not 0 < data_args.train_val_split < 1:
         raise RecipeError(f"--train_val_split {data_args.train_val_split}: must be in (0, 1), e.g. 0.15.", 2)
+    _check_streaming(data_args, training_args)
     return model_args, data_args, run_args, pruning_config, training_args
+
+
+def _check_streaming(data_args: DataArguments, training_args: TrainingArguments) -> None:
+    if not data_args.streaming:
+        return
+    if training_args.max_steps <= 0:
+        raise RecipeError("--streaming needs --max_steps N: a stream has no length, so the run's optimizer steps "
+                          "cannot be counted from --num_train_epochs. Pass --max_steps (e.g. epochs x images / "
+                          "(batch size x processes)).", 2)
+    if not (data_args.dataset_name or data_args.train_dir):
+        raise RecipeError("--streaming streams --dataset_name or --train_dir; the built-in data sets are small and "
+                          "always in memory. Drop --streaming, or pass --dataset_name / --train_dir.", 2)
+    if data_args.shuffle_buffer_size < 1:
+        raise RecipeError(f"--shuffle_buffer_size {data_args.shuffle_buffer_size}: must be at least 1 (use "
+                          f"--train_sampling_strategy sequential for no shuffling).", 2)
 
 
 def _plain_training_arguments(args: TrainingArguments) -> TrainingArguments:
@@ -411,9 +439,14 @@ class Data:
     config_labels: int | None = None  # its number of classes before the data's labels were set
 
 
-def load_data(data_args: DataArguments, model_args: ModelArguments, seed: int = 0) -> Data:
+def load_data(data_args: DataArguments, model_args: ModelArguments, seed: int = 0,
+              training_order: str = "random") -> Data:
     """Train and eval sets, label names and image processor; image datasets get the model's processor and
-    torch augmentation (per image, seeded by seed, epoch and index, so a resumed run sees the same crops)."""
+    torch augmentation (per image, seeded by seed, epoch and index, so a resumed run sees the same crops).
+
+    With ``data_args.streaming`` the splits stay streams (``datasets.IterableDataset``); the training
+    stream is shuffled within a buffer unless ``training_order`` (``--train_sampling_strategy``) is
+    ``sequential``."""
     if data_args.dataset_name or data_args.train_dir:
         if model_args.model_name_or_path is None:
             raise RecipeError("--dataset_name/--train_dir need --model_name_or_path (the model to prune).", 2)
@@ -432,9 +465,12 @@ def load_data(data_args: DataArguments, model_args: ModelArguments, seed: int = 
                               f"feeds 1 (greyscale), 3 (RGB) or 4 (RGBA) channels.")
         train = _limit(train, data_args.max_train_samples)
         evaluation = _limit(evaluation, data_args.max_eval_samples)
+        if data_args.streaming:
+            train = _shuffled_stream(train, data_args, training_order, seed)
         columns = data_args.image_column_name, data_args.label_column_name
-        train = ImageClassificationData(train, processor, *columns, mode=mode, encode=encode, augment=True, seed=seed)
-        evaluation = ImageClassificationData(evaluation, processor, *columns, mode=mode, encode=encode)
+        wrapper = StreamedImageClassificationData if data_args.streaming else ImageClassificationData
+        train = wrapper(train, processor, *columns, mode=mode, encode=encode, augment=True, seed=seed)
+        evaluation = wrapper(evaluation, processor, *columns, mode=mode, encode=encode)
         return Data(train, evaluation, labels, processor, config, config_labels)
     from .data import builtin_image_processor, load_digits_dataset, load_fashion_mnist
 
@@ -458,7 +494,7 @@ def _load_raw(data_args: DataArguments, model_args: ModelArguments):
         name = data_args.dataset_name
         try:
             return load_dataset(name, data_args.dataset_config_name, cache_dir=model_args.cache_dir,
-                                token=model_args.token)
+                                token=model_args.token, streaming=data_args.streaming)
         except Exception as error:  # datasets raises ConnectionError, DatasetNotFoundError, ValueError, httpx errors
             if not (_is_connection_error(error) or isinstance(error, (OSError, ValueError))):
                 raise
@@ -480,7 +516,7 @@ def _load_raw(data_args: DataArguments, model_args: ModelArguments):
                               f"name>/<image>.png (or .jpg, ...), one sub-directory per class.")
     try:
         return load_dataset("imagefolder", data_files={split: f"{d}/**" for split, d in files.items()},
-                            cache_dir=model_args.cache_dir)
+                            cache_dir=model_args.cache_dir, streaming=data_args.streaming)
     except (ValueError, OSError) as error:
         raise RecipeError(f"could not read the imagefolder {', '.join(files.values())}: {_first_line(error)}") from None
 
@@ -495,6 +531,11 @@ def _has_images(directory: Path) -> bool:
 def _eval_split(raw, data_args: DataArguments):
     if data_args.validation_split_name in raw:
         return raw[data_args.validation_split_name]
+    if data_args.streaming:
+        flag = "--validation_dir" if data_args.train_dir else "--validation_split_name"
+        raise RecipeError(f"--streaming needs a validation split: the data has none named "
+                          f"{data_args.validation_split_name!r} (its splits: {', '.join(raw)}), and a stream cannot be "
+                          f"split by --train_val_split. Pass {flag}, or drop --streaming.", 2)
     from datasets import ClassLabel
 
     label = data_args.label_column_name
@@ -504,8 +545,17 @@ def _eval_split(raw, data_args: DataArguments):
     return split["test"]
 
 
+def _shuffled_stream(train, data_args: DataArguments, training_order: str, seed: int):
+    """The training stream in the order training reads it: ``datasets``' buffered shuffle, or as stored."""
+    if training_order == "sequential":
+        return train
+    return train.shuffle(seed=seed, buffer_size=data_args.shuffle_buffer_size)
+
+
 def _check_columns(dataset, data_args: DataArguments, split: str) -> None:
     columns = dataset.column_names
+    if columns is None:  # a stream whose features are not declared: the first example's
+        columns = list(next(iter(dataset), {}))
     for flag, name in (("--image_column_name", data_args.image_column_name),
                        ("--label_column_name", data_args.label_column_name)):
         if name not in columns:
@@ -517,9 +567,13 @@ def _labels(train, evaluation, column: str):
     """(label names, encode) where ``encode`` maps a raw label to its id (None: the raw label is the id)."""
     from datasets import ClassLabel, Value
 
-    feature = train.features[column]
+    feature = (train.features or {}).get(column)
     if isinstance(feature, ClassLabel):
         return list(feature.names), None
+    if isinstance(train, IterableDataset):
+        raise RecipeError(f"--streaming needs the label column {column!r} to be a datasets ClassLabel (an imagefolder's "
+                          f"or ImageNet's is): a stream cannot be read through first to collect the class names. Drop "
+                          f"--streaming, or cast the column to ClassLabel.", 2)
     if isinstance(feature, Value) and (feature.dtype.startswith("int") or feature.dtype.startswith("uint")):
         values = set(train[column]) | set(evaluation[column])
         if min(values) < 0:
@@ -571,13 +625,17 @@ def _load_processor(model_args: ModelArguments):
 
 
 def _limit(dataset, count: int | None):
-    return dataset if count is None else dataset.select(range(min(count, len(dataset))))
+    if count is None:
+        return dataset
+    if isinstance(dataset, IterableDataset):  # a stream: its first ``count`` examples
+        return dataset.take(count)
+    return dataset.select(range(min(count, len(dataset))))
 
 
-class ImageClassificationData(torch.utils.data.Dataset):
-    """An image dataset as ``{"pixel_values", "labels"}`` examples: the model's processor, then for training a
-    random crop and flip drawn from a generator seeded by (seed, epoch, index), not the global RNG, so that a
-    resumed run augments exactly as the interrupted one (the data loader prefetches ahead of checkpoints)."""
+class _ImageExamples:
+    """What the recipe does to one image example: the model's processor, then for training a random crop and
+    flip drawn from a generator seeded by (seed, epoch, index), not the global RNG, so that a resumed run
+    augments exactly as the interrupted one (the data loader prefetches ahead of checkpoints)."""
 
     def __init__(self, dataset, processor, image_column: str, label_column: str, mode: str = "RGB", encode=None,
                  augment: bool = False, seed: int = 0):
@@ -592,11 +650,7 @@ class ImageClassificationData(torch.utils.data.Dataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int) -> dict:
-        example = self.dataset[int(index)]
+    def _example(self, example: dict, index: int) -> dict:
         image = example[self.image_column]
         if image.mode != self.mode:
             image = image.convert(self.mode)
@@ -607,6 +661,35 @@ class ImageClassificationData(torch.utils.data.Dataset):
         label = example[self.label_column]
         label = self.encode(label) if self.encode is not None else label
         return {"pixel_values": pixels, "labels": torch.tensor(label, dtype=torch.long)}
+
+
+class ImageClassificationData(_ImageExamples, torch.utils.data.Dataset):
+    """An in-memory image dataset as ``{"pixel_values", "labels"}`` examples (augmented per index)."""
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict:
+        return self._example(self.dataset[int(index)], index)
+
+
+class StreamedImageClassificationData(_ImageExamples, torch.utils.data.IterableDataset):
+    """A streamed image dataset (``datasets.IterableDataset``) as ``{"pixel_values", "labels"}`` examples.
+
+    An example's index is its position in the epoch's stream, so the augmentation of the n-th image
+    read is the one the in-memory dataset gives its n-th image. ``set_epoch`` (called by the data
+    loader each epoch) also reshuffles a shuffled stream. In data-loader workers, ``datasets`` gives
+    each worker its own shards of the stream.
+    """
+
+    def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(epoch)
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
+
+    def __iter__(self):
+        for index, example in enumerate(self.dataset):
+            yield self._example(example, index)
 
 
 class AugmentationEpochCallback(TrainerCallback):
@@ -713,7 +796,8 @@ def run(model_args, data_args, pruning_config: PruningConfig, training_args: Tra
     run_args = run_args or RunArguments()
     checkpoint = resolve_checkpoint(training_args, run_args, pruning_config.method)
     check_hub_access(training_args)
-    data = load_data(data_args, model_args, seed=training_args.seed)
+    data = load_data(data_args, model_args, seed=training_args.seed,
+                     training_order=training_args.train_sampling_strategy)
     dense = load_or_train_dense(model_args, data, training_args)
     try:
         trainer = PruningTrainer(model=dense, args=training_args, train_dataset=data.train,
@@ -737,8 +821,9 @@ def run(model_args, data_args, pruning_config: PruningConfig, training_args: Tra
     metrics = dict(output.metrics)
     eval_metrics = {key: value for key, value in metrics.items() if key.startswith("eval_")}
     train_metrics = {key: value for key, value in metrics.items() if key not in eval_metrics}
-    train_metrics["train_samples"] = len(data.train)
-    eval_metrics["eval_samples"] = len(data.evaluation)
+    if not data_args.streaming:  # a stream's length is not known
+        train_metrics["train_samples"] = len(data.train)
+        eval_metrics["eval_samples"] = len(data.evaluation)
     trainer.log_metrics("train", train_metrics)
     trainer.save_metrics("train", train_metrics)
     trainer.log_metrics("eval", eval_metrics)

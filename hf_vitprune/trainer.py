@@ -19,13 +19,14 @@ The trainer names no method: everything method-specific goes through the hooks o
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 import os
 from collections import defaultdict
 
 import torch
 from transformers import Trainer, TrainerCallback, TrainerState, get_scheduler
-from transformers.trainer_utils import get_last_checkpoint, set_seed
+from transformers.trainer_utils import get_last_checkpoint, has_length, set_seed
 from transformers.utils import logging as hf_logging
 
 from .architectures import family_of, find_encoder_layers, meta_copy, set_input_size
@@ -352,20 +353,33 @@ class PruningTrainer(Trainer):
         self._compact(saved.plan)
 
     def _calibration_batches(self):
-        """This process's share of the first ``calibration_samples`` training examples, in order."""
+        """This process's share of the first ``calibration_samples`` training examples, in order.
+
+        A streamed (length-less) training set gives the first examples of its stream: every process
+        reads them and keeps every ``world``-th, as it would from an in-memory set.
+        """
         dataset = self.train_dataset
-        if dataset is None or len(dataset) == 0:
-            raise ValueError("The calibration set is empty: PruningTrainer needs a non-empty train_dataset.")
-        count = min(self.pruning_config.calibration_samples, len(dataset))
+        wanted = self.pruning_config.calibration_samples
         rank, world = self.accelerator.process_index, self.accelerator.num_processes
-        indices = range(rank, count, world)
-        if hasattr(dataset, "column_names"):  # a datasets.Dataset: select, and drop what the model does not take
-            subset = self._remove_unused_columns(dataset.select(indices), description="calibration")
+        if dataset is None:
+            raise ValueError("The calibration set is empty: PruningTrainer needs a non-empty train_dataset.")
+        if has_length(dataset):
+            count = min(wanted, len(dataset))
+            indices = range(rank, count, world)
+            if hasattr(dataset, "column_names"):  # a datasets.Dataset: select, and drop what the model does not take
+                subset = self._remove_unused_columns(dataset.select(indices), description="calibration")
+            else:
+                subset = torch.utils.data.Subset(dataset, list(indices))
+            collate = self.data_collator
         else:
-            subset = torch.utils.data.Subset(dataset, list(indices))
-        loader = torch.utils.data.DataLoader(
-            subset, batch_size=self.args.per_device_eval_batch_size, collate_fn=self.data_collator
-        )
+            examples = list(itertools.islice(iter(dataset), wanted))
+            count = len(examples)
+            subset = examples[rank::world]
+            collate = self._get_collator_with_removed_columns(self.data_collator, description="calibration")
+        if count == 0:
+            raise ValueError("The calibration set is empty: PruningTrainer needs a non-empty train_dataset.")
+        loader = torch.utils.data.DataLoader(subset, batch_size=self.args.per_device_eval_batch_size,
+                                             collate_fn=collate)
         for batch in loader:
             yield self._prepare_inputs(batch)
 
@@ -646,9 +660,9 @@ class PruningTrainer(Trainer):
 def _training_image_size(dataset) -> tuple[int, int] | None:
     """(height, width) of the first training example's ``pixel_values``; None when it cannot be read."""
     try:
-        example = dataset[0]
+        example = dataset[0] if has_length(dataset) else next(iter(dataset))  # a stream: its first example
         pixels = example["pixel_values"]
-    except Exception:  # no dataset, an iterable dataset, another layout: cost at config.image_size
+    except Exception:  # no dataset, an empty stream, another layout: cost at config.image_size
         return None
     shape = getattr(pixels, "shape", None)
     if shape is None or len(shape) < 2:
