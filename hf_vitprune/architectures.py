@@ -56,13 +56,20 @@ def supported_models_text() -> str:
     return "; ".join(f"{f.model_type}: {', '.join(f.model_classes)}" for f in FAMILIES.values())
 
 
+def model_class(model: nn.Module) -> type:
+    """The model's own class: FSDP2's ``fully_shard`` swaps in a subclass named ``FSDP<Class>``."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return next(cls for cls in type(model).__mro__ if not issubclass(cls, FSDPModule))
+
+
 def family_of(model: nn.Module) -> Family:
     """The registered family of ``model`` (dense or already pruned), or a ValueError listing the supported ones."""
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
     stock_type = model_type[len("pruned_") :] if model_type and model_type.startswith("pruned_") else model_type
     family = FAMILIES.get(stock_type)
-    class_name = type(model).__name__
+    class_name = model_class(model).__name__
     stock_class = class_name[len("Pruned") :] if class_name.startswith("Pruned") else class_name
     if family is None or stock_class not in family.model_classes:
         raise ValueError(

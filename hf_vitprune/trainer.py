@@ -18,6 +18,7 @@ The trainer names no method: everything method-specific goes through the hooks o
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 import math
@@ -32,7 +33,7 @@ from transformers.utils import logging as hf_logging
 from .architectures import family_of, find_encoder_layers, meta_copy, set_input_size
 from .config import PruningConfig
 from .distillation import classification_logits, distillation_loss
-from .methods import PruningMethod, SearchContext, get_method
+from .methods import METHODS, PruningMethod, SearchContext, get_method
 from .optimizer_state import replace_parameters
 from .plan import PruningPlan
 from .reporting import (
@@ -54,6 +55,7 @@ from .state import (
     config_differences,
     missing_files,
 )
+from .sharding import gathered_model, has_sharded_parameters
 from .stats import model_stats
 from .surgery import apply_plan, compaction_indices
 
@@ -100,9 +102,10 @@ class PruningStateCallback(TrainerCallback):
         self.trainer = trainer
 
     def on_save(self, args, state, control, **kwargs):
+        pruning_state = self.trainer.pruning_state()  # on every process: gathering FSDP-sharded tensors is collective
         if args.should_save:
             checkpoint = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
-            self.trainer.pruning_state().save(checkpoint)
+            pruning_state.save(checkpoint)
 
 
 class PruningTrainer(Trainer):
@@ -133,6 +136,7 @@ class PruningTrainer(Trainer):
         if size is not None:  # cost the model at the resolution it trains at (DINOv2 records 518, runs at 224)
             set_input_size(self.accelerator.unwrap_model(self.model), *size)
         self.method: PruningMethod = get_method(pruning_config.method)(pruning_config)
+        self._check_sharding()
         self.phase: str | None = None
         self.plan: PruningPlan | None = None
         self.dense_stats = model_stats(self.model)
@@ -154,6 +158,32 @@ class PruningTrainer(Trainer):
         self.add_callback(SearchStepCallback(self))
         self.add_callback(PruningStateCallback(self))
         self.add_callback(ContinuousEpochCallback(self))
+
+    def _check_sharding(self) -> None:
+        """Refuse, before any work, parameter sharding that the method's hooks cannot act on."""
+        name = self.pruning_config.method
+        deepspeed = getattr(self.accelerator.state, "deepspeed_plugin", None)
+        if self.is_deepspeed_enabled and getattr(deepspeed, "zero_stage", None) == 3:
+            raise ValueError(
+                "PruningTrainer cannot prune under DeepSpeed ZeRO stage 3, which leaves every process an empty "
+                "placeholder for each parameter it does not own. Use accelerate's FSDP plugin with fsdp_version: 2 "
+                "(examples/accelerate_configs/fsdp.yaml), or ZeRO stage 1 or 2."
+            )
+        if not self.is_fsdp_enabled:
+            return
+        if getattr(self.accelerator.state.fsdp_plugin, "fsdp_version", 1) != 2:
+            raise ValueError(
+                "PruningTrainer prunes under FSDP version 2 (fully_shard, DTensor parameters) only: set fsdp_version: 2 "
+                "in the accelerate config (examples/accelerate_configs/fsdp.yaml), or "
+                "TrainingArguments(fsdp_config={'version': 2, ...})."
+            )
+        if not self.method.supports_sharded_parameters:
+            able = sorted(n for n, cls in METHODS.items() if cls.supports_sharded_parameters)
+            raise ValueError(
+                f"Method {name!r} cannot run under FSDP: its search was not built for sharded parameters (it trains "
+                f"tensors outside the model, or reads whole weights mid-search). Train it without FSDP (DDP: "
+                f"examples/accelerate_configs/multi_gpu.yaml), or use a method that shards: {', '.join(able)}."
+            )
 
     # ------------------------------------------------------------------ the pipeline
 
@@ -191,6 +221,7 @@ class PruningTrainer(Trainer):
                 self._restore_compacted(saved)
             self._step_offset = search_steps
             output = self._run_finetune(total - search_steps, base_output_dir, checkpoint, trial, **kwargs)
+            self._gather_sharded_model()
         finally:
             self.args.output_dir, self.args.max_steps = base_output_dir, base_max_steps
             self._step_offset, self._search_state = 0, None
@@ -324,7 +355,38 @@ class PruningTrainer(Trainer):
             model = self._rewrapped
         return super().training_step(model, inputs, num_items_in_batch)
 
+    @contextlib.contextmanager
+    def _whole_model_outside_fsdp(self):
+        """Trainer evaluates and saves through FSDP whenever FSDP is on; a model that is whole on every process
+        (the dense one before the search shards it, the result once train() has gathered it) is evaluated and
+        saved as without FSDP instead (FSDP2 cannot shard a model for evaluation alone, and its final save
+        would write shards, not ``from_pretrained``'s files)."""
+        fsdp = self.is_fsdp_enabled
+        model = self.accelerator.unwrap_model(self.model)
+        if fsdp and not has_sharded_parameters(model):
+            self.is_fsdp_enabled = False
+            model.to(self.args.device)  # under FSDP, Trainer left the placement to the sharding
+        try:
+            yield
+        finally:
+            self.is_fsdp_enabled = fsdp
+
+    def _gather_sharded_model(self) -> None:
+        """Under FSDP, make ``self.model`` the plain model with its whole weights on every process.
+
+        After the search that is what compaction slices (fine-tuning then shards the smaller
+        model afresh); after fine-tuning it is the result, which evaluates, times and saves as
+        without FSDP.
+        """
+        model = self.accelerator.unwrap_model(self.model)
+        if has_sharded_parameters(model):
+            self.model = self.model_wrapped = gathered_model(model)
+            # accelerate's references to the sharded model and its optimizer state would keep them alive
+            # through the next phase, which prepares its own
+            self.accelerator.free_memory()
+
     def _compact(self, plan: PruningPlan) -> None:
+        self._gather_sharded_model()
         model = self.accelerator.unwrap_model(self.model)
         apply_plan(model, plan)
         self.model = self.model_wrapped = model
@@ -465,6 +527,14 @@ class PruningTrainer(Trainer):
 
     # ------------------------------------------------------------------ the run record
 
+    def evaluate(self, *args, **kwargs) -> dict[str, float]:
+        with self._whole_model_outside_fsdp():
+            return super().evaluate(*args, **kwargs)
+
+    def predict(self, *args, **kwargs):
+        with self._whole_model_outside_fsdp():
+            return super().predict(*args, **kwargs)
+
     def evaluate_dense(self, eval_dataset=None, metric_key_prefix: str = "dense") -> dict[str, float]:
         """Evaluate the model before pruning and keep the figures for the report and the card."""
         if self.plan is not None:
@@ -517,10 +587,13 @@ class PruningTrainer(Trainer):
         A ``checkpoint-*`` directory gets a checkpoint card; a final save of the compacted model
         measures its speed against the dense model first, unless ``measure_speed()`` already did.
         """
-        super().save_model(output_dir, _internal_call)
+        directory = output_dir or self.args.output_dir
+        checkpoint = os.path.basename(os.path.normpath(directory)).startswith("checkpoint-")
+        with self._whole_model_outside_fsdp():  # the final model, gathered by train(): from_pretrained's files
+            super().save_model(output_dir, _internal_call)
         if not self.args.should_save:
             return
-        directory = output_dir or self.args.output_dir
+        os.makedirs(directory, exist_ok=True)  # FSDP's sharded checkpoints write their weights later, elsewhere
         # Trainer pickles its arguments; this project ships no pickles, so keep them as JSON.
         pickled = os.path.join(directory, "training_args.bin")
         if os.path.exists(pickled):
@@ -530,7 +603,6 @@ class PruningTrainer(Trainer):
         self.pruning_config.save_pretrained(directory)
         if self.plan is not None:
             self.plan.save_pretrained(directory)
-        checkpoint = os.path.basename(os.path.normpath(directory)).startswith("checkpoint-")
         if checkpoint and self.phase is not None:
             record = self.run_record(stage=f"{self.phase}-checkpoint")
         else:

@@ -31,7 +31,10 @@ neuron is a column). Output biases and BEiT's relative position bias are not con
 (``apply_plan`` slices the bias table itself).
 
 Z and U are kept in at least float32, on the device of the weights they shadow; they follow the
-model if it moves. U is the *scaled* dual variable (Y / rho), so it is rescaled by
+model if it moves. Under FSDP (sharded parameters, :mod:`hf_vitprune.sharding`) each process keeps
+the slices of Z and U that shadow its slices of W: the penalty is summed over local slices (each
+process owns its slices' gradient), and the norms, projections and hard prune gather whole tensors,
+one at a time, so every process derives the same plan. U is the *scaled* dual variable (Y / rho), so it is rescaled by
 rho_old / rho_new whenever rho grows (Boyd et al., "Distributed Optimization and Statistical
 Learning via ADMM", 3.4.1); Zhang et al.'s code skips that, which lets the dual grow with rho.
 """
@@ -51,6 +54,7 @@ from ..architectures import EncoderLayer, find_encoder_layers
 from ..budget import Budget, select_plan, unit_costs
 from ..importance import UnitScores
 from ..plan import PruningPlan
+from ..sharding import full_tensor, local_tensor, shard_like, sum_over_shards
 from ..stats import model_stats
 from .base import MethodOptions, PruningMethod, SearchContext
 from .base import option_help as _help  # every option documents itself
@@ -192,7 +196,8 @@ class ADMMState:
     # ------------------------------------------------------------------ training-time terms
 
     def _pairs(self, model: nn.Module):
-        """(key, group, W, layer) for every tensor, moving Z and U to W's device if the model moved."""
+        """(key, group, W, layer) for every tensor, with Z and U laid out like W: on its device, and sliced
+        as W is when FSDP shards it (whole again when it is not)."""
         found = prunable_tensors(model)
         if set(found) != set(self.Z):
             missing, extra = sorted(set(self.Z) - set(found)), sorted(set(found) - set(self.Z))
@@ -206,19 +211,22 @@ class ADMMState:
                     f"{key} has shape {tuple(tensor.shape)} but the ADMM state holds {tuple(self.Z[key].shape)}; "
                     f"was the model compacted?"
                 )
-            if self.Z[key].device != tensor.device:
-                self.Z[key] = self.Z[key].to(tensor.device)
-                self.U[key] = self.U[key].to(tensor.device)
+            if self.Z[key].device != tensor.device or type(self.Z[key]) is not type(tensor.data):
+                self.Z[key] = shard_like(self.Z[key], tensor)
+                self.U[key] = shard_like(self.U[key], tensor)
             yield key, group, tensor, layer
 
     def penalty(self, model: nn.Module) -> torch.Tensor:
-        """``rho/2 * sum ||W - Z + U||^2`` as a differentiable scalar (gradient ``rho * (W - Z + U)``)."""
-        total = None
+        """``rho/2 * sum ||W - Z + U||^2`` as a differentiable scalar (gradient ``rho * (W - Z + U)``).
+
+        Summed over this process's slices when FSDP shards W (its value is the whole model's).
+        """
+        total = like = None
         for key, _, tensor, _ in self._pairs(model):
-            z = self.Z[key]
-            term = (tensor.to(z.dtype) - z + self.U[key]).pow(2).sum()
-            total = term if total is None else total + term
-        return 0.5 * self.rho * total
+            z = local_tensor(self.Z[key])
+            term = (local_tensor(tensor).to(z.dtype) - z + local_tensor(self.U[key])).pow(2).sum()
+            total, like = (term if total is None else total + term), tensor
+        return 0.5 * self.rho * sum_over_shards(total, like)
 
     def group_norms(self, model: nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Per-layer SQUARED L2 norms of W + U per head and per neuron, summed over all their tensors.
@@ -231,7 +239,8 @@ class ADMMState:
         heads = [None] * len(layers)
         neurons = [None] * len(layers)
         for key, group, tensor, layer in self._pairs(model):
-            norms = _unit_norms(tensor.detach().to(self.U[key].dtype) + self.U[key], group)
+            u = full_tensor(self.U[key])
+            norms = _unit_norms(full_tensor(tensor.detach()).to(u.dtype) + u, group)
             target = heads if group.heads else neurons
             target[layer.index] = norms if target[layer.index] is None else target[layer.index] + norms
         return heads, neurons
@@ -249,11 +258,12 @@ class ADMMState:
         rho = self.rho * self.rho_growth
         rescale = self.rho / rho  # scaled form: U = Y / rho, so a new rho rescales U (Boyd et al. 3.4.1)
         for key, group, tensor, layer in self._pairs(model):
-            w = tensor.detach().to(self.Z[key].dtype)
-            v = w + self.U[key]
+            u = full_tensor(self.U[key])
+            w = full_tensor(tensor.detach()).to(u.dtype)
+            v = w + u
             z = v * _unit_mask(group, layer, plan, v)
-            self.Z[key] = z
-            self.U[key] = (self.U[key] + w - z) * rescale
+            self.Z[key] = shard_like(z, tensor)
+            self.U[key] = shard_like((u + w - z) * rescale, tensor)
         self.rho = rho
         self.plan = plan
         self.step += 1
@@ -263,8 +273,9 @@ class ADMMState:
         """Primal residual ``||W - Z|| / ||W||`` over all constrained tensors (0 when W lies on Z)."""
         diff = weight = 0.0
         for key, _, tensor, _ in self._pairs(model):
-            w = tensor.detach().to(self.Z[key].dtype)
-            diff += float((w - self.Z[key]).pow(2).sum())
+            z = full_tensor(self.Z[key])
+            w = full_tensor(tensor.detach()).to(z.dtype)
+            diff += float((w - z).pow(2).sum())
             weight += float(w.pow(2).sum())
         if weight == 0.0:
             return 0.0 if diff == 0.0 else float("inf")
@@ -276,7 +287,8 @@ class ADMMState:
         """Zero, in place, the weights of every head and neuron ``plan`` drops (then call apply_plan)."""
         plan.validate(model)
         for _, (group, tensor, layer) in prunable_tensors(model).items():
-            tensor.mul_(_unit_mask(group, layer, plan, tensor))
+            whole = full_tensor(tensor)
+            local_tensor(tensor).copy_(local_tensor(shard_like(whole * _unit_mask(group, layer, plan, whole), tensor)))
 
     # ------------------------------------------------------------------ checkpointing
 
@@ -287,8 +299,8 @@ class ADMMState:
         (int64) and, when a plan has been set, ``plan_json`` (the plan's JSON as uint8 bytes), so a
         single safetensors file resumes the state exactly.
         """
-        state = {f"Z.{k}": v for k, v in self.Z.items()}
-        state.update({f"U.{k}": v for k, v in self.U.items()})
+        state = {f"Z.{k}": full_tensor(v) for k, v in self.Z.items()}  # under FSDP: collective
+        state.update({f"U.{k}": full_tensor(v) for k, v in self.U.items()})
         state["rho"] = torch.tensor(self.rho, dtype=torch.float64)
         state["rho_growth"] = torch.tensor(self.rho_growth, dtype=torch.float64)
         state["step"] = torch.tensor(self.step, dtype=torch.int64)
@@ -453,6 +465,7 @@ class ADMMSearch(PruningMethod):
 
     options_class = ADMMOptions
     phase_name = "admm"
+    supports_sharded_parameters = True  # ADMMState gathers whole tensors where it needs them
     rescale_kinds = True  # rescale head and neuron scores to one scale (for scores in unrelated units)
 
     def __init__(self, config):

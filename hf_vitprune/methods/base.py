@@ -117,6 +117,8 @@ class PruningMethod:
     phase_name: ClassVar[str] = "search"  # names the search phase's checkpoint folder and logs
     budgets: ClassVar[tuple[str, ...]] = ("params", "flops")  # the Budget metrics it can meet
     description: ClassVar[str] = ""  # one sentence for the model card
+    # whether its hooks work on FSDP2-sharded (DTensor) parameters: see hf_vitprune.sharding
+    supports_sharded_parameters: ClassVar[bool] = False
 
     def __init__(self, config):
         self.config = config
