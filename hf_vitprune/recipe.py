@@ -440,7 +440,7 @@ class Data:
 
 
 def load_data(data_args: DataArguments, model_args: ModelArguments, seed: int = 0,
-              training_order: str = "random") -> Data:
+              training_order: str | None = None) -> Data:
     """Train and eval sets, label names and image processor; image datasets get the model's processor and
     torch augmentation (per image, seeded by seed, epoch and index, so a resumed run sees the same crops).
 
@@ -545,7 +545,7 @@ def _eval_split(raw, data_args: DataArguments):
     return split["test"]
 
 
-def _shuffled_stream(train, data_args: DataArguments, training_order: str, seed: int):
+def _shuffled_stream(train, data_args: DataArguments, training_order: str | None, seed: int):
     """The training stream in the order training reads it: ``datasets``' buffered shuffle, or as stored."""
     if training_order == "sequential":
         return train

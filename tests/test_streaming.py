@@ -64,7 +64,7 @@ def test_streaming_reads_the_splits_as_streams(digits_folder):
     train, validation, model_dir = digits_folder
     model_args, data_args, _, _, training_args = recipe.parse_arguments(
         _arguments(digits_folder, Path("unused"), "--streaming", "true", "--max_train_samples", "20"))
-    data = recipe.load_data(data_args, model_args, seed=0, training_order="random")
+    data = recipe.load_data(data_args, model_args, seed=0)
     assert isinstance(data.train, recipe.StreamedImageClassificationData)
     assert isinstance(data.train.dataset, IterableDataset) and isinstance(data.evaluation.dataset, IterableDataset)
     assert data.labels == [str(i) for i in range(10)]
