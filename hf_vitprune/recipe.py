@@ -155,7 +155,8 @@ class DataArguments:
     shuffle_buffer_size: int = field(
         default=10000,
         metadata={"help": "With --streaming: the training stream is shuffled within a buffer of this many examples "
-                          "(reshuffled each epoch). --train_sampling_strategy sequential keeps the stream's order."},
+                          "(reshuffled each epoch). --train_sampling_strategy sequential keeps the stream's order (an "
+                          "imagefolder's is class by class: for comparing runs, not for training)."},
     )
     max_train_samples: int | None = field(default=None, metadata={"help": "Truncate the training set (debugging)."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Truncate the evaluation set."})
