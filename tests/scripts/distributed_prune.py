@@ -32,16 +32,22 @@ class SearchWeightSums(TrainerCallback):
             self.sums.append(float(sum(p.detach().double().sum() for p in self.trainer.model.parameters())))
 
 
-def main(output_dir: str, method: str = "gohsp") -> None:
+def tiny_model_and_data(intermediate_size: int = 37) -> tuple[ViTForImageClassification, Dataset]:
+    """A seeded 3-layer ViT for 16x16 images and 64 random images in 5 classes, the same on every process."""
     torch.manual_seed(0)
-    config = ViTConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=37,
-                       image_size=16, patch_size=4, num_labels=5)
+    config = ViTConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                       intermediate_size=intermediate_size, image_size=16, patch_size=4, num_labels=5)
     model = ViTForImageClassification(config)
     generator = torch.Generator().manual_seed(0)
     data = Dataset.from_dict({
         "pixel_values": torch.randn(64, 3, 16, 16, generator=generator).numpy(),
         "labels": torch.randint(0, 5, (64,), generator=generator).numpy(),
     }).with_format("torch")
+    return model, data
+
+
+def main(output_dir: str, method: str = "gohsp") -> None:
+    model, data = tiny_model_and_data()
     args = TrainingArguments(output_dir, max_steps=6 if method == "gohsp" else 10, per_device_train_batch_size=8,
                              per_device_eval_batch_size=8, learning_rate=1e-3, report_to=[], save_strategy="no",
                              disable_tqdm=True, seed=0, use_cpu=True)

@@ -23,8 +23,8 @@ import sys
 from pathlib import Path
 
 import torch
-from datasets import Dataset
-from transformers import TrainerCallback, TrainingArguments, ViTConfig, ViTForImageClassification
+from distributed_prune import tiny_model_and_data  # this script's folder is on sys.path
+from transformers import TrainerCallback, TrainingArguments
 
 from hf_vitprune import PruningConfig, PruningTrainer
 
@@ -72,15 +72,7 @@ class FirstSteps(TrainerCallback):
 
 
 def make_trainer(output_dir: Path, fsdp: bool, method: str) -> PruningTrainer:
-    torch.manual_seed(0)
-    config = ViTConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=36,
-                       image_size=16, patch_size=4, num_labels=5)
-    model = ViTForImageClassification(config)
-    generator = torch.Generator().manual_seed(0)
-    data = Dataset.from_dict({
-        "pixel_values": torch.randn(64, 3, 16, 16, generator=generator).numpy(),
-        "labels": torch.randint(0, 5, (64,), generator=generator).numpy(),
-    }).with_format("torch")
+    model, data = tiny_model_and_data(intermediate_size=36)
     args = TrainingArguments(
         str(output_dir), max_steps=8, per_device_train_batch_size=8 if fsdp else 16, per_device_eval_batch_size=8,
         learning_rate=0.05, optim="sgd", report_to=[], save_strategy="steps", save_steps=2, disable_tqdm=True,
