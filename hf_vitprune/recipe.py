@@ -572,9 +572,9 @@ def _labels(train, evaluation, column: str):
     if isinstance(feature, ClassLabel):
         return list(feature.names), None
     if isinstance(train, IterableDataset):
-        raise RecipeError(f"--streaming needs the label column {column!r} to be a datasets ClassLabel (an imagefolder's "
-                          f"or ImageNet's is): a stream cannot be read through first to collect the class names. Drop "
-                          f"--streaming, or cast the column to ClassLabel.", 2)
+        raise RecipeError(f"--streaming needs the label column {column!r} to be a datasets ClassLabel (an "
+                          f"imagefolder's or ImageNet's is): a stream cannot be read through first to collect the "
+                          f"class names. Drop --streaming, or cast the column to ClassLabel.", 2)
     if isinstance(feature, Value) and (feature.dtype.startswith("int") or feature.dtype.startswith("uint")):
         values = set(train[column]) | set(evaluation[column])
         if min(values) < 0:

@@ -173,8 +173,8 @@ class PruningTrainer(Trainer):
             return
         if getattr(self.accelerator.state.fsdp_plugin, "fsdp_version", 1) != 2:
             raise ValueError(
-                "PruningTrainer prunes under FSDP version 2 (fully_shard, DTensor parameters) only: set fsdp_version: 2 "
-                "in the accelerate config (examples/accelerate_configs/fsdp.yaml), or "
+                "PruningTrainer prunes under FSDP version 2 (fully_shard, DTensor parameters) only: set "
+                "fsdp_version: 2 in the accelerate config (examples/accelerate_configs/fsdp.yaml), or "
                 "TrainingArguments(fsdp_config={'version': 2, ...})."
             )
         if not self.method.supports_sharded_parameters:

@@ -34,9 +34,11 @@ Z and U are kept in at least float32, on the device of the weights they shadow; 
 model if it moves. Under FSDP (sharded parameters, :mod:`hf_vitprune.sharding`) each process keeps
 the slices of Z and U that shadow its slices of W: the penalty is summed over local slices (each
 process owns its slices' gradient), and the norms, projections and hard prune gather whole tensors,
-one at a time, so every process derives the same plan. U is the *scaled* dual variable (Y / rho), so it is rescaled by
-rho_old / rho_new whenever rho grows (Boyd et al., "Distributed Optimization and Statistical
-Learning via ADMM", 3.4.1); Zhang et al.'s code skips that, which lets the dual grow with rho.
+one at a time, so every process derives the same plan.
+
+U is the *scaled* dual variable (Y / rho), so it is rescaled by rho_old / rho_new whenever rho
+grows (Boyd et al., "Distributed Optimization and Statistical Learning via ADMM", 3.4.1); Zhang
+et al.'s code skips that, which lets the dual grow with rho.
 """
 
 from __future__ import annotations

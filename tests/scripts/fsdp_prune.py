@@ -13,7 +13,7 @@ model, at the end of train() and after it (``losses.json``); a resumed run write
 second moments, which turns the float noise of a different reduction order into visible steps.
 
 accelerate enables FSDP only on accelerators (on CPU its state says MULTI_CPU and the plugin is
-dropped), so on a machine without CUDA this script makes accelerate's state take the FSDP plugin
+dropped), so without 2 GPUs this script runs on CPU and makes accelerate's state take the FSDP plugin
 anyway: everything after that, ``fully_shard`` over gloo included, is accelerate's and torch's own
 FSDP2 code path.
 """
@@ -28,6 +28,7 @@ from transformers import TrainerCallback, TrainingArguments
 
 from hf_vitprune import PruningConfig, PruningTrainer
 
+ON_GPUS = torch.cuda.device_count() >= 2  # one GPU per process; otherwise 2 CPU processes over gloo
 FSDP_CONFIG = {"version": 2, "transformer_layer_cls_to_wrap": ["ViTLayer"], "state_dict_type": "SHARDED_STATE_DICT"}
 
 
@@ -76,7 +77,7 @@ def make_trainer(output_dir: Path, fsdp: bool, method: str) -> PruningTrainer:
     args = TrainingArguments(
         str(output_dir), max_steps=8, per_device_train_batch_size=8 if fsdp else 16, per_device_eval_batch_size=8,
         learning_rate=0.05, optim="sgd", report_to=[], save_strategy="steps", save_steps=2, disable_tqdm=True,
-        seed=0, use_cpu=not torch.cuda.is_available(), **({"fsdp": True, "fsdp_config": FSDP_CONFIG} if fsdp else {}))
+        seed=0, use_cpu=not ON_GPUS, **({"fsdp": True, "fsdp_config": FSDP_CONFIG} if fsdp else {}))
     if method == "gohsp":
         pruning = PruningConfig(target_sparsity=0.4, calibration_samples=32, admm_update_steps=2, admm_fraction=0.5)
     else:
@@ -112,7 +113,7 @@ def run(output_dir: Path, fsdp: bool, method: str, crash: tuple[str, int] | None
 
 def main(output_dir: str, mode: str, method: str = "gohsp") -> None:
     out, fsdp = Path(output_dir), mode == "fsdp"
-    if fsdp and not torch.cuda.is_available():
+    if fsdp and not ON_GPUS:
         force_fsdp_on_cpu()
     run(out / "reference", fsdp, method)
     if fsdp:
