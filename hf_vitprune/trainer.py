@@ -180,8 +180,8 @@ class PruningTrainer(Trainer):
         if not self.method.supports_sharded_parameters:
             able = sorted(n for n, cls in METHODS.items() if cls.supports_sharded_parameters)
             raise ValueError(
-                f"Method {name!r} cannot run under FSDP: its search was not built for sharded parameters (it trains "
-                f"tensors outside the model, or reads whole weights mid-search). Train it without FSDP (DDP: "
+                f"Method {name!r} cannot run under FSDP: its search was not built and checked for sharded "
+                f"parameters (PruningMethod.supports_sharded_parameters). Train it without FSDP (DDP: "
                 f"examples/accelerate_configs/multi_gpu.yaml), or use a method that shards: {', '.join(able)}."
             )
 
