@@ -53,7 +53,8 @@ import transformers
 from transformers import (HfArgumentParser, Trainer, TrainingArguments, ViTConfig, ViTForImageClassification,
                           ViTImageProcessor)
 
-from hf_vitprune.data import FASHION_MNIST_DIR, load_fashion_mnist, write_imagefolder
+from hf_vitprune.data import (FASHION_MNIST_DIR, imagefolder_class_name, load_fashion_mnist,
+                              write_imagefolder)
 from hf_vitprune.fileio import atomic_directory
 from hf_vitprune.metrics import make_compute_metrics
 
@@ -179,11 +180,6 @@ class _Relabelled(torch.utils.data.Dataset):
         return {"pixel_values": self.pixels[index], "labels": self.labels[index]}
 
 
-def folder_name(label: str) -> str:
-    """The directory ``write_imagefolder`` gives a class."""
-    return label.replace("/", "-")
-
-
 def dense_identity(args: StreamingBenchmarkArguments) -> dict:
     """What the cached dense model was trained with; another value retrains it."""
     keys = ("train_images", "validation_images", "dense_epochs", "dense_learning_rate", "dense_batch_size", "seed")
@@ -205,7 +201,7 @@ def train_or_reuse_dense(args: StreamingBenchmarkArguments, splits, labels: list
             return {**info, "model_dir": str(model_dir), "reused": True}
         shutil.rmtree(model_dir)
     builtin = list(splits["train"].features["labels"].names)
-    new_id = [labels.index(folder_name(name)) for name in builtin]
+    new_id = [labels.index(imagefolder_class_name(name)) for name in builtin]
     train = _Relabelled(splits["train"], args.train_images, new_id)
     validation = _Relabelled(splits["validation"], args.validation_images, new_id)
     torch.manual_seed(args.seed)

@@ -108,6 +108,11 @@ def load_fashion_mnist(directory: str | Path = FASHION_MNIST_DIR, validation_siz
     )
 
 
+def imagefolder_class_name(label: str) -> str:
+    """The directory :func:`write_imagefolder` gives a class (a ``/`` in the name becomes ``-``)."""
+    return label.replace("/", "-")
+
+
 def write_imagefolder(split: Dataset, directory: str | Path) -> Path:
     """Write a built-in split as an imagefolder, ``directory/<class name>/<index>.png`` (8-bit images).
 
@@ -122,7 +127,7 @@ def write_imagefolder(split: Dataset, directory: str | Path) -> Path:
     pixels, labels = columns["pixel_values"], columns["labels"]
     images = np.clip(np.rint((pixels * 0.5 + 0.5) * 255), 0, 255).astype(np.uint8)  # undo _dataset's scaling
     for index, (image, label) in enumerate(zip(images, labels)):
-        folder = directory / names[int(label)].replace("/", "-")
+        folder = directory / imagefolder_class_name(names[int(label)])
         folder.mkdir(parents=True, exist_ok=True)
         array = image[0] if image.shape[0] == 1 else np.moveaxis(image, 0, -1)
         Image.fromarray(array).save(folder / f"{index}.png")

@@ -16,7 +16,8 @@ from safetensors.torch import save_file
 from transformers import ViTImageProcessor
 
 from benchmarks import streaming
-from hf_vitprune.data import FASHION_MNIST_LABELS, _dataset, load_digits_dataset, write_imagefolder
+from hf_vitprune.data import (FASHION_MNIST_LABELS, _dataset, imagefolder_class_name, load_digits_dataset,
+                              write_imagefolder)
 
 
 def _pngs(directory: Path) -> list[Path]:
@@ -60,7 +61,7 @@ def test_a_plain_imagefolder_streams_class_by_class(tmp_path):
     folders = streaming.write_folders(_fashion_like(40), 40, 5, tmp_path, shard_images=0)
     labels = [example["label"] for example in _stream(folders["train"])]
     assert labels == sorted(labels) and len(set(labels)) == 10  # why the benchmark writes shards
-    assert streaming.imagefolder_labels(folders) == sorted(streaming.folder_name(n) for n in FASHION_MNIST_LABELS)
+    assert streaming.imagefolder_labels(folders) == sorted(imagefolder_class_name(n) for n in FASHION_MNIST_LABELS)
 
 
 def test_folders_of_unequal_depth_are_refused_before_any_run(tmp_path):
@@ -77,7 +78,7 @@ def test_dense_training_sees_the_images_and_label_ids_the_recipe_reads_in_mixed_
     labels = streaming.imagefolder_labels(folders)
     assert labels == sorted(labels) and "T-shirt-top" in labels  # the imagefolder numbers sorted class names
     builtin = list(splits["train"].features["labels"].names)
-    relabelled = streaming._Relabelled(splits["train"], 40, [labels.index(streaming.folder_name(n)) for n in builtin])
+    relabelled = streaming._Relabelled(splits["train"], 40, [labels.index(imagefolder_class_name(n)) for n in builtin])
     processor = ViTImageProcessor(size={"height": 28, "width": 28}, image_mean=[0.5], image_std=[0.5])
     order = []
     for example in _stream(folders["train"]):

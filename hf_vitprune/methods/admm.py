@@ -272,13 +272,18 @@ class ADMMState:
 
     @torch.no_grad()
     def residual(self, model: nn.Module) -> float:
-        """Primal residual ``||W - Z|| / ||W||`` over all constrained tensors (0 when W lies on Z)."""
-        diff = weight = 0.0
+        """Primal residual ``||W - Z|| / ||W||`` over all constrained tensors (0 when W lies on Z).
+
+        Sums over elements: under FSDP each process sums its own slices, and one all-reduce adds them up.
+        """
+        sums, like = [], None
         for key, _, tensor, _ in self._pairs(model):
-            z = full_tensor(self.Z[key])
-            w = full_tensor(tensor.detach()).to(z.dtype)
-            diff += float((w - z).pow(2).sum())
-            weight += float(w.pow(2).sum())
+            z = local_tensor(self.Z[key])
+            w = local_tensor(tensor.detach()).to(z.dtype)
+            sums.append(torch.stack([(w - z).pow(2).sum(), w.pow(2).sum()]).double())
+            like = tensor
+        per_tensor = sum_over_shards(torch.stack(sums), like).tolist()
+        diff, weight = sum(d for d, _ in per_tensor), sum(w for _, w in per_tensor)
         if weight == 0.0:
             return 0.0 if diff == 0.0 else float("inf")
         return (diff / weight) ** 0.5
