@@ -472,7 +472,7 @@ class PruningTrainer(Trainer):
             loss, outputs = super().compute_loss(model, dict(inputs), return_outputs=True)
             _, distil_logits = classification_logits(outputs)
         self._metrics["label_loss"].append(loss.detach())
-        if model.training and self.phase == FINETUNE and self.teacher is not None:
+        if model.training and self._distilling():
             loss = self._distil(loss, distil_logits, outputs, inputs)
         if model.training and self.phase == self.method.phase_name:
             terms = self.method.loss_terms(self.accelerator.unwrap_model(model), inputs, outputs)
@@ -486,8 +486,14 @@ class PruningTrainer(Trainer):
     def _label_loss(self, logits, labels):
         return torch.nn.functional.cross_entropy(logits.float(), labels, label_smoothing=self.args.label_smoothing_factor)
 
+    def _distilling(self) -> bool:
+        """Distillation from the dense model: while fine-tuning, and in the search when the method asks for it."""
+        if self.teacher is None:
+            return False
+        return self.phase == FINETUNE or (self.phase == self.method.phase_name and self.method.distils_during_search())
+
     def _distils_through_token(self) -> bool:
-        return self.phase == FINETUNE and self.teacher is not None and self.pruning_config.use_distillation_token
+        return self._distilling() and self.pruning_config.use_distillation_token
 
     def _distil(self, loss, distil_logits, outputs, inputs):
         config = self.pruning_config

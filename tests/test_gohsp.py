@@ -102,12 +102,13 @@ def test_default_admm_converges_and_the_plan_is_the_last_z_support(tmp_path, dig
 
     def finalize(model):
         last_support["plan"] = copy.deepcopy(trainer.method.admm.plan)
-        return original_finalize(model)
+        last_support["returned"] = original_finalize(model)
+        return last_support["returned"]
 
     trainer.method.finalize = finalize
     trainer.train()
     assert trainer.method.final_residual <= 0.05
-    assert trainer.plan == last_support["plan"]
+    assert last_support["returned"] == last_support["plan"]  # the hard prune cuts to the last Z's support
     logged = [log["admm_residual_at_hard_prune"] for log in trainer.state.log_history
               if "admm_residual_at_hard_prune" in log]
     assert logged and logged[-1] == pytest.approx(trainer.method.final_residual)
@@ -179,6 +180,84 @@ def test_output_energy_matches_the_contributions_and_includes_layer_scale():
     j = 7
     expected_neuron = (activation[..., j:j + 1] * (weight_out[:, j] * layer.module.lambda_2)).pow(2).sum(-1).mean(-1)
     torch.testing.assert_close(energy.neuron_energy(model)[1][j].float(), expected_neuron.mean(0), rtol=1e-4, atol=0)
+
+
+# --------------------------------------------------------------------------- the currency and the graph
+
+
+def gohsp_ranking(model, **options):
+    """GOHSP's unit scores on ``model`` and the calibration batches they came from."""
+    config = PruningConfig(target_sparsity=0.4, calibration_samples=16, method_options=options or None)
+    trainer = PruningTrainer(model=model, args=TrainingArguments("unused", use_cpu=True, report_to=[],
+                                                                 per_device_eval_batch_size=16),
+                             train_dataset=random_images(16), pruning_config=config)
+    from hf_vitprune.methods import SearchContext
+
+    context = SearchContext(model=model, budget=config.budget, search_steps=4,
+                            calibration_batches=trainer._calibration_batches)
+    return trainer.method.rank(context), list(trainer._calibration_batches())
+
+
+def test_gohsp_scores_are_fisher_weighted_by_the_personalised_head_chain():
+    """Heads: group Fisher x (stationary mass of the chain personalised by it / its layer's mean); neurons:
+    group Fisher. Fails if the head importance falls back to plain energy or the chain to a uniform one."""
+    from hf_vitprune.importance import ImportanceOptions, score_fisher
+    from hf_vitprune.importance.graph import collect_head_statistics, stationary_importance
+
+    model = tiny_vit().eval()
+    scores, batches = gohsp_ranking(model)
+    fisher = score_fisher(model, batches, options=ImportanceOptions(micro_batch_size=8))
+    chain = stationary_importance(collect_head_statistics(model, batches), 0.85, teleport=fisher.heads)
+    for layer, (heads, currency, pi) in enumerate(zip(scores.heads, fisher.heads, chain)):
+        factor = pi / pi.mean()
+        torch.testing.assert_close(heads, currency * factor)
+        assert (factor - 1).abs().max() > 0.01, f"layer {layer}: the graph changed nothing"
+    for neurons, currency in zip(scores.neurons, fisher.neurons):
+        torch.testing.assert_close(neurons, currency)
+    _, energy = collect_calibration_statistics(model, batches)
+    for heads, plain in zip(scores.heads, energy.head_energy()):
+        assert not torch.allclose(heads / heads.sum(), plain / plain.sum(), rtol=0.05)
+
+
+@pytest.mark.parametrize("currency", ["fisher", "taylor", "energy"])
+def test_the_cross_layer_currency_ignores_a_function_preserving_rescale(currency):
+    """v_proj x 50 and o_proj / 50 in one layer leave the function, and so the loss-calibrated scores, as they
+    were; raw weight norms (which a currency must not be) change by far more."""
+    from hf_vitprune.importance import score_magnitude
+
+    model = tiny_vit().eval()
+    before, _ = gohsp_ranking(model, currency=currency)
+    norms_before = score_magnitude(model)
+    logits = model(pixel_values=PIXELS).logits
+    attention = find_encoder_layers(model)[1].attention
+    with torch.no_grad():
+        attention.v_proj.weight.mul_(50.0)
+        attention.v_proj.bias.mul_(50.0)
+        attention.o_proj.weight.div_(50.0)
+    torch.testing.assert_close(model(pixel_values=PIXELS).logits, logits, rtol=1e-4, atol=1e-5)
+    after, _ = gohsp_ranking(model, currency=currency)
+    for a, b in zip(before.heads + before.neurons, after.heads + after.neurons):
+        torch.testing.assert_close(a, b, rtol=2e-3, atol=1e-12)
+    assert (score_magnitude(model).heads[1] / norms_before.heads[1]).min() > 10
+
+
+def test_distillation_runs_during_admm_only_when_asked(tmp_path):
+    def search_logs(admm_distillation):
+        args = TrainingArguments(str(tmp_path / str(admm_distillation)), max_steps=8, per_device_train_batch_size=8,
+                                 learning_rate=1e-3, report_to=[], save_strategy="no", disable_tqdm=True,
+                                 use_cpu=True, seed=0, logging_steps=1)
+        config = PruningConfig(target_sparsity=0.4, calibration_samples=8, admm_update_steps=2,
+                               admm_distillation=admm_distillation)
+        trainer = PruningTrainer(model=tiny_vit(), args=args, train_dataset=random_images(), pruning_config=config)
+        trainer.train()
+        return [log for log in trainer.state.log_history if log.get("phase_admm") == 1.0 and "loss" in log]
+
+    distilled, plain = search_logs(True), search_logs(False)
+    # the student starts as the teacher (distillation loss 0 at the first step), then departs from it
+    assert distilled and all("distillation_loss" in log for log in distilled)
+    assert distilled[-1]["distillation_loss"] > 0
+    assert plain and not any("distillation_loss" in log for log in plain)
+    assert [log["loss"] for log in distilled] != [log["loss"] for log in plain]
 
 
 # --------------------------------------------------------------------------- the smaller defects

@@ -398,10 +398,11 @@ def test_magnitude_equals_hand_computed_group_norms():
             assert scores.neurons[layer.index][j].item() == pytest.approx(expected.item(), rel=1e-6)
 
 
-def test_gohsp_neurons_are_group_magnitudes():
+def test_the_graph_criterion_scores_neurons_by_group_magnitude():
+    """The stand-alone 'graph' criterion (not the gohsp method, whose neurons get its loss currency)."""
     model = tiny_classifier()
-    gohsp, magnitude = score_graph(model, make_batches(1, 2)), score_magnitude(model)
-    for a, b in zip(gohsp.neurons, magnitude.neurons):
+    graph, magnitude = score_graph(model, make_batches(1, 2)), score_magnitude(model)
+    for a, b in zip(graph.neurons, magnitude.neurons):
         torch.testing.assert_close(a, b)
 
 
@@ -535,3 +536,55 @@ def test_unknown_edge_statistic_and_bad_options_are_clear_errors():
         ImportanceOptions(max_iterations=0)
     with pytest.raises(ValueError, match="must be dicts of model inputs"):
         score_graph(model, [torch.randn(2, 3, 16, 16)])
+
+
+# --------------------------------------------------------------------------- fisher and micro-batches
+
+
+def test_fisher_squares_the_per_batch_first_order_terms_of_taylor():
+    model = tiny_classifier(qkv_bias=True)
+    batches = make_batches(3, 2)
+    fisher = get_criterion("fisher")(model, batches)
+    per_batch = [score_taylor(model, [batch]) for batch in batches]  # |sum w g| of one batch each
+    for layer in range(3):
+        expected_heads = sum(s.heads[layer] ** 2 for s in per_batch) / len(batches)
+        expected_neurons = sum(s.neurons[layer] ** 2 for s in per_batch) / len(batches)
+        torch.testing.assert_close(fisher.heads[layer], expected_heads)
+        torch.testing.assert_close(fisher.neurons[layer], expected_neurons)
+    assert "fisher" in REQUIRES_DATA
+
+
+def test_micro_batches_give_one_gradient_per_piece():
+    model = tiny_classifier()
+    whole = make_batches(1, 6)
+    pieces = [{key: value[start:start + 2] for key, value in whole[0].items()} for start in (0, 2, 4)]
+    cut = score_taylor(model, whole, options=ImportanceOptions(micro_batch_size=2))
+    reference = score_taylor(model, pieces)
+    uncut = score_taylor(model, whole)
+    for a, b, c in zip(cut.heads + cut.neurons, reference.heads + reference.neurons, uncut.heads + uncut.neurons):
+        torch.testing.assert_close(a, b)
+    assert not all(torch.allclose(a, c) for a, c in zip(cut.neurons, uncut.neurons))
+    with pytest.raises(ValueError, match="micro_batch_size=0 is invalid"):
+        ImportanceOptions(micro_batch_size=0)
+
+
+# --------------------------------------------------------------------------- a personalised chain
+
+
+def test_a_personalised_chain_credits_the_head_that_a_sensitive_head_reads():
+    """Layer 1's head 0 matters for the loss (teleport weight 9) and reads layer 0's head 1; head 1 of layer 1
+    (weight 1) reads layer 0's head 0. Layer 0's head 1 must get more mass, and the layer's total must not
+    depend on the edges (only on the teleport and the damping)."""
+    edges = [torch.tensor([[0.0, 1.0], [1.0, 0.0]], dtype=torch.float64)]  # edges[0][i, j]: layer-0 i <-> layer-1 j
+    stats = HeadGraphStatistics([2, 2], edges, 1)
+    teleport = [torch.tensor([1.0, 1.0]), torch.tensor([9.0, 1.0])]
+    pi = stationary_importance(stats, 0.85, teleport=teleport)
+    assert pi[0][1] > 3 * pi[0][0]
+    uniform = stationary_importance(stats, 0.85)
+    torch.testing.assert_close(uniform[0][0], uniform[0][1])  # without the personalisation: a tie
+    rewired = HeadGraphStatistics([2, 2], [torch.tensor([[1.0, 0.0], [0.0, 1.0]], dtype=torch.float64)], 1)
+    swapped = stationary_importance(rewired, 0.85, teleport=teleport)
+    assert swapped[0][0] > 3 * swapped[0][1]  # the edges decide which layer-0 head gets the credit...
+    torch.testing.assert_close(swapped[0].sum(), pi[0].sum())  # ...but not how much layer 0 holds
+    with pytest.raises(ValueError, match="one non-negative weight per head"):
+        stationary_importance(stats, 0.85, teleport=[torch.ones(3), torch.ones(2)])

@@ -61,6 +61,13 @@ class ImportanceOptions:
         default=0,
         metadata={"help": "random: seed of the torch.Generator that draws the scores (same on every process)."},
     )
+    micro_batch_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "taylor/fisher: cut every calibration batch into pieces of at most this many images, one "
+            "gradient each (None: one gradient per batch as given)."
+        },
+    )
     all_reduce: bool = field(
         default=True,
         metadata={
@@ -87,6 +94,11 @@ class ImportanceOptions:
         check_edge_statistic(self.edge_statistic, "ImportanceOptions.edge_statistic")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"ImportanceOptions.seed={self.seed!r} is invalid: use an integer.")
+        size = self.micro_batch_size
+        if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+            raise ValueError(
+                f"ImportanceOptions.micro_batch_size={size!r} is invalid: use a positive integer such as 8, or None."
+            )
 
 
 def check_edge_statistic(value: object, name: str = "edge_statistic") -> str:
@@ -218,19 +230,20 @@ from .graph import (  # noqa: E402
 )
 from .magnitude import head_magnitude, neuron_magnitude, score_magnitude  # noqa: E402
 from .random import score_random  # noqa: E402
-from .taylor import score_taylor  # noqa: E402
+from .taylor import score_fisher, score_taylor  # noqa: E402
 
 CRITERIA: dict[str, Criterion] = {
     "graph": score_graph,
     "magnitude": score_magnitude,
     "taylor": score_taylor,
+    "fisher": score_fisher,
     "random": score_random,
 }
 """Criterion name -> callable ``(model, batches, *, options=None) -> UnitScores``. Register new ones here.
 
 Pruning methods (:mod:`hf_vitprune.methods`) call these scores; the names are the criteria's, not the methods'."""
 
-REQUIRES_DATA: frozenset[str] = frozenset({"graph", "taylor"})
+REQUIRES_DATA: frozenset[str] = frozenset({"graph", "taylor", "fisher"})
 """The criteria that need calibration ``batches`` (the others accept ``None``)."""
 
 
@@ -259,6 +272,7 @@ __all__ = [
     "get_criterion",
     "head_magnitude",
     "neuron_magnitude",
+    "score_fisher",
     "score_graph",
     "score_magnitude",
     "score_random",

@@ -40,10 +40,15 @@ The construction implemented here and its choices:
 
 3. **Importance** (:func:`stationary_importance`). Power iteration ``pi <- pi G`` from the uniform
    distribution until the L1 change is below ``tolerance``; :class:`ConvergenceError` if that does
-   not happen within ``max_iterations``. ``pi`` sums to 1 over all heads of all layers. Mass
-   accumulates towards the first layers (each layer passes its mass on), so ``pi`` ranks heads
-   *within* a layer; how much each layer keeps is decided on a common scale of output energy
-   (:mod:`.energy`) by the GOHSP method.
+   not happen within ``max_iterations``. ``pi`` sums to 1 over all heads of all layers.
+   What the chain can and cannot say: every head of layer l+1 (with edges) sends all of its walk
+   mass to layer l, so a layer's *total* stationary mass is ``d * mass(l+1) + teleport mass(l)``,
+   whatever the edge weights (provable by summing ``pi G`` over a layer). The edges only
+   *redistribute* mass among the heads of a layer; how much each layer keeps must come from a
+   currency that is comparable across layers. GOHSP (:mod:`hf_vitprune.methods.gohsp`) therefore
+   multiplies a loss-calibrated score of each head (Taylor, Fisher or output energy) by the head's
+   stationary mass relative to its layer's mean, and personalises the teleport with the same
+   scores, so that a head ranks high when the heads that read it matter for the loss.
 
 The ``"graph"`` criterion (:func:`score_graph`) scores heads by this importance and MLP neurons
 by group L2 magnitude (the graph covers heads only).
@@ -356,14 +361,33 @@ def adjacency_matrix(stats: HeadGraphStatistics) -> torch.Tensor:
     return adjacency
 
 
-def transition_matrix(stats: HeadGraphStatistics, damping: float = 0.85) -> torch.Tensor:
+def teleport_distribution(stats: HeadGraphStatistics, teleport=None) -> torch.Tensor:
+    """The chain's teleport distribution over all heads: uniform, or ``teleport`` (one non-negative tensor per
+    layer, e.g. each head's loss sensitivity) normalised to sum to 1 (uniform again when it sums to 0)."""
+    n = sum(stats.num_heads)
+    if teleport is None:
+        return torch.full((n,), 1.0 / n, dtype=torch.float64) if n else torch.zeros(0, dtype=torch.float64)
+    parts = [torch.as_tensor(t, dtype=torch.float64).detach().cpu().reshape(-1) for t in teleport]
+    sizes = [part.numel() for part in parts]
+    if sizes != list(stats.num_heads):
+        raise ValueError(f"teleport has {sizes} values per layer but the graph has {stats.num_heads} heads per layer; "
+                         f"give one non-negative weight per head.")
+    weights = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
+    if not torch.isfinite(weights).all() or (weights < 0).any():
+        raise ValueError("teleport weights must be finite and non-negative (a head's share of the teleport mass).")
+    total = weights.sum()
+    return weights / total if total > 0 else torch.full((n,), 1.0 / n, dtype=torch.float64)
+
+
+def transition_matrix(stats: HeadGraphStatistics, damping: float = 0.85, teleport=None) -> torch.Tensor:
     """Row-stochastic (n, n) float64 matrix of the chain over all heads.
 
     From a head of layer l+1 the walker steps, with probability ``damping``, to a head of layer l,
     in proportion to their edge weights (the per-source normalisation spans one layer), and
-    teleports uniformly otherwise: ``G = d * P + (1 - d) / n``. Heads of the first layer, and heads
-    without any edge, teleport always (their row is uniform). The teleport is added after the
-    normalisation, so it never mixes with the per-layer shares.
+    teleports otherwise: ``G = d * P + (1 - d) * 1 t^T`` with ``t`` the teleport distribution
+    (uniform, or personalised: :func:`teleport_distribution`). Heads of the first layer, and heads
+    without any edge, teleport always. The teleport is added after the normalisation, so it never
+    mixes with the per-layer shares.
     """
     if isinstance(damping, bool) or not 0 <= damping <= 1:
         raise ValueError(f"damping={damping!r} is invalid: use a probability in [0, 1] such as 0.85.")
@@ -372,9 +396,9 @@ def transition_matrix(stats: HeadGraphStatistics, damping: float = 0.85) -> torc
     if n == 0:
         return adjacency
     degree = adjacency.sum(1, keepdim=True)
-    uniform = torch.full_like(adjacency, 1.0 / n)
+    jump = teleport_distribution(stats, teleport).unsqueeze(0).expand(n, n)
     walk = adjacency / degree.clamp_min(torch.finfo(torch.float64).tiny)
-    return torch.where(degree > 0, damping * walk + (1.0 - damping) * uniform, uniform)
+    return torch.where(degree > 0, damping * walk + (1.0 - damping) * jump, jump)
 
 
 def stationary_importance(
@@ -382,17 +406,21 @@ def stationary_importance(
     damping: float = 0.85,
     tolerance: float = 1e-8,
     max_iterations: int = 1000,
+    teleport=None,
 ) -> list[torch.Tensor]:
     """Stationary distribution of the head chain, split per layer (float64 tensors summing to 1 overall).
 
     Power iteration ``pi <- pi G`` from the uniform distribution; stops when ``||pi_new - pi||_1 <
     tolerance`` and raises :class:`ConvergenceError` after ``max_iterations`` steps without that.
+    ``teleport`` (one non-negative tensor per layer) personalises the chain: the walker restarts at
+    a head in proportion to it, so a head's mass is its own weight plus what the heads that read it
+    pass back (PageRank's personalisation vector).
     """
     if not tolerance > 0:
         raise ValueError(f"tolerance={tolerance!r} is invalid: use a positive number such as 1e-8.")
     if max_iterations < 1:
         raise ValueError(f"max_iterations={max_iterations!r} is invalid: use a positive integer such as 1000.")
-    chain = transition_matrix(stats, damping)
+    chain = transition_matrix(stats, damping, teleport)
     n = chain.shape[0]
     if n == 0:
         return [torch.zeros(0, dtype=torch.float64) for _ in stats.num_heads]

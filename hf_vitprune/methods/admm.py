@@ -56,8 +56,9 @@ from ..architectures import EncoderLayer, find_encoder_layers
 from ..budget import Budget, select_plan, unit_costs
 from ..importance import UnitScores
 from ..plan import PruningPlan
-from ..sharding import full_tensor, local_tensor, shard_like, sum_over_shards
+from ..sharding import full_tensor, has_sharded_parameters, local_tensor, shard_like, sum_over_shards
 from ..stats import model_stats
+from .admm_shrinking import SupportHistory, keep_scores, reindex
 from .base import MethodOptions, PruningMethod, SearchContext
 from .base import option_help as _help  # every option documents itself
 
@@ -297,6 +298,39 @@ class ADMMState:
             whole = full_tensor(tensor)
             local_tensor(tensor).copy_(local_tensor(shard_like(whole * _unit_mask(group, layer, plan, whole), tensor)))
 
+    # ------------------------------------------------------------------ mid-search removal
+
+    @staticmethod
+    def kept_positions(model: nn.Module, removal: PruningPlan) -> dict[str, tuple[int, torch.Tensor]]:
+        """For every constrained tensor, ``(dim, indices)`` of the elements ``removal`` keeps along the unit axis."""
+        removal.validate(model)
+        positions = {}
+        for key, (group, tensor, layer) in prunable_tensors(model).items():
+            count = layer.num_heads if group.heads else layer.num_neurons
+            kept = torch.as_tensor(removal.kept("heads" if group.heads else "neurons", layer.index, count),
+                                   dtype=torch.long)
+            index = (kept.unsqueeze(1) * group.unit + torch.arange(group.unit)).flatten()
+            positions[key] = (group.dim if tensor.dim() == 2 else 0, index)
+        return positions
+
+    @torch.no_grad()
+    def removed_share(self, model: nn.Module, positions: dict[str, tuple[int, torch.Tensor]]) -> float:
+        """``||W of the units about to be removed|| / ||W||``: the residual that cutting them leaves behind (they
+        lie outside Z's support, so their part of ``W - Z`` is W itself)."""
+        removed = total = 0.0
+        for key, _, tensor, _ in self._pairs(model):
+            w = full_tensor(tensor.detach()).double()
+            dim, index = positions[key]
+            total += float(w.pow(2).sum())
+            removed += float(w.pow(2).sum() - w.index_select(dim, index.to(w.device)).pow(2).sum())
+        return (removed / total) ** 0.5 if total > 0 else 0.0
+
+    def keep(self, positions: dict[str, tuple[int, torch.Tensor]]) -> None:
+        """Slice Z and U as the trainer sliced W (``positions`` from :meth:`kept_positions` before the cut)."""
+        for key, (dim, index) in positions.items():
+            self.Z[key] = self.Z[key].index_select(dim, index.to(self.Z[key].device))
+            self.U[key] = self.U[key].index_select(dim, index.to(self.U[key].device))
+
     # ------------------------------------------------------------------ checkpointing
 
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -409,6 +443,17 @@ class ADMMOptions(MethodOptions):
         **_help("Share of the Z/U updates, at the end of ADMM, that keep the last support instead of choosing "
                 "it again: W then settles on the units that will survive the hard prune. 0 never freezes."),
     )
+    admm_remove_after: int | None = field(
+        default=3,
+        **_help("Remove a unit physically, mid-search, once Z has left it out of its support for this many Z/U updates "
+                "in a row, so the rest of the search trains (and pays for) a smaller model; None keeps the full "
+                "width until the hard prune. Off under FSDP, which cannot slice parameters mid-run."),
+    )
+    admm_distillation: bool = field(
+        default=True,
+        **_help("Distil from the dense model during ADMM too (with PruningConfig.distillation_weight), so the "
+                "units that stay learn to carry what the dropped ones did before they are cut."),
+    )
     admm_constant_lr: bool = field(
         default=True,
         **_help("Keep the learning rate constant (after warm-up) during ADMM, so that it does not anneal to zero "
@@ -418,10 +463,13 @@ class ADMMOptions(MethodOptions):
     def __post_init__(self):
         super().__post_init__()
         self._check_int("admm_update_steps", 1)
+        if self.admm_remove_after is not None:
+            self._check_int("admm_remove_after", 1)
         self._check_number("admm_fraction", low=0, high=1)
         self._check_number("admm_freeze_fraction", low=0, high=1, low_open=False)
-        if not isinstance(self.admm_constant_lr, bool):
-            raise ValueError(f"{type(self).__name__}.admm_constant_lr={self.admm_constant_lr!r} must be True or False.")
+        for name in ("admm_constant_lr", "admm_distillation"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{type(self).__name__}.{name}={getattr(self, name)!r} must be True or False.")
         self._check_number("admm_rho", low=0)
         self._check_number("admm_rho_growth", low=1, low_open=False)
         if self.admm_rho_final is not None:
@@ -457,6 +505,9 @@ ADMM_CITATION = {
 IMPORTANCE_PREFIX = "importance."
 ADMM_PREFIX = "admm."
 FREEZE_KEY = "admm_schedule.freeze_after"
+DENSE_KEY = "admm_schedule.dense_budget_measure"
+SEARCH_STEPS_KEY = "admm_schedule.search_steps"
+HISTORY_PREFIX = "admm_history."
 NEVER = 2**62
 
 logger = logging.get_logger(__name__)
@@ -482,6 +533,10 @@ class ADMMSearch(PruningMethod):
         self.finished = False
         self.freeze_after = 0  # Z/U updates after which the support stays as it is
         self.final_residual: float | None = None
+        self.dense_measure: int | None = None  # the dense model's parameters or FLOPs: what the budget is of
+        self.search_total = 0  # optimizer steps of the whole search
+        self.history: SupportHistory | None = None  # updates each unit spent outside the support
+        self._removal = None  # (plan, kept positions, widths) of a mid-search removal the trainer is to make
         self._logs: dict[str, float] = {}
 
     # ------------------------------------------------------------------ what subclasses decide
@@ -505,6 +560,10 @@ class ADMMSearch(PruningMethod):
         self.importance = self.rank(context)
         self._logs["ranking_seconds"] = time.perf_counter() - started
         model, options = context.model, self.options
+        self.dense_measure = context.budget.measure(model_stats(model))
+        self.search_total = context.search_steps
+        if options.admm_remove_after is not None:
+            self.history = SupportHistory.start(model)
         growth = options.rho_growth(context.search_steps)
         updates = context.search_steps // options.admm_update_steps
         self.freeze_after = math.ceil(updates * (1 - options.admm_freeze_fraction))
@@ -518,10 +577,14 @@ class ADMMSearch(PruningMethod):
 
     def on_step_end(self, model, step: int) -> None:
         if step % self.options.admm_update_steps == 0:
-            self.update(model)
+            # a removal pays only while W-steps are left to run on the smaller model before the hard prune
+            self.update(model, may_remove=step + self.options.admm_update_steps <= self.search_total)
 
     def search_lr_scheduler(self) -> str | None:
         return "constant_with_warmup" if self.options.admm_constant_lr else None
+
+    def distils_during_search(self) -> bool:
+        return self.options.admm_distillation
 
     def finalize(self, model) -> PruningPlan:
         """The last Z's support: W is hard-pruned to it (the residual to Z is recorded first)."""
@@ -541,6 +604,10 @@ class ADMMSearch(PruningMethod):
         if self.admm is not None and not self.finished:
             tensors.update({f"{ADMM_PREFIX}{k}": v for k, v in self.admm.state_dict().items()})
             tensors[FREEZE_KEY] = torch.tensor(self.freeze_after, dtype=torch.int64)
+            tensors[DENSE_KEY] = torch.tensor(self.dense_measure, dtype=torch.int64)
+            tensors[SEARCH_STEPS_KEY] = torch.tensor(self.search_total, dtype=torch.int64)
+            if self.history is not None:
+                tensors.update(self.history.state_dict(HISTORY_PREFIX))
         return tensors
 
     def load_state_dict(self, state: dict[str, torch.Tensor], model) -> None:
@@ -550,6 +617,10 @@ class ADMMSearch(PruningMethod):
             self.admm = ADMMState.from_state_dict(admm, model=model)
         # checkpoints written before the support could be frozen never freeze it
         self.freeze_after = int(state[FREEZE_KEY]) if FREEZE_KEY in state else NEVER
+        # ...and those written before mid-search removal never removed anything: the model is the dense one
+        self.dense_measure = int(state[DENSE_KEY]) if DENSE_KEY in state else self.config.budget.measure(model_stats(model))
+        self.history = SupportHistory.from_state_dict(state, HISTORY_PREFIX)
+        self.search_total = int(state[SEARCH_STEPS_KEY]) if SEARCH_STEPS_KEY in state else 0
 
     def log_values(self) -> dict[str, float]:
         return dict(self._logs)
@@ -557,19 +628,65 @@ class ADMMSearch(PruningMethod):
     # ------------------------------------------------------------------ ADMM steps
 
     def project(self, model) -> PruningPlan:
-        """Z's support: the budgeted plan that keeps the best units by :meth:`projection_scores`."""
+        """Z's support: the budgeted plan that keeps the best units by :meth:`projection_scores`.
+
+        The budget is of the dense model: after a mid-search removal the model is smaller, so the
+        fraction still to remove is taken against what it is now (everything fits: keep everything).
+        """
         head_norms, neuron_norms = self.admm.group_norms(model)
         heads, neurons = self.projection_scores(head_norms, neuron_norms)
         if self.rescale_kinds:
             heads, neurons = balance_kinds(model, heads, neurons, self.config.budget)
-        return select_plan(model, heads, neurons, **self.config.selection_arguments())
+        arguments = self.config.selection_arguments()
+        budget = self.config.budget
+        current = budget.measure(model_stats(model))
+        if current != self.dense_measure:
+            limit = (1.0 - budget.fraction) * self.dense_measure
+            if current <= limit:
+                return PruningPlan()
+            arguments.update(target_sparsity=None, target_flops_reduction=None,
+                             budget=Budget(budget.metric, 1.0 - limit / current))
+        return select_plan(model, heads, neurons, **arguments)
 
-    def update(self, model) -> None:
-        """Z = projection of W + U onto the budget (or the frozen support), U += W - Z, rho grows; logs them."""
+    def update(self, model, may_remove: bool = False) -> None:
+        """Z = projection of W + U onto the budget (or the frozen support), U += W - Z, rho grows; logs them.
+
+        With ``admm_remove_after``, units outside the support for that many updates in a row are then
+        handed to the trainer to cut out (:meth:`pending_compaction`).
+        """
         frozen = self.admm.step >= self.freeze_after and self.admm.plan is not None
         plan = self.admm.plan if frozen else self.project(model)
         self.admm.update(model, plan)
         self._log_plan(model, plan)
+        if self.history is not None:
+            self.history.record(model, plan)
+            removal = self.history.removal(self.options.admm_remove_after) if may_remove else None
+            if removal is not None and has_sharded_parameters(model):
+                logger.warning("ADMM keeps the full width under FSDP: sharded parameters cannot be cut mid-search "
+                               "(admm_remove_after is ignored).")
+                self.history = None
+            elif removal is not None:
+                positions = ADMMState.kept_positions(model, removal)
+                share = self.admm.removed_share(model, positions)
+                self._logs["admm_residual_at_removal"] = max(share, self._logs.get("admm_residual_at_removal", 0.0))
+                self._removal = (removal, positions, {"heads": [layer.num_heads for layer in find_encoder_layers(model)],
+                                                      "neurons": [layer.num_neurons
+                                                                  for layer in find_encoder_layers(model)]})
+
+    def pending_compaction(self) -> PruningPlan | None:
+        return None if self._removal is None else self._removal[0]
+
+    def after_compaction(self, model, plan, replace_parameters) -> None:
+        """Slice Z, U, the importance and the history as the trainer sliced W; the support follows the new indices."""
+        removal, positions, widths = self._removal
+        self._removal = None
+        self.admm.keep(positions)
+        self.admm.plan = reindex(self.admm.plan, removal, widths)
+        self.importance = keep_scores(self.importance, removal)
+        self.history.keep(removal)
+        self._logs["admm_removed_units"] = self._logs.get("admm_removed_units", 0.0) + sum(
+            widths[kind][layer] - len(removal.kept(kind, layer, widths[kind][layer]))
+            for kind in widths for layer in range(len(widths[kind])))
 
     def _log_plan(self, model, plan: PruningPlan) -> None:
         stats = model_stats(model, plan)
@@ -597,6 +714,7 @@ class ADMMSearch(PruningMethod):
             + (f", support frozen for the last {options.admm_freeze_fraction:.0%} of the updates"
                if options.admm_freeze_fraction > 0 else "")
             + (", constant learning rate after warm-up" if options.admm_constant_lr else "")
+            + (", distilling from the dense model" if options.admm_distillation and self.teacher is not None else "")
             + "), then a hard prune to the ADMM solution, physical compaction, and fine-tuning of the compacted model "
             "with a fresh optimizer for the remaining steps.",
         ]

@@ -182,6 +182,11 @@ class PruningMethod:
         """Restore :meth:`state_dict` output when a run resumes (``model`` is the dense model, or in the search
         phase the model as the checkpoint's mid-search compactions left it)."""
 
+    def distils_during_search(self) -> bool:
+        """Whether the trainer adds its distillation loss from the dense model in the search phase too (it always
+        does while fine-tuning, when ``PruningConfig.distillation_weight > 0``)."""
+        return False
+
     def search_lr_scheduler(self) -> str | None:
         """A ``transformers.get_scheduler`` name for the search phase, or None for ``args.lr_scheduler_type``."""
         return None

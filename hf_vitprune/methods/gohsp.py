@@ -1,23 +1,29 @@
-"""GOHSP (Yin et al., AAAI 2023): a graph ranking of heads and data-driven unit importance as the
-soft guideline of an ADMM search over heads and MLP neurons.
+"""GOHSP (Yin et al., AAAI 2023): a graph ranking of heads on a loss-calibrated currency, as the soft
+guideline of an ADMM search over heads and MLP neurons.
 
-The ranking, computed once on the dense model from one calibration pass
-(:func:`hf_vitprune.importance.graph.collect_calibration_statistics`):
+The ranking, computed once on the dense model from the calibration images:
 
-- every head and MLP neuron gets its *output energy*, the mean squared norm of what it writes
-  into the residual stream (:mod:`hf_vitprune.importance.energy`): an estimate of the loss
-  increase its removal causes, on one scale for heads and neurons of every layer. This is the
-  paper's "soft guideline" extended to neurons, which the paper prunes too but does not rank;
-- within each layer a head's energy is weighted by its stationary probability in the *directed*
-  Markov chain over head correlations (:func:`hf_vitprune.importance.graph.stationary_importance`),
-  relative to the layer's mean and raised to ``importance_alpha``: heads that feed heads that
-  matter downstream keep more.
+- every head and MLP neuron gets a *currency*, the estimated loss increase its removal causes, on
+  one scale for heads and neurons of every layer (``currency``): group Fisher (default,
+  ``(sum w * dL/dw)^2`` averaged over micro-batches of ``currency_batch_size`` images), first-order
+  Taylor (``|sum w * dL/dw|``) or output energy (what the unit writes into the residual stream,
+  which assumes every layer's output matters equally to the loss: measured here, it disagreed with
+  loss sensitivity by up to 4x between layers and gave extreme plans). The paper prunes neurons too
+  but ranks only heads; the currency is this project's choice (docs/methods.md);
+- a *directed* Markov chain over head correlations
+  (:func:`hf_vitprune.importance.graph.stationary_importance`), personalised by the heads'
+  currency (``teleport="currency"``: the walker restarts at a head in proportion to its loss
+  sensitivity and walks from a head to the heads of the layer below that it reads), gives every
+  head its stationary mass. A layer's total mass does not depend on the edges (see the graph
+  module), so the mass is taken relative to the layer's mean and raised to ``importance_alpha``:
+  a head's score is ``currency * (pi / mean of its layer's pi) ** alpha``, and heads of all layers
+  are then ranked together with the neurons on that one scale.
 
 At every Z-step a unit's score is that importance times ``(its group norm of W + U / the largest
 of its layer) ** norm_exponent``, so units that ADMM has driven towards zero lose their place.
-Heads and neurons are compared directly (no per-kind rescaling: they share the energy scale).
-Departures from the paper, which leaves these open: the energy scale, the direction of the
-chain and the combination (see docs/methods.md).
+Heads and neurons are compared directly (no per-kind rescaling: they share the currency's scale).
+Departures from the paper, which leaves these open: the currency, the direction and the
+personalisation of the chain, and the combination (see docs/methods.md).
 """
 
 from __future__ import annotations
@@ -26,10 +32,24 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..importance import EDGE_STATISTICS, ImportanceOptions, UnitScores, check_edge_statistic, empty_calibration_error
+from ..importance import (
+    EDGE_STATISTICS,
+    ImportanceOptions,
+    UnitScores,
+    check_edge_statistic,
+    empty_calibration_error,
+    score_fisher,
+    score_taylor,
+)
+from ..importance.energy import OutputEnergy
 from ..importance.graph import collect_calibration_statistics, stationary_importance
 from .admm import ADMMOptions, ADMMSearch, _help, combine_scores
 from .base import SearchContext, register_method
+
+CURRENCIES = ("fisher", "taylor", "energy")
+TELEPORTS = ("currency", "uniform")
+CURRENCY_NAMES = {"fisher": "group Fisher (loss sensitivity)", "taylor": "first-order Taylor (loss sensitivity)",
+                  "energy": "output energy"}
 
 GOHSP_CITATION = {
     "what": "GOHSP (Yin et al., AAAI 2023, arXiv:2301.05345)",
@@ -60,6 +80,22 @@ class GOHSPOptions(ADMMOptions):
         default=1.0,
         **_help("Exponent of a head's graph importance (relative to its layer's mean) in its score; 0 ignores the graph."),
     )
+    currency: str = field(
+        default="fisher",
+        **_help("What removing a unit costs, on one scale for heads and neurons of every layer: 'fisher' (group "
+                "Fisher, (sum w * dL/dw)^2), 'taylor' (|sum w * dL/dw|) or 'energy' (the unit's output energy, "
+                "blind to how much each layer matters for the loss)."),
+    )
+    currency_batch_size: int = field(
+        default=8,
+        **_help("Images per gradient when the currency is 'fisher' or 'taylor' (the calibration batches are cut "
+                "into pieces of this size)."),
+    )
+    teleport: str = field(
+        default="currency",
+        **_help("Where the head chain's walker restarts: 'currency' (in proportion to each head's currency, so "
+                "heads read by heads that matter for the loss rank high) or 'uniform' (plain PageRank)."),
+    )
     norm_exponent: float = field(
         default=0.5,
         **_help("Exponent of the normalised squared group norm of W + U in every score at a projection: 0.5 is the "
@@ -74,6 +110,11 @@ class GOHSPOptions(ADMMOptions):
         self._check_int("ranking_max_iterations", 1)
         self._check_number("importance_alpha", low=0, low_open=False)
         self._check_number("norm_exponent", low=0, low_open=False)
+        for name, allowed in (("currency", CURRENCIES), ("teleport", TELEPORTS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{type(self).__name__}.{name}={getattr(self, name)!r} is unknown; use one of "
+                                 f"{', '.join(map(repr, allowed))}.")
+        self._check_int("currency_batch_size", 1)
 
     def importance_options(self) -> ImportanceOptions:
         return ImportanceOptions(damping=self.damping, tolerance=self.ranking_tolerance,
@@ -82,14 +123,14 @@ class GOHSPOptions(ADMMOptions):
 
 @register_method
 class GOHSP(ADMMSearch):
-    """Graph head importance x group norm at every ADMM projection; neurons by group norm."""
+    """Loss-calibrated currency x graph head importance, x group norm at every ADMM projection."""
 
     name = "gohsp"
     options_class = GOHSPOptions
     description = ("GOHSP: attention heads ranked by a graph-based (Markov chain) importance, then ADMM-based "
                    "structured pruning of heads and MLP neurons (Yin et al., AAAI 2023)")
 
-    rescale_kinds = False  # heads and neurons share the output-energy scale
+    rescale_kinds = False  # heads and neurons share the currency's scale
 
     def rank(self, context: SearchContext) -> UnitScores:
         options = self.options
@@ -99,11 +140,22 @@ class GOHSP(ADMMSearch):
         energy.all_reduce()
         if graph.num_images == 0:
             raise empty_calibration_error(self.name)
+        currency = self.unit_currency(context, energy)
+        teleport = currency.heads if options.teleport == "currency" else None
         chain = stationary_importance(graph, options.damping, options.ranking_tolerance,
-                                      options.ranking_max_iterations)
-        heads = [e * relative_to_layer_mean(pi).pow(options.importance_alpha)
-                 for e, pi in zip(energy.head_energy(), chain)]
-        return UnitScores(heads=heads, neurons=energy.neuron_energy(context.model))
+                                      options.ranking_max_iterations, teleport=teleport)
+        heads = [c * relative_to_layer_mean(pi).pow(options.importance_alpha)
+                 for c, pi in zip(currency.heads, chain)]
+        return UnitScores(heads=heads, neurons=currency.neurons)
+
+    def unit_currency(self, context: SearchContext, energy: OutputEnergy) -> UnitScores:
+        """Every unit's estimated loss increase on removal, in ``options.currency`` (same on every process)."""
+        options = self.options
+        if options.currency == "energy":
+            return UnitScores(heads=energy.head_energy(), neurons=energy.neuron_energy(context.model))
+        score = score_fisher if options.currency == "fisher" else score_taylor
+        return score(context.model, context.calibration_batches(),
+                     options=ImportanceOptions(micro_batch_size=options.currency_batch_size))
 
     def projection_scores(self, head_norms, neuron_norms):
         # importance * (norm / layer max) ** e  ==  combine_scores(importance, norm ** e), as x ** e is increasing
@@ -113,9 +165,10 @@ class GOHSP(ADMMSearch):
 
     def ranking_sentence(self) -> str:
         options = self.options
-        return (f"{super().ranking_sentence()}; heads and MLP neurons by output energy, heads weighted by a directed "
-                f"head graph with edge statistic `{options.edge_statistic}`, damping {options.damping}, importance "
-                f"exponent {options.importance_alpha}, norm exponent {options.norm_exponent}")
+        return (f"{super().ranking_sentence()}; heads and MLP neurons by {CURRENCY_NAMES[options.currency]}, heads "
+                f"weighted by a directed head graph (edge statistic `{options.edge_statistic}`, damping "
+                f"{options.damping}, teleport by {options.teleport}, importance exponent {options.importance_alpha}), "
+                f"norm exponent {options.norm_exponent}")
 
     def citations(self) -> list[dict[str, str]]:
         return [GOHSP_CITATION, *super().citations()]
@@ -127,4 +180,4 @@ def relative_to_layer_mean(scores: torch.Tensor) -> torch.Tensor:
     return scores / mean if mean > 0 else torch.ones_like(scores)
 
 
-__all__ = ["EDGE_STATISTICS", "GOHSP", "GOHSPOptions", "relative_to_layer_mean"]
+__all__ = ["CURRENCIES", "EDGE_STATISTICS", "GOHSP", "GOHSPOptions", "TELEPORTS", "relative_to_layer_mean"]
