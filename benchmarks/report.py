@@ -979,7 +979,7 @@ def _results_table(results: dict) -> list[str]:
     return [_table(header, table), ""]
 
 
-def _epochs_section(results: dict, title: str) -> list[str]:
+def _epochs_section(results: dict, title: str, path: Path) -> list[str]:
     """Accuracy against the pruning-epoch budget, every method and sparsity (with the former curve's points)."""
     rows = results["summary"]["rows"]
     legacy = _legacy_curve(results)
@@ -1006,7 +1006,9 @@ def _epochs_section(results: dict, title: str) -> list[str]:
     if marked:
         out += ["† Measured earlier by `python -m benchmarks.epochs_curve` (gohsp at one sparsity, the seeds in "
                 "brackets; since folded into `python -m benchmarks.run --prune_epochs`), from the same cached dense "
-                f"model and recipe; raw figures in `{results['settings']['results_name']}{LEGACY_EPOCHS_SUFFIX}`.", ""]
+                "model and recipe; raw figures in "
+                f"`{_rel(Path(results['settings']['output_dir']) / (results['settings']['results_name'] + LEGACY_EPOCHS_SUFFIX), path)}`.",
+                ""]
     return out
 
 
@@ -1056,7 +1058,7 @@ def _heldout_section(main: dict, heldout: dict | None, path: Path, heldout_plot:
     out += _results_table(heldout)
     if heldout_plot is not None:
         out += [f"![held-out model: accuracy against parameters and FLOPs]({_rel(heldout_plot, path)})", ""]
-    out += _epochs_section(heldout, "### Held-out model: accuracy against pruning epochs")
+    out += _epochs_section(heldout, "### Held-out model: accuracy against pruning epochs", path)
     return out
 
 
@@ -1189,7 +1191,7 @@ def write_markdown(results: dict, path: Path, plot: Path, heldout: dict | None =
             explained.add((name, key))
             out += [f"- **{t['target']}**{where}: {t['measured']}, missed by {t['miss_by']}. " + why, ""]
 
-    out += _epochs_section(results, "### Accuracy against pruning epochs")
+    out += _epochs_section(results, "### Accuracy against pruning epochs", path)
     out += _heldout_section(results, heldout, path, heldout_plot)
 
     step, memory = results.get("training_step"), results.get("memory")
@@ -1344,11 +1346,12 @@ def speed_shapes_section(speed: dict | None) -> list[str]:
     if not speed:
         return []
     settings = speed["settings"]
+    patches = {shape["config"]["patch_size"] for shape in speed["shapes"]}
     out = [
         "## Speed at real model shapes",
         "",
         f"`benchmarks/speed_shapes.py` (preset `{speed['preset']}`, {speed['total_seconds'] / 60:.1f} min): random-weight "
-        "ViTs (depth and image size per shape below, 16x16 patches), SDPA attention, pruned to each method's plan shapes without "
+        f"ViTs (depth and image size per shape below, {_listed(sorted({f'{c}x{c}' for c in patches}))} patches), SDPA attention, pruned to each method's plan shapes without "
         "training (in-project methods: their `setup` + `finalize` on "
         f"{settings['calibration_images']} random images, then `apply_plan`; torch_pruning: its own pruning). "
         f"Throughput at batch {settings['batch_size']}, `torch.set_num_threads({settings['threads']})`, dense and "
