@@ -84,6 +84,14 @@ class Settings:
         return Path(self.output_dir) / f"{self.results_name}_accuracy.png"
 
 
+def with_defaults(settings: dict, settings_class: type = None) -> dict:
+    """A settings dict read from a results JSON, with the fields it predates at their defaults (for comparing
+    it with today's settings: a field added since, at its default, changes nothing that was measured)."""
+    fields_ = dataclasses.fields(settings_class or Settings)
+    defaults = {f.name: f.default for f in fields_ if f.default is not dataclasses.MISSING}
+    return {**defaults, **settings}
+
+
 # Fashion-MNIST: 28x28 grey images in 7x7 patches (16 tokens + CLS). Chosen on the validation split
 # (see BENCHMARKS.md, "How the dense model was chosen"): the best accuracy found within the time budget.
 FASHION_MNIST = dict(

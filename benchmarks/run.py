@@ -110,6 +110,7 @@ from .common import (
     run_figures,
     train_or_reuse_dense,
     training_arguments,
+    with_defaults,
 )
 from . import speed_shapes, torch_pruning_peer
 from .measure import measure_memory, time_training_steps
@@ -360,8 +361,7 @@ RESUMABLE_SETTINGS = ("methods", "speed_shapes", "prune_epochs", "epoch_budgets"
 
 def _identity(settings: dict) -> dict:
     """The settings that must match to resume; a field an older JSON lacks counts as its default."""
-    defaults = {f.name: f.default for f in dataclasses.fields(Settings) if f.default is not dataclasses.MISSING}
-    return {key: value for key, value in {**defaults, **settings}.items() if key not in RESUMABLE_SETTINGS}
+    return {key: value for key, value in with_defaults(settings).items() if key not in RESUMABLE_SETTINGS}
 
 
 def _load_previous(settings: Settings) -> dict | None:
