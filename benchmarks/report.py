@@ -937,7 +937,7 @@ def _dense_line(results: dict) -> str:
         f"tokens + CLS); {dense['params']:,} parameters, {dense['flops'] / 1e6:.2f} MFLOPs per image. Trained "
         f"{settings['dense_epochs']:g} epochs, AdamW lr {settings['dense_learning_rate']:g}, weight decay "
         f"{settings['weight_decay']:g}, cosine schedule, batch {settings['batch_size']}"
-        + (", random horizontal flips and shifts of up to 2 pixels" if settings.get("augment") else "")
+        + (f", random horizontal flips and shifts of up to {_augment_shift()} pixels" if settings.get("augment") else "")
         + (f", label smoothing {settings['label_smoothing']:g}" if settings.get("label_smoothing") else "")
         + (f", {settings['dense_processes']} processes (torchrun, DDP over gloo, one thread each)"
            if settings.get("dense_processes", 1) > 1 else "")
@@ -1135,12 +1135,14 @@ def write_markdown(results: dict, path: Path, plot: Path, heldout: dict | None =
         + _flops_matched_setup(rows, settings, speed_shapes=bool(results.get("speed_shapes"))),
         f"- **Speed**: `hf_vitprune.speed.measure_speed`: pruned and dense in the same process, interleaved, "
         f"eval mode, no_grad, median of {settings['speed_repeats']} repeats after "
-        f"{_speed_warmup(results)} warm-ups, `torch.set_num_threads({settings['speed_threads']})`; latency at batch 1, "
-        "throughput at batch 64. FLOPs speedup = dense FLOPs / pruned FLOPs; efficiency = measured throughput speedup "
-        "/ FLOPs speedup. One torch thread per process throughout: on this 2-core machine, shared with other jobs, "
-        "two OpenMP threads per process were slower than one for models this small and collapsed whenever another "
-        "process was busy, so the pruning runs go as parallel single-thread processes and all timing happens after "
-        "them. The machine was shared with other jobs (load average "
+        f"{_speed_warmup(results)} warm-ups, `torch.set_num_threads({settings['speed_threads']})`; "
+        f"{_speed_batches(results)}. FLOPs speedup = dense FLOPs / pruned FLOPs; efficiency = measured throughput "
+        "speedup / FLOPs speedup."
+        + (f" One torch thread per process throughout: on this {env['cpu_count']}-core machine, shared with other "
+           "jobs, two OpenMP threads per process were slower than one for models this small and collapsed whenever "
+           "another process was busy, so the pruning runs go as parallel single-thread processes and all timing "
+           "happens after them." if env["torch_threads"] == 1 and settings["speed_threads"] == 1 else "")
+        + " The machine was shared with other jobs (load average "
         f"{', '.join(f'{x:.1f}' for x in env['load_average_at_start'])} at the start); interleaving makes both "
         "models see the same load, the ratios are what to read.",
         "",
@@ -1262,6 +1264,26 @@ def write_markdown(results: dict, path: Path, plot: Path, heldout: dict | None =
     out += [SIZING_NOTE.get(settings["dataset"], ""), ""]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(out).rstrip() + "\n")
+
+
+def _augment_shift() -> int:
+    """The largest shift of the training images' augmentation (``benchmarks.common._augment``)."""
+    import inspect
+
+    from .common import _augment
+
+    return inspect.signature(_augment).parameters["shift"].default
+
+
+def _speed_batches(results: dict) -> str:
+    """'latency at batch 1, throughput at batch 64', from the runs' speed records."""
+    speeds = [r["speed"] for r in results["runs"] if "batch_size_latency" in r["speed"]]
+    if not speeds:
+        return "latency and throughput"
+    latency = sorted({s["batch_size_latency"] for s in speeds})
+    throughput = sorted({s["batch_size_throughput"] for s in speeds})
+    return (f"latency at batch {' or '.join(map(str, latency))}, throughput at batch "
+            f"{' or '.join(map(str, throughput))}")
 
 
 def _speed_warmup(results: dict) -> str:
