@@ -509,7 +509,11 @@ def write_plot(results: dict, path: Path) -> None:
         axis.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda value, _: _count(value)))
         axis.set_ylabel("test top-1 accuracy (%)")
         axis.grid(alpha=0.3)
-    axes[0].legend(fontsize="small" if len(budgets) > 1 else None)
+    if len(budgets) > 1:  # one entry per method and budget: beside the plots rather than over the points
+        figure.set_size_inches(14, 4.6)
+        figure.legend(*axes[0].get_legend_handles_labels(), loc="outside right upper", fontsize="small")
+    else:
+        axes[0].legend()
     settings = results["settings"]
     figure.suptitle(f"{settings['dataset']}: accuracy against size (mean ± std over seeds {settings['seeds']})")
     path.parent.mkdir(parents=True, exist_ok=True)
