@@ -503,20 +503,27 @@ def run(settings: Settings, command: str, resume: bool = False) -> dict:
                     record["train_seconds"], "no ranking pass" if ranking is None else f"ranking {ranking:.1f}s")
         pending.append((record, directory))
 
-    with tempfile.TemporaryDirectory() as models_dir:
-        prune_all(settings, data, [job for job in jobs if job.method not in FLOPS_MATCHED_METHODS],
-                  Path(models_dir), finished)
-        # The FLOPs-matched runs need the reference's FLOPs: kept by --resume or trained just above.
-        trained = runs + [record for record, _ in pending]
-        prune_all(settings, data, _flops_matched_jobs(matched, trained), Path(models_dir), finished)
-        # Timing after all training, so that no pruning job of ours competes with the clock.
-        for record, directory in pending:
-            pruned = AutoModelForImageClassification.from_pretrained(directory)
-            time_pruned(settings, record, pruned, dense)
-            logger.info("%s @ %.2f seed %d: throughput x%.2f, FLOPs x%.2f", record["method"], record["sparsity"],
-                        record["seed"], record["speed"]["throughput_speedup"], record["flops_speedup"])
-            runs.append(record)
-            _write(settings, results)
+    # One epoch budget at a time: its runs are trained, then timed and written, so that a long axis interrupted
+    # keeps (for --resume) every budget it finished.
+    for epochs in settings.epoch_axis:
+        at = [job for job in jobs if job.epochs == epochs]
+        pending.clear()
+        with tempfile.TemporaryDirectory() as models_dir:
+            prune_all(settings, data, [job for job in at if job.method not in FLOPS_MATCHED_METHODS],
+                      Path(models_dir), finished)
+            # The FLOPs-matched runs need the reference's FLOPs: kept by --resume or trained just above.
+            trained = runs + [record for record, _ in pending]
+            prune_all(settings, data, _flops_matched_jobs([job for job in at if job.method in FLOPS_MATCHED_METHODS],
+                                                          trained), Path(models_dir), finished)
+            # Timing after the budget's training, so that no pruning job of ours competes with the clock.
+            for record, directory in pending:
+                pruned = AutoModelForImageClassification.from_pretrained(directory)
+                time_pruned(settings, record, pruned, dense)
+                logger.info("%s @ %.2f, %g epochs, seed %d: throughput x%.2f, FLOPs x%.2f", record["method"],
+                            record["sparsity"], record["prune_epochs"], record["seed"],
+                            record["speed"]["throughput_speedup"], record["flops_speedup"])
+                runs.append(record)
+                _write(settings, results)
     runs.sort(key=lambda r: (r["prune_epochs"], r["sparsity"], settings.methods.index(r["method"]), r["seed"]))
     _measure_sections(settings, data, results)
     results["summary"] = summarise(results)

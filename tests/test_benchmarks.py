@@ -472,3 +472,25 @@ def test_the_page_shows_both_models_and_says_when_the_heldout_model_is_not_yet_r
     assert rows[1].endswith("| met on both models |")  # 8 epochs: +0.7 and +0.8
     long_budget = next(line for line in page.splitlines() if line.startswith("| 40% sparsity, 8 pruning epochs"))
     assert long_budget.endswith("| met on both models |")  # 0.3 and 0.2 points below dense
+
+
+def test_an_axis_interrupted_keeps_every_budget_it_finished(tmp_path, fake_pruning, monkeypatch):
+    """Each budget is trained, timed and written before the next starts: a crash at 3 epochs keeps the 1-epoch runs."""
+    from benchmarks import run as bench
+
+    fake = bench.prune_once
+
+    def crash_at_three(settings, *args, **kwargs):
+        if settings.prune_epochs == 3.0:
+            raise RuntimeError("interrupted")
+        return fake(settings, *args, **kwargs)
+
+    monkeypatch.setattr(bench, "prune_once", crash_at_three)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        bench.run(_axis_settings(tmp_path, [1.0, 3.0]), "first")
+    saved = json.loads((tmp_path / "digits_quick.json").read_text())
+    assert {r["prune_epochs"] for r in saved["runs"]} == {1.0} and len(saved["runs"]) == 3 * 2 * 2
+    monkeypatch.setattr(bench, "prune_once", fake)
+    fake_pruning.clear()
+    bench.run(_axis_settings(tmp_path, [1.0, 3.0]), "second", resume=True)
+    assert {call[0] for call in fake_pruning} == {3.0}
