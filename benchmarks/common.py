@@ -62,6 +62,15 @@ class Settings:
     label_smoothing: float = 0.0  # of the dense model's cross-entropy (TrainingArguments.label_smoothing_factor)
     dense_processes: int = 1  # processes training the dense model together (torchrun, DDP); same global batch
     speed_shapes: str = "full"  # preset of benchmarks.speed_shapes run after the accuracy runs ("none" skips it)
+    # The epoch axis: every (method, sparsity, seed) runs once at each of these pruning budgets (None: just
+    # [prune_epochs]). ``prune_epochs`` is the budget of one run; benchmarks.run sets it per run.
+    epoch_budgets: list[float] | None = None
+    benchmark_model: str = "main"  # "main" or "heldout" (HELDOUT_FASHION_MNIST: reports only, never chooses)
+
+    @property
+    def epoch_axis(self) -> list[float]:
+        """The pruning-epoch budgets every run is repeated at, in order."""
+        return [float(e) for e in (self.epoch_budgets or [self.prune_epochs])]
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -73,6 +82,14 @@ class Settings:
     @property
     def plot_path(self) -> Path:
         return Path(self.output_dir) / f"{self.results_name}_accuracy.png"
+
+
+def with_defaults(settings: dict, settings_class: type = None) -> dict:
+    """A settings dict read from a results JSON, with the fields it predates at their defaults (for comparing
+    it with today's settings: a field added since, at its default, changes nothing that was measured)."""
+    fields_ = dataclasses.fields(settings_class or Settings)
+    defaults = {f.name: f.default for f in fields_ if f.default is not dataclasses.MISSING}
+    return {**defaults, **settings}
 
 
 # Fashion-MNIST: 28x28 grey images in 7x7 patches (16 tokens + CLS). Chosen on the validation split
@@ -107,6 +124,37 @@ FASHION_MNIST = dict(
     markdown_file="BENCHMARKS.md",
     results_name="fashion_mnist",
 )
+
+# The held-out benchmark model (issue 27): another depth, width, head count, head width and patch size on the
+# same data, pruned with the main model's recipe field for field. It only ever reports: no method option,
+# recipe field or target may be chosen or tuned on it, so every field but the ones in HELDOUT_OWN_FIELDS is
+# copied from FASHION_MNIST here (tests/test_benchmarks.py fails if a pruning field is set on it). Its dense
+# recipe is the main model's, taken as it is (no tuning on this model either); 6 layers, hidden 144, 3 heads
+# of 48, MLP 288, 14x14 patches (4 tokens + CLS): 1,035,802 parameters and 10.27 MFLOPs per image against the
+# main model's 306,826 and 10.62 (0.97x the FLOPs, hf_vitprune.model_stats).
+HELDOUT_OWN_FIELDS = ("model", "dense_epochs", "dense_learning_rate", "cache_dir", "results_name", "speed_shapes",
+                      "benchmark_model")
+HELDOUT_FASHION_MNIST = dict(
+    FASHION_MNIST,
+    model=dict(hidden_size=144, num_hidden_layers=6, num_attention_heads=3, intermediate_size=288,
+               image_size=28, patch_size=14, num_channels=1),
+    dense_epochs=60,
+    dense_learning_rate=2e-3,
+    cache_dir="outputs/benchmark-dense-heldout-fashion-mnist",
+    results_name="heldout_" + FASHION_MNIST["results_name"],  # heldout_fashion_mnist, beside the main results
+    speed_shapes="none",  # the speed at real model shapes does not depend on the benchmark model: measured once
+    benchmark_model="heldout",
+)
+assert set(HELDOUT_FASHION_MNIST) - set(FASHION_MNIST) <= set(HELDOUT_OWN_FIELDS)
+assert all(HELDOUT_FASHION_MNIST[key] == value for key, value in FASHION_MNIST.items() if key not in HELDOUT_OWN_FIELDS)
+
+HELDOUT_PREFIX = "heldout_"
+
+
+def heldout_results_name(results_name: str) -> str:
+    """The results name of the held-out model's run beside the main model's ``results_name``."""
+    return HELDOUT_PREFIX + results_name
+
 
 # Smoke run on scikit-learn's digits: the quickstart's architecture, few epochs, few repeats.
 DIGITS_QUICK = dict(

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import math
 import os
 import statistics
 from pathlib import Path
@@ -25,6 +27,17 @@ OFB_ACCURACY_SPARSITY = 0.6  # "at the 60% budget's FLOPs, ofb at or above every
 SPVIT_METHOD = "spvit"
 SPVIT_ACCURACY_SPARSITY = 0.4  # "at equal FLOPs, spvit within 0.5 points of the best method at 40%"
 SPVIT_MAX_GAP_POINTS = 0.5
+
+# The targets against the Torch-Pruning peer (issues 22 and 27), at every sparsity and epoch budget, on the main
+# and the held-out model alike.
+PEER_METHOD = "torch_pruning"
+FLOPS_REFERENCE_METHOD = "gohsp"  # benchmarks.common.FLOPS_REFERENCE: whose ADMM schedule the page states
+GOHSP_OVER_PEER_POINTS = 0.3  # gohsp >= peer + 0.3 points
+BEST_OVER_PEER_POINTS = 0.5  # the best hf_vitprune method >= peer + 0.5 points
+OFB_OVER_PEER_POINTS = 0.0  # ofb (at gohsp's FLOPs) at or above the peer
+LONG_BUDGET_EPOCHS = 8.0  # "gohsp at 40%, 8 epochs, within 0.5 points of dense"
+LONG_BUDGET_SPARSITY = 0.4
+LONG_BUDGET_MAX_DROP_POINTS = 0.5
 
 FLOPS_MATCHED_NAMES = {OFB_METHOD: "OFB", OFB_ABLATION: "OFB without PMIM",
                        SPVIT_METHOD: "SPViT's attention-to-convolution search (`spvit_conv`)"}
@@ -81,16 +94,40 @@ def _mean_known(values):
     return _mean(known) if known else None
 
 
+def run_epochs(run: dict, settings: dict) -> float:
+    """A run's pruning epochs; runs recorded before the epoch axis ran at ``settings["prune_epochs"]``."""
+    return float(run.get("prune_epochs", settings["prune_epochs"]))
+
+
+def epoch_budgets(results: dict) -> list[float]:
+    """The epoch budgets of the results' runs, in order (the settings' single budget when there are no runs)."""
+    settings = results["settings"]
+    budgets = {run_epochs(run, settings) for run in results.get("runs", [])}
+    return sorted(budgets or {float(e) for e in (settings.get("epoch_budgets") or [settings["prune_epochs"]])})
+
+
+def _runs_at(results: dict, epochs: float) -> list[dict]:
+    return [run for run in results["runs"] if run_epochs(run, results["settings"]) == epochs]
+
+
 def summarise(results: dict) -> dict:
-    """Per (sparsity, method): mean and spread over seeds; then each target, met or missed and by how much."""
+    """Per (epochs, sparsity, method): mean and spread over seeds; then each target, met or missed and by how much.
+
+    The targets read from the runs are computed at every epoch budget (``epochs``); they are the ones the page
+    shows on the main and the held-out model side by side (``scope`` "models"). The ones measured once, apart
+    from the runs (speed at real model shapes, the ADMM step's cost, memory), have ``scope`` "once".
+    """
     dense_accuracy = results["dense"]["test"]["accuracy"]
-    groups: dict[tuple[float, str], list[dict]] = {}
+    settings = results["settings"]
+    groups: dict[tuple[float, float, str], list[dict]] = {}
     for run in results["runs"]:
-        groups.setdefault((run["sparsity"], run["method"]), []).append(run)
+        groups.setdefault((run_epochs(run, settings), run["sparsity"], run["method"]), []).append(run)
     rows = []
-    for (sparsity, method), runs in sorted(groups.items(), key=lambda item: (item[0][0], _order(item[0][1]))):
+    for (epochs, sparsity, method), runs in sorted(groups.items(),
+                                                   key=lambda item: (*item[0][:2], _order(item[0][2]))):
         residuals = [r["admm_residual_last_logged"] for r in runs if r.get("admm_residual_last_logged") is not None]
         rows.append({
+            "epochs": epochs,
             "sparsity": sparsity,
             "method": method,
             "seeds": sorted(r["seed"] for r in runs),
@@ -111,7 +148,15 @@ def summarise(results: dict) -> dict:
             "admm_residual_mean": _mean(residuals) if residuals else None,
             "admm_residual_max": max(residuals) if residuals else None,
         })
-    return {"dense_accuracy": dense_accuracy, "rows": rows, "targets": _targets(results, rows, dense_accuracy)}
+    targets = []
+    for epochs in epoch_budgets(results):
+        at = [r for r in rows if r["epochs"] == epochs]
+        targets += [{**t, "epochs": epochs, "scope": "models"}
+                    for t in _run_targets(results, at, _runs_at(results, epochs), dense_accuracy, epochs)]
+    if LONG_BUDGET_EPOCHS not in epoch_budgets(results):
+        targets.append({**_long_budget_target(None, dense_accuracy), "epochs": LONG_BUDGET_EPOCHS, "scope": "models"})
+    targets += [{**t, "epochs": None, "scope": "once"} for t in _section_targets(results)]
+    return {"dense_accuracy": dense_accuracy, "rows": rows, "targets": targets}
 
 
 def _row(rows, sparsity, method):
@@ -123,7 +168,9 @@ def _parameter_matched(rows: list[dict]) -> list[dict]:
     return [r for r in rows if not r["flops_matched_to"]]
 
 
-def _targets(results: dict, rows: list[dict], dense_accuracy: float) -> list[dict]:
+def _run_targets(results: dict, rows: list[dict], runs: list[dict], dense_accuracy: float,
+                 epochs: float) -> list[dict]:
+    """The targets read from the runs of one epoch budget (``rows`` and ``runs`` at that budget)."""
     targets = []
     all_rows, rows = rows, _parameter_matched(rows)  # gohsp's targets compare it at equal parameters
     gohsp40 = _row(rows, 0.4, "gohsp")
@@ -158,8 +205,13 @@ def _targets(results: dict, rows: list[dict], dense_accuracy: float) -> list[dic
             "detail": {"sparsity": sparsity, "margin_points": margin, "best_baseline": best["method"],
                        "largest_seed_std_points": spread, "margin_points_by_method": margins},
         })
-    for method in sorted({r["method"] for r in results["runs"]}, key=_order):
-        runs = [r for r in results["runs"] if r["method"] == method]
+    for sparsity in results["settings"]["sparsities"]:
+        targets += _peer_targets(all_rows, sparsity)
+    if epochs == LONG_BUDGET_EPOCHS:
+        targets.append(_long_budget_target(_row(rows, LONG_BUDGET_SPARSITY, "gohsp"), dense_accuracy))
+    every_run = runs
+    for method in sorted({r["method"] for r in every_run}, key=_order):
+        runs = [r for r in every_run if r["method"] == method]
         residuals = [r.get("admm_residual_last_logged") for r in runs]
         if all(value is None for value in residuals):
             continue  # no ADMM phase (torch_pruning)
@@ -175,7 +227,6 @@ def _targets(results: dict, rows: list[dict], dense_accuracy: float) -> list[dic
             "detail": {"per_run": {f"{r['sparsity']:g}/{r['seed']}": r.get("admm_residual_last_logged") for r in runs}},
         })
     shape_targets = _speed_shape_targets(results.get("speed_shapes"))
-    targets += shape_targets
     for row in (r for r in rows if r["method"] == "gohsp" and not shape_targets):  # older results: small model
         efficiency = row["throughput_efficiency"]
         targets.append({
@@ -189,6 +240,14 @@ def _targets(results: dict, rows: list[dict], dense_accuracy: float) -> list[dic
             "detail": {"all_methods": {r["method"]: round(r["throughput_efficiency"], 3)
                                        for r in rows if r["sparsity"] == row["sparsity"]}},
         })
+    return targets + [_ofb_accuracy_target(all_rows), _ofb_speed_target(results, all_rows),
+                      *(_spvit_accuracy_target(all_rows, s) for s in results["settings"]["sparsities"]),
+                      _spvit_latency_target(results, all_rows)]
+
+
+def _section_targets(results: dict) -> list[dict]:
+    """The targets measured once, apart from the runs: speed at real model shapes, the ADMM step, memory."""
+    targets = _speed_shape_targets(results.get("speed_shapes"))
     step = results.get("training_step")
     if step:
         targets.append({
@@ -211,8 +270,61 @@ def _targets(results: dict, rows: list[dict], dense_accuracy: float) -> list[dic
             "miss_by": f"{memory['ratio'] - MAX_MEMORY_RATIO:.2f}x",
             "detail": {},
         })
-    return targets + [_ofb_accuracy_target(all_rows), _ofb_speed_target(results, all_rows),
-                      _spvit_accuracy_target(all_rows), _spvit_latency_target(results, all_rows)]
+    return targets
+
+
+def _peer_targets(rows: list[dict], sparsity: float) -> list[dict]:
+    """Against the Torch-Pruning peer at ``sparsity`` (one epoch budget's rows): gohsp >= peer + 0.3 points, the
+    best hf_vitprune method >= peer + 0.5 points, ofb (at gohsp's FLOPs) at or above the peer."""
+    peer = _row(rows, sparsity, PEER_METHOD)
+    ours = [r for r in rows if abs(r["sparsity"] - sparsity) < 1e-9 and r["method"] != PEER_METHOD]
+    best = max(ours, key=lambda r: r["accuracy_mean"]) if ours else None
+    pct = f"{sparsity:.0%}"
+    specs = [
+        (f"gohsp_vs_peer_at_{round(100 * sparsity)}", _row(rows, sparsity, "gohsp"), GOHSP_OVER_PEER_POINTS,
+         f"{pct} sparsity: gohsp >= {PEER_METHOD} + {GOHSP_OVER_PEER_POINTS} points"),
+        (f"best_vs_peer_at_{round(100 * sparsity)}", best, BEST_OVER_PEER_POINTS,
+         f"{pct} sparsity: the best hf_vitprune method (any row but {PEER_METHOD}) >= {PEER_METHOD} + "
+         f"{BEST_OVER_PEER_POINTS} points"),
+        (f"ofb_vs_peer_at_{round(100 * sparsity)}", _row(rows, sparsity, OFB_METHOD), OFB_OVER_PEER_POINTS,
+         f"{pct} sparsity, at gohsp's FLOPs: {OFB_METHOD} at or above {PEER_METHOD}"),
+    ]
+    targets = []
+    for target_id, row, needed, text in specs:
+        target = {"id": target_id, "target": text}
+        if row is None or peer is None:
+            missing = PEER_METHOD if peer is None else ("any method" if target_id.startswith("best") else
+                                                        target_id.split("_vs_")[0])
+            targets.append(_not_run(target, f"not run: no {missing} runs at {pct}"))
+            continue
+        margin = 100 * (row["accuracy_mean"] - peer["accuracy_mean"])
+        spread = 100 * max(row["accuracy_std"], peer["accuracy_std"])
+        targets.append({**target,
+                        "measured": f"{row['method']} {100 * row['accuracy_mean']:.2f}% vs {PEER_METHOD} "
+                                    f"{100 * peer['accuracy_mean']:.2f}%: {margin:+.2f} points (seed std up to "
+                                    f"{spread:.2f}, {len(row['seeds'])} seeds)",
+                        "met": margin >= needed,
+                        "miss_by": f"{needed - margin:.2f} points",
+                        "detail": {"sparsity": sparsity, "method": row["method"], "margin_points": margin,
+                                   "needed_points": needed, "largest_seed_std_points": spread}})
+    return targets
+
+
+def _long_budget_target(gohsp: dict | None, dense_accuracy: float) -> dict:
+    """gohsp at 40% with 8 pruning epochs within 0.5 points of the dense model."""
+    target = {"id": f"long_budget_drop_at_{round(100 * LONG_BUDGET_SPARSITY)}",
+              "target": f"{LONG_BUDGET_SPARSITY:.0%} sparsity, {LONG_BUDGET_EPOCHS:g} pruning epochs: gohsp within "
+                        f"{LONG_BUDGET_MAX_DROP_POINTS} points of dense"}
+    if gohsp is None:
+        return _not_run(target, f"not run: no gohsp runs at {LONG_BUDGET_SPARSITY:.0%} with "
+                                f"{LONG_BUDGET_EPOCHS:g} pruning epochs")
+    drop = gohsp["drop_points"]
+    return {**target,
+            "measured": f"{drop:+.2f} points below dense {100 * dense_accuracy:.2f}% (mean of "
+                        f"{len(gohsp['seeds'])} seeds)",
+            "met": drop <= LONG_BUDGET_MAX_DROP_POINTS,
+            "miss_by": f"{drop - LONG_BUDGET_MAX_DROP_POINTS:.2f} points",
+            "detail": {"drop_points": drop}}
 
 
 def _not_run(target: dict, measured: str) -> dict:
@@ -249,9 +361,9 @@ def _ofb_accuracy_target(rows: list[dict]) -> dict:
                        "pmim_points": round(ahead(ablation), 2) if ablation else None}}
 
 
-def _spvit_accuracy_target(rows: list[dict]) -> dict:
-    """At the FLOPs of gohsp's 40% runs: spvit's mean accuracy within SPVIT_MAX_GAP_POINTS of the best method's."""
-    sparsity = SPVIT_ACCURACY_SPARSITY
+def _spvit_accuracy_target(rows: list[dict], sparsity: float = SPVIT_ACCURACY_SPARSITY) -> dict:
+    """At the FLOPs of gohsp's runs at ``sparsity``: spvit's mean accuracy within SPVIT_MAX_GAP_POINTS of the best
+    method's."""
     others = [r for r in rows if abs(r["sparsity"] - sparsity) < 1e-9 and r["method"] != SPVIT_METHOD]
     spvit = _row(rows, sparsity, SPVIT_METHOD)
     target = {"id": f"spvit_close_at_{round(100 * sparsity)}",
@@ -373,22 +485,35 @@ def write_plot(results: dict, path: Path) -> None:
 
     rows = results["summary"]["rows"]
     dense = results["dense"]
+    budgets = sorted({r["epochs"] for r in rows})
+    methods = sorted({r["method"] for r in rows}, key=_order)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     figure, axes = plt.subplots(1, 2, figsize=(11, 4.2), constrained_layout=True)
     for axis, key, label in ((axes[0], "params", "parameters"), (axes[1], "flops", "FLOPs per image")):
-        for method in sorted({r["method"] for r in rows}, key=_order):
-            points = sorted((r for r in rows if r["method"] == method), key=lambda r: r[key])
-            matched = points[0]["flops_matched_to"]  # drawn apart: these sit at the FLOPs of another method's rows
-            axis.errorbar([r[key] for r in points], [100 * r["accuracy_mean"] for r in points],
-                          yerr=[100 * r["accuracy_std"] for r in points], marker="s" if matched else "o",
-                          linestyle="--" if matched else "-", capsize=3,
-                          label=f"{method} (FLOPs of {matched})" if matched else method)
+        for index, method in enumerate(methods):
+            for rank, epochs in enumerate(budgets):  # one line per epoch budget: solid, then dotted, ...
+                points = sorted((r for r in rows if r["method"] == method and r["epochs"] == epochs),
+                                key=lambda r: r[key])
+                if not points:
+                    continue
+                matched = points[0]["flops_matched_to"]  # drawn apart: at the FLOPs of another method's rows
+                name = f"{method} (FLOPs of {matched})" if matched else method
+                axis.errorbar([r[key] for r in points], [100 * r["accuracy_mean"] for r in points],
+                              yerr=[100 * r["accuracy_std"] for r in points], marker="s" if matched else "o",
+                              linestyle=("--" if matched else "-") if rank == 0 else ":", capsize=3,
+                              color=colours[index % len(colours)], alpha=1.0 if rank == len(budgets) - 1 else 0.6,
+                              label=name + (f", {epochs:g} ep" if len(budgets) > 1 else ""))
         axis.scatter([dense[key]], [100 * dense["test"]["accuracy"]], marker="*", s=180, color="black", zorder=5,
                      label="dense")
         axis.set_xlabel(label)
         axis.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda value, _: _count(value)))
         axis.set_ylabel("test top-1 accuracy (%)")
         axis.grid(alpha=0.3)
-    axes[0].legend()
+    if len(budgets) > 1:  # one entry per method and budget: beside the plots rather than over the points
+        figure.set_size_inches(14, 4.6)
+        figure.legend(*axes[0].get_legend_handles_labels(), loc="outside right upper", fontsize="small")
+    else:
+        axes[0].legend()
     settings = results["settings"]
     figure.suptitle(f"{settings['dataset']}: accuracy against size (mean ± std over seeds {settings['seeds']})")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -399,25 +524,33 @@ def write_plot(results: dict, path: Path) -> None:
 # --------------------------------------------------------------------------- markdown
 
 
-EPOCHS_RESULTS = "fashion_mnist_epochs.json"  # written by benchmarks/epochs_curve.py
+LEGACY_EPOCHS_SUFFIX = "_epochs.json"  # written by the former benchmarks/epochs_curve.py (gohsp at one sparsity)
 
 
-def epochs_curve(results: dict) -> list[dict]:
-    """gohsp's 40% drop per pruning-epoch budget: the main runs' point plus ``benchmarks.epochs_curve``'s, if run."""
-    path = Path(results["settings"]["output_dir"]) / EPOCHS_RESULTS
-    if not path.is_file():
-        return []
-    curve = json.loads(path.read_text())
-    dense = results["dense"]["test"]["accuracy"]
-    method, sparsity = curve["method"], curve["sparsity"]
-    by_epochs: dict[float, list[float]] = {}
+def _legacy_curve(results: dict) -> dict | None:
+    """The runs of the former ``python -m benchmarks.epochs_curve`` beside the results, if any (now ``--prune_epochs``)."""
+    settings = results["settings"]
+    path = Path(settings["output_dir"]) / f"{settings['results_name']}{LEGACY_EPOCHS_SUFFIX}"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def epoch_curve(results: dict, method: str, sparsity: float) -> list[dict]:
+    """``method``'s accuracy and drop at ``sparsity`` per pruning-epoch budget: the results' runs (the epoch axis), and
+    the former ``benchmarks.epochs_curve`` runs at budgets the results do not hold (``legacy`` True)."""
+    settings, dense = results["settings"], results["dense"]["test"]["accuracy"]
+    by_epochs: dict[float, tuple[list[float], bool]] = {}
     for run in results["runs"]:
         if run["method"] == method and abs(run["sparsity"] - sparsity) < 1e-9:
-            by_epochs.setdefault(float(results["settings"]["prune_epochs"]), []).append(run["test_accuracy"])
-    for run in curve["runs"]:
-        by_epochs.setdefault(float(run["prune_epochs"]), []).append(run["test_accuracy"])
+            by_epochs.setdefault(run_epochs(run, settings), ([], False))[0].append(run["test_accuracy"])
+    legacy = _legacy_curve(results)
+    if legacy and legacy["method"] == method and abs(legacy["sparsity"] - sparsity) < 1e-9:
+        for run in legacy["runs"]:
+            epochs = float(run["prune_epochs"])
+            if epochs not in by_epochs or by_epochs[epochs][1]:
+                by_epochs.setdefault(epochs, ([], True))[0].append(run["test_accuracy"])
     return [{"epochs": epochs, "seeds": len(accs), "accuracy": _mean(accs), "drop_points": 100 * (dense - _mean(accs)),
-             "method": method, "sparsity": sparsity} for epochs, accs in sorted(by_epochs.items())]
+             "legacy": legacy_point, "method": method, "sparsity": sparsity}
+            for epochs, (accs, legacy_point) in sorted(by_epochs.items())]
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
@@ -426,32 +559,80 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def _why_accuracy(target: dict, results: dict) -> str:
+def admm_schedule(results: dict, epochs: float) -> dict | None:
+    """The ADMM phase of the gohsp runs at ``epochs``, from the run records: optimizer steps and Z/U updates.
+
+    ``search_steps`` is recorded by runs since the epoch axis; for older records it is the run's whole schedule
+    (``ceil(epochs x ceil(train images / batch))``, the Trainer's) minus its ``finetune_steps``.
+    """
     settings = results["settings"]
+    runs = [r for r in _runs_at(results, epochs) if r["method"] == FLOPS_REFERENCE_METHOD]
+    if not runs:
+        return None
+    per_epoch = math.ceil(results["dense"]["split_sizes"]["train"] / settings["batch_size"])
+    steps = {r.get("search_steps", math.ceil(epochs * per_epoch) - r["finetune_steps"]) for r in runs}
+    search = max(steps)
+    return {"admm_steps": search, "updates": search // settings["admm_update_steps"],
+            "every": settings["admm_update_steps"], "finetune_steps": max(r["finetune_steps"] for r in runs)}
+
+
+def _admm_defaults(settings: dict) -> dict:
+    """The ADMM options the benchmark leaves at the library's defaults (read from ``ADMMOptions``)."""
+    from hf_vitprune.methods.admm import ADMMOptions
+
+    options = ADMMOptions()
+    rho_final = settings.get("admm_rho_final")
+    return {"rho_final": options.admm_rho_final if rho_final is None else rho_final,
+            "freeze": options.admm_freeze_fraction}
+
+
+def _sampling_error_points(results: dict) -> float:
+    """The binomial standard error of a test accuracy at the dense model's, in points."""
+    p, n = results["dense"]["test"]["accuracy"], results["dense"]["split_sizes"]["test"]
+    return 100 * math.sqrt(p * (1 - p) / n)
+
+
+def _rows_over_epochs(results: dict, method: str, sparsity: float) -> dict[float, dict]:
+    return {r["epochs"]: r for r in results["summary"]["rows"]
+            if r["method"] == method and abs(r["sparsity"] - sparsity) < 1e-9}
+
+
+def _margins_over_epochs(results: dict, method: str, other: str, sparsity: float) -> str:
+    """'2 epochs +0.12, 8 epochs -0.30': ``method``'s mean accuracy minus ``other``'s at every budget with both."""
+    ours, theirs = _rows_over_epochs(results, method, sparsity), _rows_over_epochs(results, other, sparsity)
+    return ", ".join(f"{e:g} epochs {100 * (ours[e]['accuracy_mean'] - theirs[e]['accuracy_mean']):+.2f}"
+                     for e in sorted(ours) if e in theirs)
+
+
+def _why_accuracy(target: dict, results: dict) -> str:
+    settings, epochs = results["settings"], target["epochs"]
     drops = ", ".join(f"{method} {drop:+.2f}" for method, drop in target["detail"]["drop_points_by_method"].items())
-    residuals = [r["admm_residual_last_logged"] for r in results["runs"]
+    residuals = [r["admm_residual_last_logged"] for r in _runs_at(results, epochs)
                  if r["method"] == "gohsp" and abs(r["sparsity"] - 0.4) < 1e-9 and r.get("admm_residual_last_logged")]
-    residual = (f" (||W - Z|| / ||W|| {_mean(residuals):.3f} at the hard prune, so the prune itself costs little)"
-                if residuals else "")
-    curve = epochs_curve(results)
+    residual = (f" (||W - Z|| / ||W|| {_mean(residuals):.3f} at the hard prune, mean over seeds)" if residuals else "")
+    curve = epoch_curve(results, "gohsp", 0.4)
     measured = ""
-    if curve:
+    if len(curve) > 1:
         points = ", ".join(f"{row['epochs']:g} epochs {row['drop_points']:+.2f}" for row in curve)
-        measured = (f" Measured (`python -m benchmarks.epochs_curve`, the section below): the drop against the "
-                    f"pruning epochs is {points} points.")
+        measured = f" gohsp's drop at 40% against the pruning epochs (section below): {points} points."
     return (
-        f"Drops at 40% (points, mean over seeds): {drops}. Each pruning run gets {settings['prune_epochs']:g} epochs "
-        f"in all ({settings['admm_fraction']:.0%} of them ADMM on the full-width model, the rest distilled "
-        f"fine-tuning of the compacted model), against {settings['dense_epochs']:g} epochs for the dense "
-        f"model{residual}.{measured} A longer budget narrows the drop only slowly, so the epoch budget is not the "
-        "whole limit: the rest is what removing 40% of a 0.3M-parameter model costs this recipe (Torch-Pruning, "
-        "fine-tuning for the whole budget, is closer at the same epochs). The test split's sampling error alone "
-        "is about 0.3 points, so a drop this small needs more seeds to pin down too."
+        f"Drops at 40% with {epochs:g} pruning epochs (points, mean over seeds): {drops}. Each pruning run gets "
+        f"{epochs:g} epochs in all ({settings['admm_fraction']:.0%} of them ADMM on the full-width model, the rest "
+        f"distilled fine-tuning of the compacted model), against {settings['dense_epochs']:g} epochs for the dense "
+        f"model{residual}.{measured} The binomial standard error of one test accuracy at the dense model's, over "
+        f"{results['dense']['split_sizes']['test']:,} test images, is {_sampling_error_points(results):.2f} points."
     )
 
 
+def _why_long_budget(target: dict, results: dict) -> str:
+    curve = epoch_curve(results, "gohsp", LONG_BUDGET_SPARSITY)
+    points = ", ".join(f"{row['epochs']:g} epochs {row['drop_points']:+.2f}" for row in curve)
+    return (f"gohsp's drop at {LONG_BUDGET_SPARSITY:.0%} against the pruning epochs (points): {points}. The binomial "
+            f"standard error of one test accuracy at the dense model's is {_sampling_error_points(results):.2f} points.")
+
+
 def _why_ranking(target: dict, results: dict) -> str:
-    detail = target["detail"]
+    detail, epochs = target["detail"], target["epochs"]
     seeds = len(results["settings"]["seeds"])
     settings = results["settings"]
     spread = detail["largest_seed_std_points"]
@@ -461,24 +642,34 @@ def _why_ranking(target: dict, results: dict) -> str:
         noise = f"The gap is larger than the spread between seeds ({spread:.2f} points, {seeds} seeds)."
     margins = ", ".join(f"{method} {margin:+.2f}" for method, margin in detail.get("margin_points_by_method", {}).items())
     margins = f" gohsp minus each other method (points): {margins}." if margins else ""
-    in_project = [m for m in detail.get("margin_points_by_method", {}) if m != "torch_pruning"]
+    in_project = [m for m in detail.get("margin_points_by_method", {}) if m != PEER_METHOD]
     lead = (" gohsp is ahead of every in-project method (the same search and budget, another ranking)."
             if in_project and all(detail["margin_points_by_method"][m] >= 0 for m in in_project) else "")
     tp = ""
-    if detail.get("best_baseline") == "torch_pruning":
+    if detail.get("best_baseline") == PEER_METHOD:
+        over = _margins_over_epochs(results, "gohsp", PEER_METHOD, detail["sparsity"])
         tp = (f" The row ahead is Torch-Pruning, which prunes in one shot at step 0 and so fine-tunes the compacted "
-              f"model for all {settings['prune_epochs']:g} epochs, while every ADMM method spends "
-              f"{settings['admm_fraction']:.0%} of them searching on the dense shapes and fine-tunes for the rest: at "
-              "this budget the comparison is also one of fine-tuning time. A longer budget buys gohsp little (the "
-              "epochs curve below: at 40% it needs 8 epochs to reach Torch-Pruning's 2-epoch accuracy); a shorter "
-              "ADMM share, or Torch-Pruning at the longer budgets, were not measured.")
+              f"model for all {epochs:g} epochs, while every ADMM method spends {settings['admm_fraction']:.0%} of "
+              "them searching on the dense shapes and fine-tunes for the rest: the comparison is also one of "
+              f"fine-tuning time. gohsp minus torch_pruning at {detail['sparsity']:.0%} by pruning epochs (points): "
+              f"{over}.")
     return f"{noise}{margins}{lead}{tp}"
+
+
+def _why_peer(target: dict, results: dict) -> str:
+    detail, settings = target["detail"], results["settings"]
+    over = _margins_over_epochs(results, detail["method"], PEER_METHOD, detail["sparsity"])
+    spread = detail["largest_seed_std_points"]
+    return (f"{detail['method']} minus {PEER_METHOD} at {detail['sparsity']:.0%} by pruning epochs (points): {over}; "
+            f"{detail['needed_points']:+.1f} needed; seed std up to {spread:.2f} points. {PEER_METHOD} prunes in one shot "
+            f"at step 0 and fine-tunes for the whole budget; the hf_vitprune methods search on the dense shapes for "
+            f"{settings['admm_fraction']:.0%} of it and fine-tune the compacted model for the rest.")
 
 
 def _width_check(results: dict) -> str:
     """What ``python -m benchmarks.checks widths`` measured, if it was run on these results."""
     path = Path(results["settings"]["output_dir"]) / "width_rounding.json"
-    if not path.is_file():
+    if not path.is_file() or results["settings"].get("benchmark_model", "main") != "main":
         return ""
     rows = json.loads(path.read_text())["rows"]
     pairs = []
@@ -510,25 +701,40 @@ def _why_residual(target: dict, results: dict, first: bool = True) -> str:
     per_run = ", ".join(f"{key} {value:.3f}" for key, value in target["detail"]["per_run"].items() if value is not None)
     if not first:
         return f"Per run (sparsity/seed): {per_run}. Same limits as above."
+    settings, epochs = results["settings"], target["epochs"]
+    defaults = _admm_defaults(settings)
+    rows = [r for r in results["summary"]["rows"] if r["epochs"] == epochs and r["admm_residual_max"] is not None]
+    under = [f"{r['method']} at {r['sparsity']:.0%}" for r in rows if r["admm_residual_max"] <= MAX_ADMM_RESIDUAL]
+    worst = ", ".join(f"{s:.0%} {max(r['admm_residual_max'] for r in rows if r['sparsity'] == s):.3f}"
+                      for s in sorted({r["sparsity"] for r in rows}))
+    schedule = admm_schedule(results, epochs)
+    steps = (f" With {epochs:g} pruning epochs each run has {schedule['admm_steps']} ADMM steps and "
+             f"{schedule['updates']} Z/U updates (one every {schedule['every']} steps)." if schedule else "")
     return (
         f"Per run (sparsity/seed): {per_run}. The residual is how far W still is from Z's support when the search "
         "ends and the hard prune cuts the units Z zeroed. The scaled ADMM (U rescaled when rho changes, rho growing "
-        "geometrically to `admm_rho_final`, the support frozen for the last quarter of the updates) gets it to 0.05 "
-        "or below at 40% for gohsp and random; at 60% more units must be driven to zero in the same ~200 ADMM steps "
-        "and 10 Z/U updates. What would close it: more ADMM steps or a larger `admm_rho_final` (not measured here)."
+        f"geometrically to `admm_rho_final` = {defaults['rho_final']:g}, the support frozen for the last "
+        f"{defaults['freeze']:.0%} of the updates) gets every run to {MAX_ADMM_RESIDUAL} or below for "
+        f"{_listed(under) if under else 'no method and sparsity'} at this budget; the largest residual by sparsity, "
+        f"over the ADMM methods, is {worst}.{steps} What would close it: more ADMM steps (a longer budget or a larger "
+        "`admm_fraction`) or a larger `admm_rho_final`."
     )
 
 
 def _why_shape_speed(target: dict, results: dict) -> str:
     others = ", ".join(f"{key} {value:.2f}" for key, value in target["detail"].get("all_methods", {}).items())
     speed = results.get("speed_shapes") or {}
+    shape = next((s for s in speed.get("shapes", []) if s["shape"] == speed.get("target_shape")), None)
+    tokens = (f" and {(shape['config']['image_size'] // shape['config']['patch_size']) ** 2 + 1} tokens"
+              if shape else "")
     return (
         (f"Efficiency of every plan at this shape and mode: {others}. " if others else "")
-        + "At batch 64 and 197 tokens the matrix products dominate, but the residual stream (LayerNorms, residual "
-        "adds, patch embedding, classifier) keeps the full embedding width and the attention's softmax and the "
-        "per-operator overhead do not shrink with the heads' projections, so a plan that removes mostly MLP "
-        "neurons gains less than its FLOPs ratio; uneven per-layer widths also fall off the GEMM kernels' blocks. "
-        f"Measured on {speed.get('hardware', 'this CPU')} with {speed.get('settings', {}).get('threads', '?')} threads."
+        + f"At batch {speed.get('settings', {}).get('batch_size', '?')}{tokens} the matrix products dominate, but the "
+        "residual stream (LayerNorms, residual adds, patch embedding, classifier) keeps the full embedding width and "
+        "the attention's softmax and the per-operator overhead do not shrink with the heads' projections, so a plan "
+        "that removes mostly MLP neurons gains less than its FLOPs ratio; uneven per-layer widths also fall off the "
+        f"GEMM kernels' blocks. Measured on {speed.get('hardware', 'this CPU')} with "
+        f"{speed.get('settings', {}).get('threads', '?')} threads."
     )
 
 
@@ -561,17 +767,17 @@ def _why_ofb_accuracy(target: dict, results: dict) -> str:
             if detail.get("pmim_points") is not None else "")
     settings = results["settings"]
     peer = (", while Torch-Pruning, pruning at step 0, fine-tunes for all of them"
-            if "torch_pruning" in detail["margin_points_by_method"] else "")
+            if PEER_METHOD in detail["margin_points_by_method"] else "")
     return (
         f"{noise} {OFB_METHOD} minus each other method (points): {margins}.{pmim} OFB searches on the full-width model for "
-        f"{settings['admm_fraction']:.0%} of the {settings['prune_epochs']:g} epochs, as the ADMM methods do, and "
+        f"{settings['admm_fraction']:.0%} of the {target['epochs']:g} epochs, as the ADMM methods do, and "
         f"fine-tunes the compacted model for the rest{peer}."
     )
 
 
 def _why_ofb_speed(target: dict, results: dict) -> str:
     model = results["settings"]["model"]
-    runs = [r for r in results["runs"] if r["method"] == OFB_METHOD]
+    runs = [r for r in _runs_at(results, target["epochs"]) if r["method"] == OFB_METHOD]
     def spaced(values: list[int]) -> str:
         return " ".join(map(str, values))
 
@@ -589,7 +795,7 @@ def _why_ofb_speed(target: dict, results: dict) -> str:
 
 
 def _why_spvit(target: dict, results: dict) -> str:
-    runs = [r for r in results["runs"] if r["method"] == SPVIT_METHOD and r.get("layer_types")]
+    runs = [r for r in _runs_at(results, target["epochs"]) if r["method"] == SPVIT_METHOD and r.get("layer_types")]
     maps = "; ".join(f"{r['sparsity']:.0%} seed {r['seed']}: {' '.join(r['layer_types'])}" for r in runs)
     return (f"Layer maps the search chose (encoder layers in order): {maps or 'not recorded'}. A convolution layer "
             "replaces the attention's q/k/v/o projections and its two token-by-token products by a k x k convolution "
@@ -598,7 +804,11 @@ def _why_spvit(target: dict, results: dict) -> str:
 
 WHY = {
     "accuracy_40": _why_accuracy,
+    "long_budget_drop": _why_long_budget,
     "gohsp_best_at": _why_ranking,
+    "gohsp_vs_peer": _why_peer,
+    "best_vs_peer": _why_peer,
+    "ofb_vs_peer": _why_peer,
     "speedup_efficiency": _why_speed,
     "admm_residual": _why_residual,
     "shape_efficiency": _why_shape_speed,
@@ -672,13 +882,205 @@ def _status(target: dict) -> str:
     return "met" if target["met"] else f"**missed** by {target['miss_by']}"
 
 
-def write_markdown(results: dict, path: Path, plot: Path) -> None:
+def _both(main: bool | None, heldout: bool | None) -> bool | None:
+    """A target read on both models: met only where both meet it, missed where either misses it, else open."""
+    if main is False or heldout is False:
+        return False
+    if main is True and heldout is True:
+        return True
+    return None
+
+
+def compare_models(main: dict, heldout: dict | None) -> list[dict]:
+    """Every target read from the runs (``scope`` "models") of the main summary beside the held-out model's.
+
+    ``main`` and ``heldout`` are summaries (:func:`summarise`); ``heldout`` None when the held-out model has not been
+    run. Each entry: ``id``, ``epochs``, ``target``, ``main`` and ``heldout`` (the two models' targets, ``heldout``
+    None when not run) and ``met``: True only where both models meet it, False where either misses it, None
+    otherwise (the held-out model not yet run, or a run missing).
+    """
+    held = {(t["id"], t["epochs"]): t for t in (heldout or {}).get("targets", []) if t.get("scope") == "models"}
+    compared = []
+    for target in (t for t in main["targets"] if t.get("scope") == "models"):
+        other = held.get((target["id"], target["epochs"]))
+        compared.append({"id": target["id"], "epochs": target["epochs"], "target": target["target"],
+                         "main": target, "heldout": other,
+                         "met": _both(target["met"], None if other is None else other["met"])})
+    return compared
+
+
+def _model_status(target: dict | None, run: bool) -> str:
+    if target is None:
+        return "not yet run" if not run else "not run"
+    if target["met"] is None:
+        return target["measured"]
+    return f"{target['measured']} ({_status(target).replace('**', '')})"
+
+
+def _compared_status(entry: dict, heldout_run: bool) -> str:
+    if entry["met"] is True:
+        return "met on both models"
+    if entry["met"] is False:
+        missed = [name for name, key in (("main", "main"), ("held-out", "heldout"))
+                  if entry[key] is not None and entry[key]["met"] is False]
+        return "**missed** on " + " and ".join(missed)
+    if not heldout_run:
+        return "open: held-out model not yet run"
+    return "open: not run on both models"
+
+
+def _dense_line(results: dict) -> str:
+    """The Setup's sentence on a dense model: architecture, size, training recipe and record."""
+    settings, dense, model = results["settings"], results["dense"], results["settings"]["model"]
+    dense_acc = dense["test"]["accuracy"]
+    return (
+        f"ViT, {model['num_hidden_layers']} layers, hidden {model['hidden_size']}, "
+        f"{model['num_attention_heads']} heads of {model['hidden_size'] // model['num_attention_heads']}, MLP "
+        f"{model['intermediate_size']}, {model['image_size']}x{model['image_size']} images in "
+        f"{model['patch_size']}x{model['patch_size']} patches ({(model['image_size'] // model['patch_size']) ** 2} "
+        f"tokens + CLS); {dense['params']:,} parameters, {dense['flops'] / 1e6:.2f} MFLOPs per image. Trained "
+        f"{settings['dense_epochs']:g} epochs, AdamW lr {settings['dense_learning_rate']:g}, weight decay "
+        f"{settings['weight_decay']:g}, cosine schedule, batch {settings['batch_size']}"
+        + (f", random horizontal flips and shifts of up to {_augment_shift()} pixels" if settings.get("augment") else "")
+        + (f", label smoothing {settings['label_smoothing']:g}" if settings.get("label_smoothing") else "")
+        + (f", {settings['dense_processes']} processes (torchrun, DDP over gloo, one thread each)"
+           if settings.get("dense_processes", 1) > 1 else "")
+        + f": validation {100 * dense['validation']['accuracy']:.2f}%, **test {100 * dense_acc:.2f}%**"
+        + (f", {100 * (0.9 - dense_acc):.2f} points under the 90% asked for"
+           + (" (see \"How the dense model was chosen\")" if settings.get("benchmark_model", "main") == "main" else "")
+           if settings["dataset"] == "fashion_mnist" and dense_acc < 0.9 else "")
+        + f". Training took {dense['training']['train_seconds'] / 60:.1f} min; this run "
+        f"{'reused the cached model' if dense['training'].get('reused_from_cache') else 'trained it'}"
+        + (" (the pruning runs train on the same augmented images)." if settings.get("augment") else ".")
+    )
+
+
+def _budgets_text(results: dict) -> str:
+    """'2 epochs (422 ADMM steps, 21 Z/U updates, ...)' for every budget, from the run records."""
+    parts = []
+    for epochs in epoch_budgets(results):
+        schedule = admm_schedule(results, epochs)
+        parts.append(f"{epochs:g} epochs" + (f" ({schedule['admm_steps']} ADMM steps, {schedule['updates']} Z/U updates, "
+                                      f"{schedule['finetune_steps']} fine-tuning steps)" if schedule else ""))
+    return _listed(parts)
+
+
+def _results_table(results: dict) -> list[str]:
+    rows, dense = results["summary"]["rows"], results["dense"]
+    header = ["epochs", "sparsity", "method", "test acc. (%)", "Δ (pt)", "params", "MFLOPs", "latency b1",
+              "throughput b64", "FLOPs speedup", "throughput / FLOPs", "ranking share", "ADMM residual at hard prune"]
+    table = [["", "0%", "dense", f"{100 * dense['test']['accuracy']:.2f}", "", f"{dense['params']:,}",
+              f"{dense['flops'] / 1e6:.2f}", "1.00x", "1.00x", "1.00x", "", "", ""]]
+    for r in rows:
+        table.append([
+            f"{r['epochs']:g}", f"{r['sparsity']:.0%}", r["method"],
+            f"{100 * r['accuracy_mean']:.2f} ± {100 * r['accuracy_std']:.2f}",
+            f"{-r['drop_points']:+.2f}", f"{r['params']:,.0f}", f"{r['flops'] / 1e6:.2f}",
+            f"{r['latency_speedup']:.2f}x", f"{r['throughput_speedup']:.2f}x", f"{r['flops_speedup']:.2f}x",
+            f"{r['throughput_efficiency']:.2f}", "" if r["ranking_share"] is None else f"{100 * r['ranking_share']:.1f}%",
+            "" if r.get("admm_residual_mean") is None else f"{r['admm_residual_mean']:.3f}",
+        ])
+    return [_table(header, table), ""]
+
+
+def _epochs_section(results: dict, title: str, path: Path) -> list[str]:
+    """Accuracy against the pruning-epoch budget, every method and sparsity (with the former curve's points)."""
+    rows = results["summary"]["rows"]
+    legacy = _legacy_curve(results)
+    budgets = sorted({r["epochs"] for r in rows}
+                     | ({float(run["prune_epochs"]) for run in legacy["runs"]} if legacy else set()))
+    if len(budgets) < 2:
+        return []
+    table, marked = [], False
+    for sparsity in sorted({r["sparsity"] for r in rows}):
+        for method in sorted({r["method"] for r in rows if r["sparsity"] == sparsity}, key=_order):
+            cells = {point["epochs"]: point for point in epoch_curve(results, method, sparsity)}
+            line = [f"{sparsity:.0%}", method]
+            for epochs in budgets:
+                point = cells.get(epochs)
+                marked |= bool(point and point["legacy"])
+                line.append("" if point is None else f"{100 * point['accuracy']:.2f} ({point['drop_points']:+.2f})"
+                            + (f" [{point['seeds']} seeds]†" if point["legacy"] else ""))
+            table.append(line)
+    out = [title, "",
+           f"Test accuracy (%), mean over seeds, and in brackets the drop in points from the dense model's "
+           f"{100 * results['dense']['test']['accuracy']:.2f}%, per pruning-epoch budget (`--prune_epochs`; every "
+           "method at a budget uses the same recipe, only the number of epochs changes).", "",
+           _table(["sparsity", "method", *(f"{e:g} epochs" for e in budgets)], table), ""]
+    if marked:
+        out += ["† Measured earlier by `python -m benchmarks.epochs_curve` (gohsp at one sparsity, the seeds in "
+                "brackets; since folded into `python -m benchmarks.run --prune_epochs`), from the same cached dense "
+                "model and recipe; raw figures in "
+                f"`{_rel(Path(results['settings']['output_dir']) / (results['settings']['results_name'] + LEGACY_EPOCHS_SUFFIX), path)}`.",
+                ""]
+    return out
+
+
+def _heldout_section(main: dict, heldout: dict | None, path: Path, heldout_plot: Path | None) -> list[str]:
+    from .common import HELDOUT_FASHION_MNIST, HELDOUT_OWN_FIELDS, heldout_results_name
+
+    out = ["## Held-out model", "",
+           "A second benchmark model, another depth, width, head count, head width and patch size on the same data, "
+           "pruned with the main model's recipe copied field by field (`benchmarks.common.HELDOUT_FASHION_MNIST`: "
+           f"only {', '.join(f'`{f}`' for f in HELDOUT_OWN_FIELDS)} are its own). It only ever reports: no method "
+           "option, recipe field or target is chosen or tuned on it, and its dense recipe is the main model's, taken "
+           "as it is. Every target read from the runs counts as met only where it holds on both models.", ""]
+    settings = main["settings"]
+    if heldout is None:
+        model = HELDOUT_FASHION_MNIST["model"]
+        name = heldout_results_name(settings["results_name"])
+        out += [f"**Not yet run.** `python -m benchmarks.run --model heldout` (with the same `--prune_epochs` as the "
+                f"main model's runs) trains its dense model once (cached in `{HELDOUT_FASHION_MNIST['cache_dir']}`), "
+                f"runs every method, sparsity, seed and epoch budget on it and writes `{settings['output_dir']}/"
+                f"{name}.json`; configured architecture: {model['num_hidden_layers']} layers, hidden "
+                f"{model['hidden_size']}, {model['num_attention_heads']} heads, MLP {model['intermediate_size']}, "
+                f"{model['patch_size']}x{model['patch_size']} patches. No held-out figure exists yet.", ""]
+        return out
+    own = set(HELDOUT_OWN_FIELDS)
+    differs = sorted(key for key in (heldout["settings"].keys() | settings.keys()) - own - set(_PER_INVOCATION)
+                     if heldout["settings"].get(key) != settings.get(key))
+    env = heldout["environment"]
+    out += [
+        f"Measured by {_provenance(heldout)} on {env['hardware']} ({env['cpu_count']} cores, {env['workers']} pruning "
+        f"runs in parallel, {env['torch_threads']} torch thread(s) each); "
+        f"{heldout.get('total_seconds', 0) / 60:.1f} minutes; raw figures in "
+        f"`{_rel(Path(heldout['settings']['output_dir']) / (heldout['settings']['results_name'] + '.json'), path)}`.",
+        "",
+        f"- **Dense model**: {_dense_line(heldout)} Per-image FLOPs {heldout['dense']['flops'] / main['dense']['flops']:.2f}x "
+        f"and parameters {heldout['dense']['params'] / main['dense']['params']:.2f}x the main model's.",
+        "- **Pruning recipe**: "
+        + ("the main model's, field for field." if not differs else
+           "**differs from the main model's in " + ", ".join(f"`{k}`" for k in differs) + "**: these results do not "
+           "test the main model's recipe."),
+        f"- **Epoch budgets**: {_budgets_text(heldout)}.",
+    ]
+    curve = heldout["dense"]["training"].get("validation_curve") or []
+    if curve:
+        out.append("- **Dense training record** (validation accuracy by epoch): "
+                   + ", ".join(f"{c['epoch']:g}: {100 * c['validation_accuracy']:.1f}%" for c in curve) + ".")
+    out += ["", "Test accuracy, mean ± standard deviation over seeds; Δ against the held-out dense model.", ""]
+    out += _results_table(heldout)
+    if heldout_plot is not None:
+        out += [f"![held-out model: accuracy against parameters and FLOPs]({_rel(heldout_plot, path)})", ""]
+    out += _epochs_section(heldout, "### Held-out model: accuracy against pruning epochs", path)
+    return out
+
+
+# settings that differ between two invocations without changing a run's recipe
+_PER_INVOCATION = ("methods", "speed_shapes", "prune_epochs", "epoch_budgets", "workers", "threads", "speed_threads",
+                   "speed_repeats", "step_repeats", "memory_steps", "output_dir", "markdown_file", "dense_processes")
+
+
+def write_markdown(results: dict, path: Path, plot: Path, heldout: dict | None = None,
+                   heldout_plot: Path | None = None) -> None:
+    """BENCHMARKS.md from the main model's results and, when run, the held-out model's (``heldout``)."""
     settings, dense, summary = results["settings"], results["dense"], results["summary"]
     env = results["environment"]
     rows = summary["rows"]
     dense_acc = dense["test"]["accuracy"]
     dense_name = "Fashion-MNIST" if settings["dataset"] == "fashion_mnist" else "scikit-learn digits"
     model = settings["model"]
+    budgets = epoch_budgets(results)
     minutes = results.get("total_seconds", 0) / 60
     if dense["training"].get("reused_from_cache"):
         dense_minutes = dense["training"]["train_seconds"] / 60
@@ -686,123 +1088,117 @@ def write_markdown(results: dict, path: Path, plot: Path) -> None:
                    f"{dense_minutes:.1f} minutes: {_from_scratch_minutes(results):.1f} minutes from scratch")
     else:
         runtime = f"{minutes:.1f} minutes in all, dense training included"
+    epochs_flag = " ".join(f"{e:g}" for e in budgets)
     out = [
         "# Benchmarks",
         "",
         f"Structured pruning of a small ViT on {dense_name}: GOHSP against magnitude, Taylor and random "
         "importance, same pipeline and the same epoch budget for each"
         + (", and Torch-Pruning as a peer (same dense model, budget, epochs, learning rate and distillation)"
-           if "torch_pruning" in settings["methods"] else "")
+           if PEER_METHOD in settings["methods"] else "")
         + (f", and {_listed([FLOPS_MATCHED_NAMES.get(m, m) for m in flops_matched])} at the FLOPs of the GOHSP runs "
            "(same epochs)" if (flops_matched := sorted({r["method"] for r in rows if r["flops_matched_to"]}, key=_order))
            else "")
-        + ". " + measured_by(results, runtime, _rel(Path(settings['output_dir']) / (settings['results_name'] + '.json'),
-                                                    path)),
+        + f", at {_listed([f'{e:g}' for e in budgets])} pruning epochs"
+        + "; and the same on a held-out model (" + ("section \"Held-out model\"" if heldout else "not yet run") + "). "
+        + measured_by(results, runtime, _rel(Path(settings['output_dir']) / (settings['results_name'] + '.json'),
+                                             path)),
         "",
         "## How to run it",
         "",
         "```bash",
         "apt-get update && apt-get install -y dataset-fashion-mnist   # the data, in /usr/share/datasets/fashion-mnist",
         'pip install -e ".[bench]"',
-        f"python -m benchmarks.run           # full run, ~{_from_scratch_minutes(results):.0f} min on 2 CPU cores; "
-        f"the dense ViT is cached in {FASHION_DEFAULT_CACHE}",
-        "python -m benchmarks.run --quick   # smoke run on scikit-learn's digits, < 4 min, writes outputs/benchmarks-quick/",
-        "python -m benchmarks.run --report_only   # rebuild this file and the plot from the JSON",
+        f"python -m benchmarks.run --prune_epochs {epochs_flag}   # main model, ~{_from_scratch_minutes(results):.0f} "
+        f"min for the runs on this page; the dense ViT is cached in {FASHION_DEFAULT_CACHE}",
+        f"python -m benchmarks.run --model heldout --prune_epochs {epochs_flag}   # the held-out model (reports only)",
+        "python -m benchmarks.run --quick   # smoke run on scikit-learn's digits, writes outputs/benchmarks-quick/",
+        "python -m benchmarks.run --report_only   # rebuild this file and the plots from the JSONs",
         "```",
+        "",
+        "`--resume` keeps the runs a results JSON already holds (each run records its method, sparsity, seed and "
+        "pruning epochs) and trains only the missing ones; list every epoch budget whose runs it should keep "
+        f"(`--resume --prune_epochs {epochs_flag}` and any new ones).",
         "",
         "## Setup",
         "",
         f"- **Data**: {dense_name}; train {dense['split_sizes']['train']:,} images, validation "
         f"{dense['split_sizes']['validation']:,} (carved from the training images; every choice of model and "
         f"hyperparameter was made on it), test {dense['split_sizes']['test']:,} (every accuracy below).",
-        f"- **Dense model**: ViT, {model['num_hidden_layers']} layers, hidden {model['hidden_size']}, "
-        f"{model['num_attention_heads']} heads of {model['hidden_size'] // model['num_attention_heads']}, MLP "
-        f"{model['intermediate_size']}, {model['image_size']}x{model['image_size']} images in "
-        f"{model['patch_size']}x{model['patch_size']} patches ({(model['image_size'] // model['patch_size']) ** 2} "
-        f"tokens + CLS); {dense['params']:,} parameters, {dense['flops'] / 1e6:.2f} MFLOPs per image. Trained "
-        f"{settings['dense_epochs']:g} epochs, AdamW lr {settings['dense_learning_rate']:g}, weight decay "
-        f"{settings['weight_decay']:g}, cosine schedule, batch {settings['batch_size']}"
-        + (", random horizontal flips and shifts of up to 2 pixels" if settings.get("augment") else "")
-        + (f", label smoothing {settings['label_smoothing']:g}" if settings.get("label_smoothing") else "")
-        + (f", {settings['dense_processes']} processes (torchrun, DDP over gloo, one thread each)"
-           if settings.get("dense_processes", 1) > 1 else "")
-        + f": validation "
-        f"{100 * dense['validation']['accuracy']:.2f}%, **test {100 * dense_acc:.2f}%**"
-        + (f", {100 * (0.9 - dense_acc):.2f} points under the 90% asked for (see \"How the dense model was chosen\")"
-           if settings["dataset"] == "fashion_mnist" and dense_acc < 0.9 else "")
-        + f". Training took "
-        f"{dense['training']['train_seconds'] / 60:.1f} min; this run "
-        f"{'reused the cached model' if dense['training'].get('reused_from_cache') else 'trained it'}"
-        + (" (the pruning runs train on the same augmented images)." if settings.get("augment") else "."),
+        f"- **Dense model**: {_dense_line(results)}",
         f"- **Pruning**: `PruningTrainer` with methods {', '.join(settings['methods'])}; parameter sparsity "
         f"{', '.join(f'{s:.0%}' for s in settings['sparsities'])}; seeds {settings['seeds']} (training order and "
-        f"the random baseline's scores). Each run: {settings['prune_epochs']:g} epochs in all "
-        f"({settings['admm_fraction']:.0%} ADMM on the dense shapes, Z/U update every "
+        f"the random baseline's scores). Each run: {_budgets_text(results)} in all, every method, sparsity and "
+        f"seed at each budget ({settings['admm_fraction']:.0%} ADMM on the dense shapes, Z/U update every "
         f"{settings['admm_update_steps']} steps; then hard prune, compaction and distilled fine-tuning, weight "
         f"{settings['distillation_weight']:g}), AdamW lr {settings['prune_learning_rate']:g}, cosine per phase, "
         f"ranking on {settings['calibration_samples']} training images; every other `PruningConfig` field at "
         "its default."
-        + (f" **torch_pruning** is the peer row ({_torch_pruning_note(results)})." if "torch_pruning" in settings["methods"]
+        + (f" **torch_pruning** is the peer row ({_torch_pruning_note(results)})." if PEER_METHOD in settings["methods"]
            else "")
         + _flops_matched_setup(rows, settings, speed_shapes=bool(results.get("speed_shapes"))),
         f"- **Speed**: `hf_vitprune.speed.measure_speed`: pruned and dense in the same process, interleaved, "
-        f"eval mode, no_grad, median of {settings['speed_repeats']} repeats after 2 warm-ups, "
-        f"`torch.set_num_threads({settings['speed_threads']})`; latency at batch 1, throughput at batch 64. "
-        "FLOPs speedup = dense FLOPs / pruned FLOPs; efficiency = measured throughput speedup / FLOPs speedup. "
-        "One torch thread per process throughout: on this 2-core machine, shared with other jobs, two OpenMP "
-        "threads per process were slower than one for models this small and collapsed (more than 10x slower "
-        "steps) whenever another process was busy, so the pruning runs go as parallel single-thread processes "
-        "and all timing happens after them. The machine was shared with other jobs (load average "
+        f"eval mode, no_grad, median of {settings['speed_repeats']} repeats after "
+        f"{_speed_warmup(results)} warm-ups, `torch.set_num_threads({settings['speed_threads']})`; "
+        f"{_speed_batches(results)}. FLOPs speedup = dense FLOPs / pruned FLOPs; efficiency = measured throughput "
+        "speedup / FLOPs speedup."
+        + (f" One torch thread per process throughout: on this {env['cpu_count']}-core machine, shared with other "
+           "jobs, two OpenMP threads per process were slower than one for models this small and collapsed whenever "
+           "another process was busy, so the pruning runs go as parallel single-thread processes and all timing "
+           "happens after them." if env["torch_threads"] == 1 and settings["speed_threads"] == 1 else "")
+        + " The machine was shared with other jobs (load average "
         f"{', '.join(f'{x:.1f}' for x in env['load_average_at_start'])} at the start); interleaving makes both "
         "models see the same load, the ratios are what to read.",
         "",
         "## Results",
         "",
         f"Test accuracy is the mean ± standard deviation over {len(settings['seeds'])} seeds (min-max in the per-run "
-        "table below); Δ is in percentage points against the dense model; speedups are means over seeds.",
+        "table below); Δ is in percentage points against the dense model; speedups are means over seeds; epochs is "
+        "the pruning run's budget.",
         "",
     ]
-    header = ["sparsity", "method", "test acc. (%)", "Δ (pt)", "params", "MFLOPs", "latency b1", "throughput b64",
-              "FLOPs speedup", "throughput / FLOPs", "ranking share", "ADMM residual at hard prune"]
-    table = [["0%", "dense", f"{100 * dense_acc:.2f}", "", f"{dense['params']:,}", f"{dense['flops'] / 1e6:.2f}",
-              "1.00x", "1.00x", "1.00x", "", "", ""]]
-    for r in rows:
-        table.append([
-            f"{r['sparsity']:.0%}", r["method"], f"{100 * r['accuracy_mean']:.2f} ± {100 * r['accuracy_std']:.2f}",
-            f"{-r['drop_points']:+.2f}", f"{r['params']:,.0f}", f"{r['flops'] / 1e6:.2f}",
-            f"{r['latency_speedup']:.2f}x", f"{r['throughput_speedup']:.2f}x", f"{r['flops_speedup']:.2f}x",
-            f"{r['throughput_efficiency']:.2f}", "" if r["ranking_share"] is None else f"{100 * r['ranking_share']:.1f}%",
-            "" if r.get("admm_residual_mean") is None else f"{r['admm_residual_mean']:.3f}",
-        ])
-    out += [_table(header, table), ""] + _flops_matched_note(rows, model["hidden_size"])
+    out += _results_table(results) + _flops_matched_note(rows, model["hidden_size"])
     out += [f"![accuracy against parameters and FLOPs]({_rel(plot, path)})", ""]
 
-    out += ["## Targets", ""]
-    target_rows = [[t["target"], t["measured"], _status(t)] for t in summary["targets"]]
-    out += [_table(["target", "measured", "status"], target_rows), ""]
-    missed = [t for t in summary["targets"] if t["met"] is False]
-    if missed:
+    compared = compare_models(summary, heldout["summary"] if heldout else None)
+    once = [t for t in summary["targets"] if t.get("scope") != "models"]
+    out += ["## Targets", "",
+            "Every target read from the runs is checked at every sparsity and pruning-epoch budget on the main model "
+            "and on the held-out model, side by side; it counts as met only where it holds on both models"
+            + ("." if heldout else ", so while the held-out model is not yet run none of them counts as met."), ""]
+    out += [_table(["target", "pruning epochs", "main model", "held-out model", "status"],
+                   [[e["target"], f"{e['epochs']:g}", _model_status(e["main"], True),
+                     _model_status(e["heldout"], heldout is not None), _compared_status(e, heldout is not None)]
+                    for e in compared]), ""]
+    met = sum(e["met"] is True for e in compared)
+    missed = sum(e["met"] is False for e in compared)
+    out += [f"Met on both models: {met} of {len(compared)}; missed on at least one: {missed}; open: "
+            f"{len(compared) - met - missed}.", ""]
+    if once:
+        out += ["### Measured once (main model)", "",
+                "Measured apart from the pruning runs, on the main model's settings (the speed at real model shapes "
+                "does not depend on the benchmark model).", "",
+                _table(["target", "measured", "status"], [[t["target"], t["measured"], _status(t)] for t in once]), ""]
+    missed_entries = [("main", e["main"], e["epochs"]) for e in compared if e["main"]["met"] is False]
+    missed_entries += [("held-out", e["heldout"], e["epochs"]) for e in compared
+                       if e["heldout"] is not None and e["heldout"]["met"] is False]
+    missed_entries += [("main", t, None) for t in once if t["met"] is False]
+    if missed_entries:
         out += ["### Where a target is missed", ""]
         explained = set()
-        for t in missed:
+        for name, t, epochs in missed_entries:
+            source = heldout if name == "held-out" else results
             key = next((k for k in WHY if t["id"].startswith(k)), t["id"])
-            once = key in ("speedup_efficiency", "shape_efficiency")  # one explanation for every row of these
+            where = f" ({name} model" + (f", {epochs:g} epochs)" if epochs is not None else ")")
             if key == "admm_residual":
-                why = _why_residual(t, results, first=key not in explained)
+                why = _why_residual(t, source, first=(name, key) not in explained)
             else:
-                why = "Same limits as above." if once and key in explained else WHY[key](t, results)
-            explained.add(key)
-            out += [f"- **{t['target']}**: {t['measured']}, missed by {t['miss_by']}. " + why, ""]
+                why = "Same reasons as above." if (name, key) in explained else WHY[key](t, source)
+            explained.add((name, key))
+            out += [f"- **{t['target']}**{where}: {t['measured']}, missed by {t['miss_by']}. " + why, ""]
 
-    curve = epochs_curve(results)
-    if curve:
-        out += [f"### Accuracy drop against pruning epochs ({curve[0]['method']}, {curve[0]['sparsity']:.0%})", "",
-                "The same recipe with a longer pruning budget (`python -m benchmarks.epochs_curve`; the first row is "
-                "the main table's runs). Test accuracy, mean over the seeds listed; the drop is against the dense "
-                f"model's {100 * dense_acc:.2f}%.", "",
-                _table(["pruning epochs", "seeds", "test acc. (%)", "drop (pt)"],
-                       [[f"{row['epochs']:g}", str(row["seeds"]), f"{100 * row['accuracy']:.2f}",
-                         f"{row['drop_points']:+.2f}"] for row in curve]), ""]
+    out += _epochs_section(results, "### Accuracy against pruning epochs", path)
+    out += _heldout_section(results, heldout, path, heldout_plot)
 
     step, memory = results.get("training_step"), results.get("memory")
     out += ["## Cost of the pipeline", ""]
@@ -841,23 +1237,26 @@ def write_markdown(results: dict, path: Path, plot: Path) -> None:
         "**Ranking's share of the pipeline**: `ranking_seconds` (logged by `PruningTrainer`) over the wall time of "
         "the whole `train()` (ranking, ADMM, compaction, fine-tuning), mean over seeds:",
         "",
-        _table(["sparsity", "method", "ranking", "whole train()", "share"],
-               [[f"{r['sparsity']:.0%}", r["method"], f"{r['ranking_seconds']:.2f} s", f"{r['train_seconds']:.0f} s",
-                 f"{100 * r['ranking_share']:.2f}%"] for r in rows if r["ranking_seconds"] is not None]),
+        _table(["epochs", "sparsity", "method", "ranking", "whole train()", "share"],
+               [[f"{r['epochs']:g}", f"{r['sparsity']:.0%}", r["method"], f"{r['ranking_seconds']:.2f} s",
+                 f"{r['train_seconds']:.0f} s", f"{100 * r['ranking_share']:.2f}%"]
+                for r in rows if r["ranking_seconds"] is not None]),
         "",
         "## Every run",
         "",
-        _table(["sparsity", "method", "seed", "test acc. (%)", "val. acc. (%)", "params", "heads per layer",
+        _table(["epochs", "sparsity", "method", "seed", "test acc. (%)", "val. acc. (%)", "params", "heads per layer",
                 "MLP neurons per layer", "latency ms b1 (pruned / dense)", "images/s b64 (pruned / dense)",
                 "train() s", "ADMM residual at hard prune"],
-               [[f"{r['sparsity']:.0%}", r["method"], str(r["seed"]), f"{100 * r['test_accuracy']:.2f}",
+               [[f"{run_epochs(r, settings):g}", f"{r['sparsity']:.0%}", r["method"], str(r["seed"]),
+                 f"{100 * r['test_accuracy']:.2f}",
                  f"{100 * r['validation_accuracy']:.2f}", f"{r['params']:,}",
                  " ".join(map(str, r["heads_per_layer"])), " ".join(map(str, r["neurons_per_layer"])),
                  f"{r['speed']['pruned']['latency_ms']:.2f} / {r['speed']['dense']['latency_ms']:.2f}",
                  f"{r['speed']['pruned']['throughput']:.0f} / {r['speed']['dense']['throughput']:.0f}",
                  f"{r['train_seconds']:.0f}",
                  "" if r.get("admm_residual_last_logged") is None else f"{r['admm_residual_last_logged']:.3f}"]
-                for r in sorted(results["runs"], key=lambda r: (r["sparsity"], _order(r["method"]), r["seed"]))]),
+                for r in sorted(results["runs"], key=lambda r: (run_epochs(r, settings), r["sparsity"],
+                                                                _order(r["method"]), r["seed"]))]),
         "",
     ]
     out += speed_shapes_section(results.get("speed_shapes"))
@@ -869,6 +1268,32 @@ def write_markdown(results: dict, path: Path, plot: Path) -> None:
     out += [SIZING_NOTE.get(settings["dataset"], ""), ""]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(out).rstrip() + "\n")
+
+
+def _augment_shift() -> int:
+    """The largest shift of the training images' augmentation (``benchmarks.common._augment``)."""
+    import inspect
+
+    from .common import _augment
+
+    return inspect.signature(_augment).parameters["shift"].default
+
+
+def _speed_batches(results: dict) -> str:
+    """'latency at batch 1, throughput at batch 64', from the runs' speed records."""
+    speeds = [r["speed"] for r in results["runs"] if "batch_size_latency" in r["speed"]]
+    if not speeds:
+        return "latency and throughput"
+    latency = sorted({s["batch_size_latency"] for s in speeds})
+    throughput = sorted({s["batch_size_throughput"] for s in speeds})
+    return (f"latency at batch {' or '.join(map(str, latency))}, throughput at batch "
+            f"{' or '.join(map(str, throughput))}")
+
+
+def _speed_warmup(results: dict) -> str:
+    """The untimed warm-ups of the runs' speed measurements, from their records."""
+    counts = sorted({r["speed"].get("warmup") for r in results["runs"] if r["speed"].get("warmup") is not None})
+    return " or ".join(map(str, counts)) if counts else "the default"
 
 
 FASHION_DEFAULT_CACHE = "outputs/benchmark-dense-fashion-mnist"
@@ -947,11 +1372,12 @@ def speed_shapes_section(speed: dict | None) -> list[str]:
     if not speed:
         return []
     settings = speed["settings"]
+    patches = {shape["config"]["patch_size"] for shape in speed["shapes"]}
     out = [
         "## Speed at real model shapes",
         "",
         f"`benchmarks/speed_shapes.py` (preset `{speed['preset']}`, {speed['total_seconds'] / 60:.1f} min): random-weight "
-        "ViTs (depth and image size per shape below, 16x16 patches), SDPA attention, pruned to each method's plan shapes without "
+        f"ViTs (depth and image size per shape below, {_listed(sorted({f'{c}x{c}' for c in patches}))} patches), SDPA attention, pruned to each method's plan shapes without "
         "training (in-project methods: their `setup` + `finalize` on "
         f"{settings['calibration_images']} random images, then `apply_plan`; torch_pruning: its own pruning). "
         f"Throughput at batch {settings['batch_size']}, `torch.set_num_threads({settings['threads']})`, dense and "
@@ -993,7 +1419,41 @@ def _rel(target: Path, markdown: Path) -> str:
     return os.path.relpath(Path(target).resolve(), Path(markdown).resolve().parent)
 
 
+def _load_summarised(path: Path) -> dict | None:
+    if not path.is_file():
+        return None
+    results = json.loads(path.read_text())
+    results["summary"] = summarise(results)
+    return results
+
+
+def _plot_path(results: dict) -> Path:
+    settings = results["settings"]
+    return Path(settings["output_dir"]) / f"{settings['results_name']}_accuracy.png"
+
+
 def write_reports(results: dict, settings) -> None:
-    """The plot and the Markdown table, at the paths ``settings`` names."""
+    """The plot of ``results`` and the page, at the paths ``settings`` names.
+
+    The page is the main model's results beside the held-out model's: whichever model ``results`` is, the other
+    one's JSON is read from the same directory (``heldout_<name>.json`` beside ``<name>.json``). A held-out run
+    without the main model's results writes its plot and JSON only.
+    """
+    from .common import HELDOUT_PREFIX, heldout_results_name
+
     write_plot(results, settings.plot_path)
-    write_markdown(results, Path(settings.markdown_file), settings.plot_path)
+    if getattr(settings, "benchmark_model", "main") == "heldout":
+        main = _load_summarised(settings.results_path.with_name(settings.results_name[len(HELDOUT_PREFIX):] + ".json"))
+        if main is None:
+            logging.getLogger("benchmarks").warning(
+                "No main-model results beside %s: the page compares the two models, so it is written once "
+                "the main model's results exist (python -m benchmarks.run).", settings.results_path)
+            return
+        heldout = results
+    else:
+        main = results
+        heldout = _load_summarised(settings.results_path.with_name(heldout_results_name(settings.results_name) + ".json"))
+        if heldout is not None and not _plot_path(heldout).is_file():
+            write_plot(heldout, _plot_path(heldout))
+    write_markdown(main, Path(settings.markdown_file), _plot_path(main), heldout=heldout,
+                   heldout_plot=_plot_path(heldout) if heldout is not None else None)

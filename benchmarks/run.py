@@ -2,7 +2,7 @@
 and OFB and SPViT (attention turned into convolutions) at the FLOPs of the GOHSP runs.
 
 Full run on Fashion-MNIST (``apt-get install -y dataset-fashion-mnist``, ``pip install -e ".[bench]"``):
-7 methods x 2 sparsities x 3 seeds, then the speed section at real model shapes
+8 methods x 2 sparsities x 3 seeds at each pruning-epoch budget, then the speed section at real model shapes
 (``benchmarks/speed_shapes.py``, about 15 minutes); the 5 parameter-matched methods take up to 90 minutes
 on 2 CPU cores with the dense ViT cached in ``--cache_dir`` (training it takes another ~28 minutes the first
 time, on both cores under torchrun). Run from the repository root::
@@ -20,12 +20,30 @@ measured (``--speed_shapes none`` also makes sure that the speed-at-shapes secti
 
     python -m benchmarks.run --resume --speed_shapes none
 
+The epoch axis (issue 22): ``--prune_epochs`` takes a list, and every method (the Torch-Pruning peer, which
+fine-tunes for the whole budget, included), sparsity and seed runs once at each budget; the FLOPs-matched rows
+take the FLOPs of the gohsp runs at the same budget. Each run records its ``prune_epochs``; runs recorded
+before the axis count as the settings' ``prune_epochs``. ``--resume`` keeps the runs already present for each
+budget, so adding a budget to existing results trains only the new runs::
+
+    python -m benchmarks.run --resume --prune_epochs 2 8
+
+The held-out model (issue 27): ``--model heldout`` runs the same benchmark on
+``benchmarks.common.HELDOUT_FASHION_MNIST``, another architecture whose pruning recipe is the main preset's,
+copied field by field. The held-out model only ever reports: no method option, recipe field or target may be
+chosen or tuned on its figures. It trains and caches its own dense model (the main model's dense recipe, as
+it is) and writes ``benchmarks/results/heldout_fashion_mnist.json``; the page (BENCHMARKS.md) always shows the
+two models side by side, and a target read from the runs counts as met only where both models meet it::
+
+    python -m benchmarks.run --model heldout --prune_epochs 2 8
+
 Smoke run on scikit-learn's digits (under 4 minutes, 2 seeds, torch_pruning included, the speed
 section on a 2-layer DeiT-Tiny at 32x32; writes under ``outputs/benchmarks-quick``)::
 
     python -m benchmarks.run --quick
 
-Rebuild the table and the plot from an existing JSON without running anything::
+Rebuild the page and the plots from the existing JSONs (the main model's and, when run, the held-out
+model's) without running anything::
 
     python -m benchmarks.run --report_only
 
@@ -49,6 +67,7 @@ What is measured (every figure on the full test set, on this machine, in this pr
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import multiprocessing
@@ -62,7 +81,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import torch
 import transformers
@@ -80,6 +99,7 @@ from .common import (
     DIGITS_QUICK,
     FASHION_MNIST,
     FLOPS_MATCHED_METHODS,
+    HELDOUT_FASHION_MNIST,
     FLOPS_REFERENCE,
     Settings,
     flops_target,
@@ -90,6 +110,7 @@ from .common import (
     run_figures,
     train_or_reuse_dense,
     training_arguments,
+    with_defaults,
 )
 from . import speed_shapes, torch_pruning_peer
 from .measure import measure_memory, time_training_steps
@@ -103,6 +124,11 @@ class BenchmarkArguments:
     """Command-line flags; anything left unset takes the preset's value (Fashion-MNIST, or digits with --quick)."""
 
     quick: bool = field(default=False, metadata={"help": "Smoke run on scikit-learn's digits (under 4 minutes)."})
+    model: Literal["main", "heldout"] = field(
+        default="main",
+        metadata={"help": "The benchmark model: main (FASHION_MNIST) or heldout (HELDOUT_FASHION_MNIST: another "
+                          "architecture with the main model's pruning recipe; it only reports, nothing is chosen on it)."},
+    )
     report_only: bool = field(
         default=False, metadata={"help": "Only rebuild the Markdown table and the plot from the results JSON."}
     )
@@ -118,7 +144,11 @@ class BenchmarkArguments:
     sparsities: list[float] | None = field(default=None, metadata={"help": "Parameter sparsities, e.g. 0.4 0.6."})
     seeds: list[int] | None = field(default=None, metadata={"help": "Training seeds of every pruning run."})
     dense_epochs: float | None = field(default=None, metadata={"help": "Epochs of the dense model."})
-    prune_epochs: float | None = field(default=None, metadata={"help": "Epochs of each pruning run (ADMM + fine-tune)."})
+    prune_epochs: list[float] | None = field(
+        default=None,
+        metadata={"help": "Epoch budgets of the pruning runs (search + fine-tuning together), e.g. 2 8: every method, "
+                          "sparsity and seed runs at each (the epoch axis); default the preset's single budget."},
+    )
     max_train_samples: int | None = field(default=None, metadata={"help": "Truncate the training split."})
     threads: int | None = field(default=None, metadata={"help": "torch threads for training and evaluation."})
     workers: int | None = field(default=None, metadata={"help": "Pruning runs in parallel (processes)."})
@@ -132,14 +162,29 @@ class BenchmarkArguments:
     )
 
 
+def preset(args: BenchmarkArguments) -> dict:
+    """The settings preset of ``--quick`` / ``--model``."""
+    if args.model == "heldout":
+        if args.quick:
+            raise SystemExit("--model heldout is a Fashion-MNIST model; --quick runs the digits smoke test on the "
+                             "quickstart's model only.")
+        return HELDOUT_FASHION_MNIST
+    return DIGITS_QUICK if args.quick else FASHION_MNIST
+
+
 def resolve_settings(args: BenchmarkArguments) -> Settings:
-    values = dict(DIGITS_QUICK if args.quick else FASHION_MNIST)
+    values = dict(preset(args))
     for key in ("output_dir", "markdown_file", "cache_dir", "methods", "sparsities", "seeds", "dense_epochs",
-                "prune_epochs", "max_train_samples", "threads", "workers", "dense_processes", "speed_threads", "speed_repeats",
+                "max_train_samples", "threads", "workers", "dense_processes", "speed_threads", "speed_repeats",
                 "speed_shapes"):
         value = getattr(args, key)
         if value is not None:
             values[key] = value
+    if args.prune_epochs:
+        if len(set(args.prune_epochs)) != len(args.prune_epochs) or min(args.prune_epochs) <= 0:
+            raise SystemExit(f"--prune_epochs {args.prune_epochs}: give distinct positive epoch budgets.")
+        values["prune_epochs"] = args.prune_epochs[0]
+        values["epoch_budgets"] = list(args.prune_epochs) if len(args.prune_epochs) > 1 else None
     if args.output_dir is not None and args.markdown_file is None and args.quick:
         values["markdown_file"] = str(Path(args.output_dir) / "BENCHMARKS.md")
     settings = Settings(**values)
@@ -173,12 +218,24 @@ def evaluate(model, settings: Settings, dataset, prefix: str) -> dict:
 
 
 class Job(NamedTuple):
-    """One pruning run; ``target_flops_reduction`` is set for the FLOPs-matched methods only."""
+    """One pruning run; ``target_flops_reduction`` is set for the FLOPs-matched methods only; ``epochs`` is its
+    pruning budget (None: ``settings.prune_epochs``)."""
 
     method: str
     sparsity: float
     seed: int
     target_flops_reduction: float | None = None
+    epochs: float | None = None
+
+
+def run_epochs(run: dict, settings: dict) -> float:
+    """The pruning epochs of a run record; records written before the epoch axis ran at ``settings["prune_epochs"]``."""
+    return float(run.get("prune_epochs", settings["prune_epochs"]))
+
+
+def run_key(run: dict, settings: dict) -> tuple:
+    """What identifies a run in the results: (epochs, method, sparsity, seed)."""
+    return (run_epochs(run, settings), run["method"], run["sparsity"], run["seed"])
 
 
 def prune_once(settings: Settings, data, method: str, sparsity: float, seed: int, save_dir: str | Path,
@@ -211,9 +268,11 @@ def prune_once(settings: Settings, data, method: str, sparsity: float, seed: int
     trainer.model.save_pretrained(save_dir)
     stats, dense_stats = model_stats(trainer.model), trainer.dense_stats
     total_steps = trainer.state.max_steps  # one TrainerState across the search and the fine-tuning
+    search_steps = trainer.method.search_steps(total_steps)
     record = {
         **run_figures(method, sparsity, seed, test, validation, stats, dense_stats, train_seconds, ranking,
-                      finetune_steps=total_steps - trainer.method.search_steps(total_steps)),
+                      finetune_steps=total_steps - search_steps),
+        "search_steps": search_steps,  # the ADMM (or OFB / SPViT search) phase's optimizer steps
         # ||W - Z|| / ||W|| in the last log of the ADMM phase: how far W still was from Z's support when pruned
         "admm_residual_last_logged": residuals[-1] if residuals else None,
     }
@@ -258,8 +317,12 @@ def init_worker(settings: dict, settings_class: type = Settings) -> None:
 
 
 def _prune_job(settings: Settings, data, job: Job, save_dir: str) -> dict:
-    return prune_once(settings, data, job.method, job.sparsity, job.seed, save_dir,
-                      target_flops_reduction=job.target_flops_reduction)
+    if job.epochs is not None:
+        settings = dataclasses.replace(settings, prune_epochs=job.epochs)
+    record = prune_once(settings, data, job.method, job.sparsity, job.seed, save_dir,
+                        target_flops_reduction=job.target_flops_reduction)
+    record["prune_epochs"] = float(settings.prune_epochs)
+    return record
 
 
 def _worker_job(job: Job, save_dir: str) -> dict:
@@ -274,7 +337,8 @@ def prune_all(settings: Settings, data, jobs: list[tuple], models_dir: Path, on_
         return
 
     def save_dir(job: Job) -> str:
-        return str(models_dir / f"{job.method}-{job.sparsity:g}-{job.seed}")
+        epochs = settings.prune_epochs if job.epochs is None else job.epochs
+        return str(models_dir / f"{job.method}-{job.sparsity:g}-{job.seed}-{epochs:g}ep")
 
     if settings.workers <= 1:
         for job in jobs:
@@ -288,14 +352,16 @@ def prune_all(settings: Settings, data, jobs: list[tuple], models_dir: Path, on_
             on_done(future.result(), save_dir(futures[future]))
 
 
-# Settings that --resume lets change: which methods run (every run record names its method, and each kept
-# run must be of a listed method) and the speed-at-shapes preset (its section is measured apart from the
-# runs). Every other field changes the figures of the kept runs, so it must be the same.
-RESUMABLE_SETTINGS = ("methods", "speed_shapes")
+# Settings that --resume lets change: which methods run and at which epoch budgets (every run record names
+# its method and its epochs, and each kept run must be of a listed method and budget) and the speed-at-shapes
+# preset (its section is measured apart from the runs). Every other field changes the figures of the kept
+# runs, so it must be the same.
+RESUMABLE_SETTINGS = ("methods", "speed_shapes", "prune_epochs", "epoch_budgets")
 
 
 def _identity(settings: dict) -> dict:
-    return {key: value for key, value in settings.items() if key not in RESUMABLE_SETTINGS}
+    """The settings that must match to resume; a field an older JSON lacks counts as its default."""
+    return {key: value for key, value in with_defaults(settings).items() if key not in RESUMABLE_SETTINGS}
 
 
 def _load_previous(settings: Settings) -> dict | None:
@@ -313,6 +379,12 @@ def _load_previous(settings: Settings) -> dict | None:
     if unlisted:
         raise SystemExit(f"--resume: {path} holds runs of {', '.join(unlisted)}, which --methods does not list; "
                          f"list them to keep their runs, or drop --resume to start afresh.")
+    for run in previous.get("runs", []):  # runs from before the epoch axis: the budget their settings name
+        run["prune_epochs"] = run_epochs(run, previous["settings"])
+    budgets = sorted({run["prune_epochs"] for run in previous.get("runs", [])} - set(settings.epoch_axis))
+    if budgets:
+        raise SystemExit(f"--resume: {path} holds runs at {', '.join(f'{e:g}' for e in budgets)} pruning epochs, which "
+                         f"--prune_epochs does not list; list them to keep their runs, or drop --resume to start afresh.")
     return previous
 
 
@@ -379,8 +451,17 @@ def _write(settings: Settings, results: dict) -> None:
 
 
 def _flops_matched_jobs(jobs: list[Job], runs: list[dict]) -> list[Job]:
-    """The FLOPs-matched jobs with their budgets: the FLOPs of the reference's runs at each job's sparsity."""
-    return [job._replace(target_flops_reduction=flops_target(runs, job.sparsity)) for job in jobs]
+    """The FLOPs-matched jobs with their budgets: the FLOPs of the reference's runs at each job's sparsity and
+    epoch budget."""
+    return [job._replace(target_flops_reduction=flops_target(
+        [r for r in runs if r["prune_epochs"] == job.epochs], job.sparsity)) for job in jobs]
+
+
+def jobs_of(settings: Settings, done: set[tuple]) -> list[Job]:
+    """Every (epochs, method, sparsity, seed) not in ``done`` (keys as :func:`run_key` makes them), in run order."""
+    return [Job(method, sparsity, seed, epochs=epochs) for epochs in settings.epoch_axis
+            for sparsity in settings.sparsities for method in settings.methods for seed in settings.seeds
+            if (epochs, method, sparsity, seed) not in done]
 
 
 def run(settings: Settings, command: str, resume: bool = False) -> dict:
@@ -405,11 +486,10 @@ def run(settings: Settings, command: str, resume: bool = False) -> dict:
     }
     logger.info("dense: %s", {k: results["dense"][k] for k in ("params", "flops", "test")})
     runs = list(previous["runs"]) if previous else []
-    done = {(r["method"], r["sparsity"], r["seed"]) for r in runs}
+    done = {run_key(r, results["settings"]) for r in runs}
     results["runs"] = runs
     results.update(_kept_sections(previous, settings) if previous else {})  # in every intermediate write too
-    jobs = [Job(method, sparsity, seed) for sparsity in settings.sparsities for method in settings.methods
-            for seed in settings.seeds if (method, sparsity, seed) not in done]
+    jobs = jobs_of(settings, done)
     matched = [job for job in jobs if job.method in FLOPS_MATCHED_METHODS]
     if matched and FLOPS_REFERENCE not in settings.methods:
         _flops_matched_jobs(matched, runs)  # a missing reference run fails here, before any training
@@ -417,26 +497,34 @@ def run(settings: Settings, command: str, resume: bool = False) -> dict:
 
     def finished(record: dict, directory: str) -> None:
         ranking = record["ranking_seconds"]
-        logger.info("%s @ %.2f seed %d: test %.4f, FLOPs ratio %.4f, train() %.0fs (%s)", record["method"],
-                    record["sparsity"], record["seed"], record["test_accuracy"], record["flops_ratio"],
+        logger.info("%s @ %.2f, %g epochs, seed %d: test %.4f, FLOPs ratio %.4f, train() %.0fs (%s)",
+                    record["method"], record["sparsity"], record["prune_epochs"], record["seed"],
+                    record["test_accuracy"], record["flops_ratio"],
                     record["train_seconds"], "no ranking pass" if ranking is None else f"ranking {ranking:.1f}s")
         pending.append((record, directory))
 
-    with tempfile.TemporaryDirectory() as models_dir:
-        prune_all(settings, data, [job for job in jobs if job.method not in FLOPS_MATCHED_METHODS],
-                  Path(models_dir), finished)
-        # The FLOPs-matched runs need the reference's FLOPs: kept by --resume or trained just above.
-        trained = runs + [record for record, _ in pending]
-        prune_all(settings, data, _flops_matched_jobs(matched, trained), Path(models_dir), finished)
-        # Timing after all training, so that no pruning job of ours competes with the clock.
-        for record, directory in pending:
-            pruned = AutoModelForImageClassification.from_pretrained(directory)
-            time_pruned(settings, record, pruned, dense)
-            logger.info("%s @ %.2f seed %d: throughput x%.2f, FLOPs x%.2f", record["method"], record["sparsity"],
-                        record["seed"], record["speed"]["throughput_speedup"], record["flops_speedup"])
-            runs.append(record)
-            _write(settings, results)
-    runs.sort(key=lambda r: (r["sparsity"], settings.methods.index(r["method"]), r["seed"]))
+    # One epoch budget at a time: its runs are trained, then timed and written, so that a long axis interrupted
+    # keeps (for --resume) every budget it finished.
+    for epochs in settings.epoch_axis:
+        at = [job for job in jobs if job.epochs == epochs]
+        pending.clear()
+        with tempfile.TemporaryDirectory() as models_dir:
+            prune_all(settings, data, [job for job in at if job.method not in FLOPS_MATCHED_METHODS],
+                      Path(models_dir), finished)
+            # The FLOPs-matched runs need the reference's FLOPs: kept by --resume or trained just above.
+            trained = runs + [record for record, _ in pending]
+            prune_all(settings, data, _flops_matched_jobs([job for job in at if job.method in FLOPS_MATCHED_METHODS],
+                                                          trained), Path(models_dir), finished)
+            # Timing after the budget's training, so that no pruning job of ours competes with the clock.
+            for record, directory in pending:
+                pruned = AutoModelForImageClassification.from_pretrained(directory)
+                time_pruned(settings, record, pruned, dense)
+                logger.info("%s @ %.2f, %g epochs, seed %d: throughput x%.2f, FLOPs x%.2f", record["method"],
+                            record["sparsity"], record["prune_epochs"], record["seed"],
+                            record["speed"]["throughput_speedup"], record["flops_speedup"])
+                runs.append(record)
+                _write(settings, results)
+    runs.sort(key=lambda r: (r["prune_epochs"], r["sparsity"], settings.methods.index(r["method"]), r["seed"]))
     _measure_sections(settings, data, results)
     results["summary"] = summarise(results)
     close_results(results, earlier, started)

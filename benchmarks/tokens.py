@@ -76,6 +76,7 @@ from .common import (
     run_figures,
     train_or_reuse_dense,
     training_arguments,
+    with_defaults,
 )
 from .run import (
     WORKER,
@@ -377,7 +378,7 @@ def _load_previous(settings: TokenSettings) -> dict | None:
     if not path.is_file():
         return None
     previous = json.loads(path.read_text())
-    old, new = previous.get("settings", {}), settings.to_dict()
+    old, new = with_defaults(previous.get("settings", {}), TokenSettings), settings.to_dict()
     if old != new:
         changed = sorted(key for key in old.keys() | new.keys() if old.get(key) != new.get(key))
         logger.warning("Not resuming: %s was written with other settings (%s).", path, ", ".join(changed))

@@ -217,3 +217,280 @@ def test_torch_pruning_peer_gives_heads_back_when_a_layer_would_be_emptied(monke
     assert sum(layer.heads for layer in stats.layers) == 12 - even_split + 1
     assert (1 - 0.5) * dense - info["neuron_cost"] < stats.params <= (1 - 0.5) * dense
     assert pruned(pixel_values=batch["pixel_values"]).logits.shape == (6, 5)
+
+
+# ----------------------------------------------------------------------------------- held-out model and epoch axis
+
+# The Settings fields the held-out preset may set itself: its architecture, its dense model's recipe and cache, and
+# where its results go. Every other field is the pruning recipe (or how it is run) and must be the main preset's.
+HELDOUT_MAY_SET = {"model", "dense_epochs", "dense_learning_rate", "cache_dir", "results_name", "speed_shapes",
+                   "benchmark_model"}
+
+
+def test_heldout_preset_copies_every_pruning_field_from_the_main_preset():
+    import dataclasses
+
+    from benchmarks.common import FASHION_MNIST, HELDOUT_FASHION_MNIST, HELDOUT_OWN_FIELDS, Settings
+
+    assert set(HELDOUT_OWN_FIELDS) <= HELDOUT_MAY_SET, "a pruning field was made the held-out model's own"
+    main, heldout = Settings(**FASHION_MNIST), Settings(**HELDOUT_FASHION_MNIST)
+    for f in dataclasses.fields(Settings):
+        if f.name not in HELDOUT_MAY_SET:
+            assert getattr(heldout, f.name) == getattr(main, f.name), f"held-out preset sets {f.name}"
+    assert heldout.benchmark_model == "heldout" and main.benchmark_model == "main"
+    assert heldout.cache_dir != main.cache_dir and heldout.results_name != main.results_name
+    assert heldout.output_dir == main.output_dir and heldout.markdown_file == main.markdown_file
+
+
+def test_heldout_model_differs_in_shape_and_stays_within_the_flops_budget():
+    from transformers import ViTConfig, ViTForImageClassification
+
+    from benchmarks.common import FASHION_MNIST, HELDOUT_FASHION_MNIST
+    from hf_vitprune import model_stats
+
+    main, heldout = FASHION_MNIST["model"], HELDOUT_FASHION_MNIST["model"]
+    for key in ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size", "patch_size"):
+        assert main[key] != heldout[key], key
+    assert main["hidden_size"] // main["num_attention_heads"] != heldout["hidden_size"] // heldout["num_attention_heads"]
+    assert (main["image_size"], main["num_channels"]) == (heldout["image_size"], heldout["num_channels"])
+    flops = [model_stats(ViTForImageClassification(ViTConfig(**m, num_labels=10))).flops for m in (main, heldout)]
+    assert flops[1] <= 1.5 * flops[0]
+
+
+def test_model_flag_chooses_the_preset_and_prune_epochs_is_a_list():
+    from transformers import HfArgumentParser
+
+    from benchmarks.run import BenchmarkArguments, resolve_settings
+
+    def settings(*argv):
+        (args,) = HfArgumentParser(BenchmarkArguments).parse_args_into_dataclasses(args=list(argv))
+        return resolve_settings(args)
+
+    default = settings()
+    assert default.benchmark_model == "main" and default.epoch_axis == [2.0]
+    axis = settings("--model", "heldout", "--prune_epochs", "2", "8")
+    assert axis.benchmark_model == "heldout" and axis.results_name == "heldout_fashion_mnist"
+    assert axis.epoch_axis == [2.0, 8.0] and axis.prune_epochs == 2.0
+    with pytest.raises(SystemExit, match="digits smoke test"):
+        settings("--model", "heldout", "--quick")
+    with pytest.raises(SystemExit, match="distinct positive"):
+        settings("--prune_epochs", "2", "2")
+
+
+def _fake_record(method, sparsity, seed, epochs, target_flops_reduction=None):
+    """What a pruning run records, with made-up figures (accuracy and FLOPs differ per epoch budget)."""
+    flops_ratio = 1 - target_flops_reduction if target_flops_reduction is not None else 0.5 + epochs / 100
+    record = {"method": method, "sparsity": sparsity, "seed": seed, "test_accuracy": 0.8 + epochs / 100,
+              "flops_ratio": flops_ratio, "flops_speedup": 1 / flops_ratio, "train_seconds": 1.0, "ranking_seconds": None}
+    if target_flops_reduction is not None:
+        record["target_flops_reduction"] = target_flops_reduction
+    return record
+
+
+@pytest.fixture
+def fake_pruning(monkeypatch):
+    """benchmarks.run.run with every training, loading and timing step replaced: records which runs it asks for."""
+    import torch
+    from transformers import ViTConfig, ViTForImageClassification
+
+    from benchmarks import run as bench
+
+    calls = []
+    dense = ViTForImageClassification(ViTConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                                intermediate_size=32, image_size=8, patch_size=4, num_channels=1,
+                                                num_labels=3))
+    monkeypatch.setattr(bench, "load_data", lambda settings: {"train": [0] * 8, "validation": [0] * 4, "test": [0] * 4})
+    monkeypatch.setattr(bench, "train_or_reuse_dense", lambda settings, data: {"train_seconds": 1.0})
+    monkeypatch.setattr(bench, "load_dense", lambda settings: dense)
+    monkeypatch.setattr(bench, "evaluate", lambda model, settings, dataset, prefix: {"accuracy": 0.9})
+    monkeypatch.setattr(bench, "time_pruned", lambda settings, record, pruned, dense: record.update(
+        speed={"throughput_speedup": 1.0}))
+    monkeypatch.setattr(bench, "_measure_sections", lambda settings, data, results: None)
+    monkeypatch.setattr(bench, "summarise", lambda results: {})
+
+    class NoModel:
+        @staticmethod
+        def from_pretrained(directory):
+            return None
+
+    monkeypatch.setattr(bench, "AutoModelForImageClassification", NoModel)
+
+    def prune_once(settings, data, method, sparsity, seed, save_dir, target_flops_reduction=None):
+        calls.append((settings.prune_epochs, method, sparsity, seed))
+        return _fake_record(method, sparsity, seed, settings.prune_epochs, target_flops_reduction)
+
+    monkeypatch.setattr(bench, "prune_once", prune_once)
+    torch.set_num_threads(1)
+    return calls
+
+
+def _axis_settings(tmp_path, epochs, **overrides):
+    from benchmarks.common import DIGITS_QUICK, Settings
+
+    return Settings(**dict(DIGITS_QUICK, methods=["gohsp", "torch_pruning", "ofb"], sparsities=[0.4, 0.6], seeds=[0, 1],
+                           prune_epochs=epochs[0], epoch_budgets=list(epochs), workers=1, threads=1,
+                           speed_shapes="none", output_dir=str(tmp_path), **overrides))
+
+
+def test_epoch_axis_runs_every_method_sparsity_and_seed_at_every_budget(tmp_path, fake_pruning):
+    from benchmarks.run import run
+
+    results = run(_axis_settings(tmp_path, [1.0, 3.0]), "python -m benchmarks.run")
+    expected = {(e, m, s, seed) for e in (1.0, 3.0) for m in ("gohsp", "torch_pruning", "ofb") for s in (0.4, 0.6)
+                for seed in (0, 1)}
+    assert sorted(fake_pruning) == sorted(expected)  # one run each, none twice
+    saved = json.loads((tmp_path / "digits_quick.json").read_text())
+    assert {(r["prune_epochs"], r["method"], r["sparsity"], r["seed"]) for r in saved["runs"]} == expected
+    assert saved["runs"] == results["runs"]
+    # the FLOPs-matched rows take the FLOPs of gohsp's runs at the same budget
+    for run_ in saved["runs"]:
+        if run_["method"] == "ofb":
+            assert run_["target_flops_reduction"] == pytest.approx(1 - (0.5 + run_["prune_epochs"] / 100))
+
+
+def test_resume_trains_only_the_budgets_not_yet_run(tmp_path, fake_pruning):
+    from benchmarks.run import run
+
+    run(_axis_settings(tmp_path, [1.0]), "first")
+    fake_pruning.clear()
+    results = run(_axis_settings(tmp_path, [1.0, 3.0]), "second", resume=True)
+    assert {call[0] for call in fake_pruning} == {3.0} and len(fake_pruning) == 3 * 2 * 2
+    assert len(results["runs"]) == 2 * 3 * 2 * 2
+    fake_pruning.clear()
+    run(_axis_settings(tmp_path, [1.0, 3.0]), "third", resume=True)
+    assert fake_pruning == []  # everything present
+    with pytest.raises(SystemExit, match="pruning epochs, which --prune_epochs does not list"):
+        run(_axis_settings(tmp_path, [3.0]), "fourth", resume=True)
+
+
+def test_resume_counts_runs_without_an_epochs_field_as_the_settings_budget(tmp_path, fake_pruning):
+    """Results written before the epoch axis: their runs ran at settings.prune_epochs and are kept as such."""
+    from benchmarks.run import run
+
+    settings = _axis_settings(tmp_path, [1.0])
+    run(settings, "first")
+    saved = json.loads((tmp_path / "digits_quick.json").read_text())
+    for record in saved["runs"]:
+        del record["prune_epochs"]
+    for key in ("epoch_budgets", "benchmark_model"):  # fields an older JSON does not have
+        del saved["settings"][key]
+    (tmp_path / "digits_quick.json").write_text(json.dumps(saved))
+    fake_pruning.clear()
+    results = run(_axis_settings(tmp_path, [1.0, 2.0]), "second", resume=True)
+    assert {call[0] for call in fake_pruning} == {2.0}
+    assert sorted({r["prune_epochs"] for r in results["runs"]}) == [1.0, 2.0]
+
+
+# ------------------------------------------------------------------------ the page: both models, computed figures
+
+
+def _synthetic_results(tmp_path, accuracies: dict, *, heldout: bool = False, epochs=(2.0,)) -> dict:
+    """A results dict as benchmarks.run writes it, for gohsp and the peer at 40%, 2 seeds; ``accuracies`` maps
+    (method, epochs) to the test accuracy of every seed."""
+    from benchmarks.common import FASHION_MNIST, HELDOUT_FASHION_MNIST, Settings
+
+    preset = HELDOUT_FASHION_MNIST if heldout else FASHION_MNIST
+    settings = Settings(**dict(preset, methods=["gohsp", "torch_pruning"], sparsities=[0.4], seeds=[0, 1],
+                               prune_epochs=epochs[0], epoch_budgets=list(epochs), output_dir=str(tmp_path),
+                               markdown_file=str(tmp_path / "BENCHMARKS.md"), speed_shapes="none"))
+    runs = []
+    for (method, budget), accuracy in accuracies.items():
+        for seed in (0, 1):
+            runs.append({
+                "method": method, "sparsity": 0.4, "seed": seed, "prune_epochs": budget,
+                "test_accuracy": accuracy, "test_top5_accuracy": 1.0, "validation_accuracy": accuracy,
+                "params": 600, "flops": 6000, "params_ratio": 0.6, "flops_ratio": 0.6, "achieved_sparsity": 0.4,
+                "flops_speedup": 1 / 0.6, "heads_per_layer": [2, 2], "neurons_per_layer": [10, 10],
+                "embedding_width": 8, "train_seconds": 10.0, "ranking_seconds": 0.1, "ranking_share": 0.01,
+                "finetune_steps": 30, "search_steps": 30 if method == "gohsp" else 0,
+                "admm_residual_last_logged": 0.01 if method == "gohsp" else None,
+                "speed": {"latency_speedup": 1.1, "throughput_speedup": 1.2, "warmup": 2,
+                          "pruned": {"latency_ms": 1.0, "throughput": 100.0},
+                          "dense": {"latency_ms": 1.1, "throughput": 80.0}},
+                "throughput_speedup_over_flops_speedup": 0.72, "latency_speedup_over_flops_speedup": 0.66})
+    return {
+        "command": "python -m benchmarks.run", "started": "2026-12-03T00:00:00+00:00", "total_seconds": 600.0,
+        "settings": settings.to_dict(),
+        "environment": {"hardware": "test CPU", "cpu_count": 2, "workers": 2, "torch_threads": 1, "speed_threads": 1,
+                        "load_average_at_start": [1.0, 1.0, 1.0]},
+        "dense": {"params": 1000, "flops": 10000, "test": {"accuracy": 0.9}, "validation": {"accuracy": 0.9},
+                  "training": {"train_seconds": 60.0, "reused_from_cache": False, "validation_curve": []},
+                  "split_sizes": {"train": 1920, "validation": 100, "test": 1000}},
+        "runs": runs,
+    }
+
+
+
+
+def test_a_target_counts_as_met_only_where_both_models_meet_it(tmp_path):
+    from benchmarks.report import compare_models, summarise
+
+    def gohsp_vs_peer(main_gohsp, heldout_gohsp):
+        main = summarise(_synthetic_results(tmp_path, {("gohsp", 2.0): main_gohsp, ("torch_pruning", 2.0): 0.88}))
+        heldout = None if heldout_gohsp is None else summarise(_synthetic_results(
+            tmp_path, {("gohsp", 2.0): heldout_gohsp, ("torch_pruning", 2.0): 0.88}, heldout=True))
+        (entry,) = [e for e in compare_models(main, heldout) if e["id"] == "gohsp_vs_peer_at_40"]
+        return entry
+
+    both = gohsp_vs_peer(0.89, 0.885)  # +1.0 and +0.5 points over the peer: >= 0.3 on both
+    assert both["main"]["met"] and both["heldout"]["met"] and both["met"] is True
+    only_main = gohsp_vs_peer(0.89, 0.881)  # +0.1 on the held-out model
+    assert only_main["main"]["met"] and only_main["heldout"]["met"] is False and only_main["met"] is False
+    only_heldout = gohsp_vs_peer(0.881, 0.89)
+    assert only_heldout["met"] is False
+    not_run = gohsp_vs_peer(0.89, None)
+    assert not_run["main"]["met"] and not_run["heldout"] is None and not_run["met"] is None
+
+
+def test_the_page_shows_both_models_and_says_when_the_heldout_model_is_not_yet_run(tmp_path):
+    from benchmarks.common import FASHION_MNIST, HELDOUT_FASHION_MNIST, Settings
+    from benchmarks.report import summarise, write_reports
+
+    main = _synthetic_results(tmp_path, {("gohsp", 2.0): 0.89, ("torch_pruning", 2.0): 0.88,
+                                         ("gohsp", 8.0): 0.897, ("torch_pruning", 8.0): 0.89}, epochs=(2.0, 8.0))
+    main["summary"] = summarise(main)
+    settings = Settings(**main["settings"])
+    write_reports(main, settings)
+    page = (tmp_path / "BENCHMARKS.md").read_text()
+    assert "**Not yet run.**" in page and "open: held-out model not yet run" in page
+    assert "| met on both models |" not in page
+    # ADMM steps and Z/U updates come from the run records, not from canned text
+    assert "30 ADMM steps" in page and f"{30 // FASHION_MNIST['admm_update_steps']} Z/U updates" in page
+    assert "~200 ADMM steps" not in page and "10 Z/U updates" not in page
+
+    heldout = _synthetic_results(tmp_path, {("gohsp", 2.0): 0.89, ("torch_pruning", 2.0): 0.889,
+                                            ("gohsp", 8.0): 0.898, ("torch_pruning", 8.0): 0.89},
+                                 heldout=True, epochs=(2.0, 8.0))
+    (tmp_path / f"{HELDOUT_FASHION_MNIST['results_name']}.json").write_text(json.dumps(heldout))
+    write_reports(main, settings)
+    page = (tmp_path / "BENCHMARKS.md").read_text()
+    assert "**Not yet run.**" not in page and "## Held-out model" in page
+    assert "the main model's, field for field" in page
+    rows = [line for line in page.splitlines() if line.startswith("| 40% sparsity: gohsp >= torch_pruning + 0.3")]
+    assert len(rows) == 2  # one per epoch budget
+    assert rows[0].endswith("| **missed** on held-out |")  # 2 epochs: +1.0 on main, +0.1 on the held-out model
+    assert rows[1].endswith("| met on both models |")  # 8 epochs: +0.7 and +0.8
+    long_budget = next(line for line in page.splitlines() if line.startswith("| 40% sparsity, 8 pruning epochs"))
+    assert long_budget.endswith("| met on both models |")  # 0.3 and 0.2 points below dense
+
+
+def test_an_axis_interrupted_keeps_every_budget_it_finished(tmp_path, fake_pruning, monkeypatch):
+    """Each budget is trained, timed and written before the next starts: a crash at 3 epochs keeps the 1-epoch runs."""
+    from benchmarks import run as bench
+
+    fake = bench.prune_once
+
+    def crash_at_three(settings, *args, **kwargs):
+        if settings.prune_epochs == 3.0:
+            raise RuntimeError("interrupted")
+        return fake(settings, *args, **kwargs)
+
+    monkeypatch.setattr(bench, "prune_once", crash_at_three)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        bench.run(_axis_settings(tmp_path, [1.0, 3.0]), "first")
+    saved = json.loads((tmp_path / "digits_quick.json").read_text())
+    assert {r["prune_epochs"] for r in saved["runs"]} == {1.0} and len(saved["runs"]) == 3 * 2 * 2
+    monkeypatch.setattr(bench, "prune_once", fake)
+    fake_pruning.clear()
+    bench.run(_axis_settings(tmp_path, [1.0, 3.0]), "second", resume=True)
+    assert {call[0] for call in fake_pruning} == {3.0}
