@@ -407,12 +407,14 @@ def test_default_card_recipe_and_citations():
         "19.8% of the FLOPs removed.",
         "Pruned units: attention heads (at least 1 per layer, in multiples of 1) and MLP neurons (at least 1 per "
         "layer, in multiples of 1).",
-        "Ranking: 256 calibration images; heads and MLP neurons by output energy, heads weighted by a directed head "
-        "graph with edge statistic `output`, damping 0.85, importance exponent 1.0, norm exponent 0.5.",
+        "Ranking: 256 calibration images; heads and MLP neurons by group Fisher (loss sensitivity), heads weighted by "
+        "a directed head graph (edge statistic `output`, damping 0.85, teleport by currency, importance exponent 1.0), "
+        "norm exponent 0.5.",
         "Schedule: ADMM for the first 50% of the optimizer steps (Z/U update every 20 steps, rho from 0.1 growing "
         "geometrically to 10.0 at the last update, support frozen for the last 25% of the updates, constant learning "
-        "rate after warm-up), then a hard prune to the ADMM solution, physical compaction, and fine-tuning of the "
-        "compacted model with a fresh optimizer for the remaining steps.",
+        "rate after warm-up, distilling from the dense model, units left out of Z for 3 updates in a row cut out at "
+        "once), then a hard prune to the ADMM solution, physical compaction, and fine-tuning of the compacted model "
+        "with a fresh optimizer for the remaining steps.",
         "Distillation: from the frozen dense model during fine-tuning, weight 0.5, temperature 2.0 (through the "
         "distillation token where the model has one).",
     ]

@@ -206,7 +206,7 @@ def test_gohsp_scores_are_fisher_weighted_by_the_personalised_head_chain():
 
     model = tiny_vit().eval()
     scores, batches = gohsp_ranking(model)
-    fisher = score_fisher(model, batches, options=ImportanceOptions(micro_batch_size=8))
+    fisher = score_fisher(model, batches, options=ImportanceOptions(micro_batch_size=1))
     chain = stationary_importance(collect_head_statistics(model, batches), 0.85, teleport=fisher.heads)
     for layer, (heads, currency, pi) in enumerate(zip(scores.heads, fisher.heads, chain)):
         factor = pi / pi.mean()

@@ -58,7 +58,7 @@ from ..importance import UnitScores
 from ..plan import PruningPlan
 from ..sharding import full_tensor, has_sharded_parameters, local_tensor, shard_like, sum_over_shards
 from ..stats import model_stats
-from .admm_shrinking import SupportHistory, keep_scores, reindex
+from .admm_shrinking import SupportHistory, keep_scores, reindex, unit_widths
 from .base import MethodOptions, PruningMethod, SearchContext
 from .base import option_help as _help  # every option documents itself
 
@@ -445,14 +445,11 @@ class ADMMOptions(MethodOptions):
     )
     admm_remove_after: int | None = field(
         default=3,
-        **_help("Remove a unit physically, mid-search, once Z has left it out of its support for this many Z/U updates "
-                "in a row, so the rest of the search trains (and pays for) a smaller model; None keeps the full "
-                "width until the hard prune. Off under FSDP, which cannot slice parameters mid-run."),
+        **_help("Cut a unit out mid-search once Z has left it out for this many Z/U updates in a row; None never."),
     )
     admm_distillation: bool = field(
         default=True,
-        **_help("Distil from the dense model during ADMM too (with PruningConfig.distillation_weight), so the "
-                "units that stay learn to carry what the dropped ones did before they are cut."),
+        **_help("Distil from the dense model during ADMM too (distillation_weight)."),
     )
     admm_constant_lr: bool = field(
         default=True,
@@ -669,9 +666,7 @@ class ADMMSearch(PruningMethod):
                 positions = ADMMState.kept_positions(model, removal)
                 share = self.admm.removed_share(model, positions)
                 self._logs["admm_residual_at_removal"] = max(share, self._logs.get("admm_residual_at_removal", 0.0))
-                self._removal = (removal, positions, {"heads": [layer.num_heads for layer in find_encoder_layers(model)],
-                                                      "neurons": [layer.num_neurons
-                                                                  for layer in find_encoder_layers(model)]})
+                self._removal = (removal, positions, unit_widths(model))
 
     def pending_compaction(self) -> PruningPlan | None:
         return None if self._removal is None else self._removal[0]
@@ -714,10 +709,18 @@ class ADMMSearch(PruningMethod):
             + (f", support frozen for the last {options.admm_freeze_fraction:.0%} of the updates"
                if options.admm_freeze_fraction > 0 else "")
             + (", constant learning rate after warm-up" if options.admm_constant_lr else "")
-            + (", distilling from the dense model" if options.admm_distillation and self.teacher is not None else "")
+            + (", distilling from the dense model" if options.admm_distillation and self.config.distillation_weight > 0
+               else "")
+            + (f", units left out of Z for {options.admm_remove_after} updates in a row cut out at once"
+               if options.admm_remove_after is not None else "")
             + "), then a hard prune to the ADMM solution, physical compaction, and fine-tuning of the compacted model "
             "with a fresh optimizer for the remaining steps.",
         ]
+        removed = self._logs.get("admm_removed_units")
+        if removed:
+            lines.append(f"{removed:.0f} units that Z had left out for {options.admm_remove_after} updates in a row were "
+                         f"cut out during the search (largest share of ||W|| cut at once: "
+                         f"{self._logs['admm_residual_at_removal']:.4f}).")
         if self.final_residual is not None:
             lines.append(f"ADMM residual ||W - Z|| / ||W|| at the hard prune: {self.final_residual:.4f}.")
         return lines

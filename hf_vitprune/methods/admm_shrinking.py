@@ -24,7 +24,8 @@ from ..plan import PruningPlan
 KINDS = ("heads", "neurons")
 
 
-def _widths(model: nn.Module) -> dict[str, list[int]]:
+def unit_widths(model: nn.Module) -> dict[str, list[int]]:
+    """Heads and MLP neurons per layer."""
     layers = find_encoder_layers(model)
     return {"heads": [layer.num_heads for layer in layers], "neurons": [layer.num_neurons for layer in layers]}
 
@@ -38,11 +39,11 @@ class SupportHistory:
     @classmethod
     def start(cls, model: nn.Module) -> SupportHistory:
         return cls({kind: [torch.zeros(w, dtype=torch.int64) for w in widths]
-                    for kind, widths in _widths(model).items()})
+                    for kind, widths in unit_widths(model).items()})
 
     def record(self, model: nn.Module, support: PruningPlan) -> None:
         """One more update: units in ``support`` restart at 0, the others count one more."""
-        for kind, widths in _widths(model).items():
+        for kind, widths in unit_widths(model).items():
             for layer, width in enumerate(widths):
                 inside = torch.zeros(width, dtype=torch.bool)
                 inside[support.kept(kind, layer, width)] = True

@@ -5,7 +5,7 @@ The ranking, computed once on the dense model from the calibration images:
 
 - every head and MLP neuron gets a *currency*, the estimated loss increase its removal causes, on
   one scale for heads and neurons of every layer (``currency``): group Fisher (default,
-  ``(sum w * dL/dw)^2`` averaged over micro-batches of ``currency_batch_size`` images), first-order
+  ``(sum w * dL/dw)^2`` averaged over single images, or micro-batches of ``currency_batch_size``), first-order
   Taylor (``|sum w * dL/dw|``) or output energy (what the unit writes into the residual stream,
   which assumes every layer's output matters equally to the loss: measured here, it disagreed with
   loss sensitivity by up to 4x between layers and gave extreme plans). The paper prunes neurons too
@@ -82,19 +82,15 @@ class GOHSPOptions(ADMMOptions):
     )
     currency: str = field(
         default="fisher",
-        **_help("What removing a unit costs, on one scale for heads and neurons of every layer: 'fisher' (group "
-                "Fisher, (sum w * dL/dw)^2), 'taylor' (|sum w * dL/dw|) or 'energy' (the unit's output energy, "
-                "blind to how much each layer matters for the loss)."),
+        **_help("A unit's loss cost, one scale for all layers: 'fisher', 'taylor' or 'energy'."),
     )
     currency_batch_size: int = field(
-        default=8,
-        **_help("Images per gradient when the currency is 'fisher' or 'taylor' (the calibration batches are cut "
-                "into pieces of this size)."),
+        default=1,
+        **_help("Images per gradient of the currency; 1 is the same on any number of processes."),
     )
     teleport: str = field(
         default="currency",
-        **_help("Where the head chain's walker restarts: 'currency' (in proportion to each head's currency, so "
-                "heads read by heads that matter for the loss rank high) or 'uniform' (plain PageRank)."),
+        **_help("Where the head chain restarts: 'currency' (by each head's currency) or 'uniform'."),
     )
     norm_exponent: float = field(
         default=0.5,
