@@ -119,7 +119,7 @@ FASHION_MNIST = dict(
     speed_repeats=7,
     step_repeats=15,
     memory_steps=20,
-    cache_dir="outputs/benchmark-dense-fashion-mnist",
+    cache_dir="benchmarks/dense/fashion_mnist",  # committed: trained once (its record is benchmark_dense.json)
     output_dir="benchmarks/results",
     markdown_file="BENCHMARKS.md",
     results_name="fashion_mnist",
@@ -140,7 +140,7 @@ HELDOUT_FASHION_MNIST = dict(
                image_size=28, patch_size=14, num_channels=1),
     dense_epochs=60,
     dense_learning_rate=2e-3,
-    cache_dir="outputs/benchmark-dense-heldout-fashion-mnist",
+    cache_dir="benchmarks/dense/heldout_fashion_mnist",
     results_name="heldout_" + FASHION_MNIST["results_name"],  # heldout_fashion_mnist, beside the main results
     speed_shapes="none",  # the speed at real model shapes does not depend on the benchmark model: measured once
     benchmark_model="heldout",

@@ -1296,7 +1296,7 @@ def _speed_warmup(results: dict) -> str:
     return " or ".join(map(str, counts)) if counts else "the default"
 
 
-FASHION_DEFAULT_CACHE = "outputs/benchmark-dense-fashion-mnist"
+FASHION_DEFAULT_CACHE = "benchmarks/dense/fashion_mnist"  # benchmarks.common.FASHION_MNIST["cache_dir"]
 
 SIZING_NOTE = {
     "fashion_mnist": """\
