@@ -217,11 +217,14 @@ def _run_targets(results: dict, rows: list[dict], runs: list[dict], dense_accura
             continue  # no ADMM phase (torch_pruning)
         known = [value for value in residuals if value is not None]
         worst = max(known)
+        cut = [r["admm_residual_at_removal"] for r in runs if r.get("admm_residual_at_removal") is not None]
         targets.append({
             "id": f"admm_residual_{method}",
             "target": f"ADMM residual norm(W - Z) / norm(W) at the hard prune <= {MAX_ADMM_RESIDUAL} ({method})",
             "measured": f"max {worst:.3f}, mean {_mean(known):.3f} over {len(known)} runs"
-                        + (f" ({len(residuals) - len(known)} runs logged none)" if len(known) < len(residuals) else ""),
+                        + (f" ({len(residuals) - len(known)} runs logged none)" if len(known) < len(residuals) else "")
+                        + (f"; units cut mid-search left up to {max(cut):.3f} of norm(W) at their cut "
+                           f"({len(cut)} runs)" if cut else ""),
             "met": worst <= MAX_ADMM_RESIDUAL and len(known) == len(residuals),
             "miss_by": f"{worst - MAX_ADMM_RESIDUAL:.3f}",
             "detail": {"per_run": {f"{r['sparsity']:g}/{r['seed']}": r.get("admm_residual_last_logged") for r in runs}},

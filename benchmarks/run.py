@@ -275,6 +275,9 @@ def prune_once(settings: Settings, data, method: str, sparsity: float, seed: int
         "search_steps": search_steps,  # the ADMM (or OFB / SPViT search) phase's optimizer steps
         # ||W - Z|| / ||W|| in the last log of the ADMM phase: how far W still was from Z's support when pruned
         "admm_residual_last_logged": residuals[-1] if residuals else None,
+        # ADMM's mid-search removal (admm_remove_after): the largest share of ||W|| cut at once, and the units cut
+        "admm_residual_at_removal": trainer.method.log_values().get("admm_residual_at_removal"),
+        "admm_removed_units": trainer.method.log_values().get("admm_removed_units"),
     }
     if target_flops_reduction is not None:
         layers = find_encoder_layers(trainer.model)

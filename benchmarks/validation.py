@@ -9,7 +9,7 @@ saved as JSON. The held-out model is not a choice here: nothing is tuned on it (
     python -m benchmarks.validation --preset fashion_mnist --sparsities 0.4 0.6 --seeds 0 \\
         '{"method": "gohsp"}' '{"method": "gohsp", "currency": "energy"}' '{"method": "taylor"}'
 
-A variant is a JSON object: ``method`` plus options of that method; ``epochs`` in it overrides
+A variant is a JSON object: ``method`` (or ``torch_pruning``, the peer) plus options of that method; ``epochs`` in it overrides
 ``--epochs`` for that variant. Runs go ``--workers`` at a time, one process and one torch thread each.
 """
 
@@ -30,6 +30,7 @@ from hf_vitprune import PruningConfig, PruningTrainer
 from hf_vitprune.methods import get_method
 from hf_vitprune.metrics import make_compute_metrics
 
+from . import torch_pruning_peer
 from .common import DIGITS_QUICK, FASHION_MNIST, Settings, load_data, load_dense, train_or_reuse_dense, training_arguments
 
 PRESETS = {"fashion_mnist": FASHION_MNIST, "digits": DIGITS_QUICK}
@@ -56,9 +57,21 @@ def prune(settings: Settings, data, method: str, sparsity: float, seed: int, epo
             "seconds": time.perf_counter() - started}
 
 
+def peer(settings: Settings, data, sparsity: float, seed: int, epochs: float) -> dict:
+    """The Torch-Pruning peer's run (``benchmarks.torch_pruning_peer``) at the same epochs; its validation accuracy."""
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        record = torch_pruning_peer.prune_once(dataclasses.replace(settings, prune_epochs=epochs), data, sparsity,
+                                               seed, tmp)
+    return {"sparsity": sparsity, "seed": seed, "validation_accuracy": record["validation_accuracy"],
+            "residual": None, "removal_residual": None, "seconds": time.perf_counter() - started}
+
+
 def _worker(settings_dict: dict, method: str, sparsity: float, seed: int, epochs: float, options: dict) -> dict:
     torch.set_num_threads(1)
     settings = Settings(**settings_dict)
+    if method == torch_pruning_peer.NAME:
+        return peer(settings, load_data(settings), sparsity, seed, epochs)
     return prune(settings, load_data(settings), method, sparsity, seed, epochs, options)
 
 
