@@ -107,3 +107,20 @@ def test_removal_is_not_due_before_k_updates_and_none_turns_it_off(tmp_path):
     assert not any("admm_removed_units" in log for log in run.state.log_history)
     with pytest.raises(ValueError, match="admm_remove_after=0 must be an integer >= 1"):
         PruningConfig(target_sparsity=0.4, admm_remove_after=0)
+
+
+def test_admm_fraction_zero_prunes_in_one_shot_to_the_first_projection(tmp_path):
+    run = make_trainer(tmp_path / "one-shot", save_strategy="no")
+    run.pruning_config.method_options.admm_fraction = 0.0
+    first = {}
+    setup = run.method.setup
+
+    def record_first_projection(context):
+        setup(context)
+        first["plan"] = copy.deepcopy(run.method.admm.plan)
+
+    run.method.setup = record_first_projection
+    run.train()
+    search = [log for log in run.state.log_history if log.get("phase_admm") == 1.0 and "loss" in log]
+    assert len(search) == 1 and run.method.search_steps(16) == 1
+    assert run.plan == first["plan"]

@@ -496,13 +496,14 @@ def test_an_axis_interrupted_keeps_every_budget_it_finished(tmp_path, fake_pruni
     assert {call[0] for call in fake_pruning} == {3.0}
 
 
-def test_the_committed_dense_model_is_the_main_presets_and_loads():
-    """benchmarks/dense/fashion_mnist is reused as it is (its record matches the preset's dense recipe), so a
-    benchmark run never retrains it, and it loads as the preset's architecture."""
-    from benchmarks.common import FASHION_MNIST, Settings, load_dense, train_or_reuse_dense
+@pytest.mark.parametrize("preset", ["FASHION_MNIST", "HELDOUT_FASHION_MNIST"])
+def test_the_committed_dense_models_are_their_presets_and_load(preset):
+    """benchmarks/dense/<name> is reused as it is (its record matches the preset's dense recipe), so a benchmark
+    run never retrains it, and it loads as the preset's architecture."""
+    from benchmarks import common
 
-    settings = Settings(**FASHION_MNIST)
-    info = train_or_reuse_dense(settings, data=None)  # never touches the data when the cache is complete
+    settings = common.Settings(**getattr(common, preset))
+    info = common.train_or_reuse_dense(settings, data=None)  # never touches the data when the cache is complete
     assert info["reused_from_cache"] and info["validation_curve"][-1]["epoch"] == settings.dense_epochs
-    config = load_dense(settings).config
+    config = common.load_dense(settings).config
     assert {key: getattr(config, key) for key in settings.model} == settings.model

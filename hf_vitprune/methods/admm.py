@@ -436,7 +436,9 @@ class ADMMOptions(MethodOptions):
     )
     admm_update_steps: int = field(default=20, **_help("Optimizer steps between ADMM Z/U updates."))
     admm_fraction: float = field(
-        default=0.5, **_help("Share of the training steps spent in ADMM; the rest fine-tunes the compacted model.")
+        default=0.5,
+        **_help("Share of the training steps spent in ADMM; the rest fine-tunes the compacted model. 0 prunes in one "
+                "shot: the plan is the first projection, made on the dense model, after one step."),
     )
     admm_freeze_fraction: float = field(
         default=0.25,
@@ -462,7 +464,7 @@ class ADMMOptions(MethodOptions):
         self._check_int("admm_update_steps", 1)
         if self.admm_remove_after is not None:
             self._check_int("admm_remove_after", 1)
-        self._check_number("admm_fraction", low=0, high=1)
+        self._check_number("admm_fraction", low=0, high=1, low_open=False)
         self._check_number("admm_freeze_fraction", low=0, high=1, low_open=False)
         for name in ("admm_constant_lr", "admm_distillation"):
             if not isinstance(getattr(self, name), bool):
