@@ -1107,6 +1107,7 @@ def write_markdown(results: dict, path: Path, plot: Path, heldout: dict | None =
         + measured_by(results, runtime, _rel(Path(settings['output_dir']) / (settings['results_name'] + '.json'),
                                              path)),
         "",
+        *_stale_defaults_warning(results),
         "## How to run it",
         "",
         "```bash",
@@ -1299,7 +1300,26 @@ def _speed_warmup(results: dict) -> str:
     return " or ".join(map(str, counts)) if counts else "the default"
 
 
-FASHION_DEFAULT_CACHE = "benchmarks/dense/fashion_mnist"  # benchmarks.common.FASHION_MNIST["cache_dir"]
+FASHION_DEFAULT_CACHE = "benchmarks/dense/fashion_mnist"
+
+
+def _stale_defaults_warning(results: dict) -> list[str]:
+    """A warning when the runs were made with other method defaults than the library's today (or did not record
+    them): their figures then describe earlier versions of the methods."""
+    from .run import method_defaults
+
+    recorded = results.get("environment", {}).get("method_defaults")
+    today = method_defaults()
+    if recorded is not None:
+        changed = sorted(f"{m}.{k}" for m in sorted(set(recorded) & set(today))
+                         for k in sorted(set(recorded[m]) | set(today[m])) if recorded[m].get(k) != today[m].get(k))
+        if not changed:
+            return []
+        what = f"other method defaults than the library's today ({', '.join(changed[:8])}{', ...' if len(changed) > 8 else ''})"
+    else:
+        what = "a version of the library that did not record its method defaults"
+    return [f"**These runs were made with {what}: the figures describe earlier versions of the methods. Re-run "
+            "`python -m benchmarks.run` to measure the current ones.**", ""]  # benchmarks.common.FASHION_MNIST["cache_dir"]
 
 SIZING_NOTE = {
     "fashion_mnist": """\

@@ -74,6 +74,7 @@ import multiprocessing
 import os
 import platform
 import shlex
+import shutil
 import sys
 import tempfile
 import time
@@ -206,7 +207,16 @@ def environment(settings: Settings) -> dict:
         "transformers": transformers.__version__,
         "platform": platform.platform(),
         "load_average_at_start": os.getloadavg(),
+        # what each method did by default when these runs were made (the report flags runs made with other defaults)
+        "method_defaults": method_defaults(),
     }
+
+
+def method_defaults() -> dict:
+    """Every registered method's default options, as JSON."""
+    from hf_vitprune.methods import METHODS
+
+    return {name: json.loads(json.dumps(cls.options_class().to_dict())) for name, cls in sorted(METHODS.items())}
 
 
 def evaluate(model, settings: Settings, dataset, prefix: str) -> dict:
@@ -460,6 +470,11 @@ def _flops_matched_jobs(jobs: list[Job], runs: list[dict]) -> list[Job]:
         [r for r in runs if r["prune_epochs"] == job.epochs], job.sparsity)) for job in jobs]
 
 
+def untimed_models_dir(settings: Settings) -> Path:
+    """Where trained runs wait to be timed, beside the results (ignored by git), kept across invocations."""
+    return Path(settings.output_dir) / "untimed" / settings.results_name
+
+
 def jobs_of(settings: Settings, done: set[tuple]) -> list[Job]:
     """Every (epochs, method, sparsity, seed) not in ``done`` (keys as :func:`run_key` makes them), in run order."""
     return [Job(method, sparsity, seed, epochs=epochs) for epochs in settings.epoch_axis
@@ -489,14 +504,15 @@ def run(settings: Settings, command: str, resume: bool = False) -> dict:
     }
     logger.info("dense: %s", {k: results["dense"][k] for k in ("params", "flops", "test")})
     runs = list(previous["runs"]) if previous else []
-    done = {run_key(r, results["settings"]) for r in runs}
-    results["runs"] = runs
+    # runs trained by an earlier invocation that stopped before timing them: their models are kept on disk
+    untimed = [entry for entry in (previous or {}).get("untimed", []) if Path(entry["directory"]).is_dir()]
+    done = {run_key(r, results["settings"]) for r in runs + [entry["record"] for entry in untimed]}
+    results["runs"], results["untimed"] = runs, untimed
     results.update(_kept_sections(previous, settings) if previous else {})  # in every intermediate write too
     jobs = jobs_of(settings, done)
     matched = [job for job in jobs if job.method in FLOPS_MATCHED_METHODS]
     if matched and FLOPS_REFERENCE not in settings.methods:
-        _flops_matched_jobs(matched, runs)  # a missing reference run fails here, before any training
-    pending = []
+        _flops_matched_jobs(matched, runs + [entry["record"] for entry in untimed])  # a missing reference fails here
 
     def finished(record: dict, directory: str) -> None:
         ranking = record["ranking_seconds"]
@@ -504,29 +520,32 @@ def run(settings: Settings, command: str, resume: bool = False) -> dict:
                     record["method"], record["sparsity"], record["prune_epochs"], record["seed"],
                     record["test_accuracy"], record["flops_ratio"],
                     record["train_seconds"], "no ranking pass" if ranking is None else f"ranking {ranking:.1f}s")
-        pending.append((record, directory))
+        untimed.append({"record": record, "directory": directory})
+        _write(settings, results)  # every trained run is kept at once: an interrupted budget loses no training
 
-    # One epoch budget at a time: its runs are trained, then timed and written, so that a long axis interrupted
-    # keeps (for --resume) every budget it finished.
+    # One epoch budget at a time: its runs are trained (each written as it ends, with its model kept on disk),
+    # then timed, so that no pruning job of ours competes with the clock; --resume times what is left untimed.
+    models_dir = untimed_models_dir(settings)
     for epochs in settings.epoch_axis:
         at = [job for job in jobs if job.epochs == epochs]
-        pending.clear()
-        with tempfile.TemporaryDirectory() as models_dir:
-            prune_all(settings, data, [job for job in at if job.method not in FLOPS_MATCHED_METHODS],
-                      Path(models_dir), finished)
-            # The FLOPs-matched runs need the reference's FLOPs: kept by --resume or trained just above.
-            trained = runs + [record for record, _ in pending]
-            prune_all(settings, data, _flops_matched_jobs([job for job in at if job.method in FLOPS_MATCHED_METHODS],
-                                                          trained), Path(models_dir), finished)
-            # Timing after the budget's training, so that no pruning job of ours competes with the clock.
-            for record, directory in pending:
-                pruned = AutoModelForImageClassification.from_pretrained(directory)
-                time_pruned(settings, record, pruned, dense)
-                logger.info("%s @ %.2f, %g epochs, seed %d: throughput x%.2f, FLOPs x%.2f", record["method"],
-                            record["sparsity"], record["prune_epochs"], record["seed"],
-                            record["speed"]["throughput_speedup"], record["flops_speedup"])
-                runs.append(record)
-                _write(settings, results)
+        prune_all(settings, data, [job for job in at if job.method not in FLOPS_MATCHED_METHODS], models_dir,
+                  finished)
+        # The FLOPs-matched runs need the reference's FLOPs: kept by --resume or trained just above.
+        trained = runs + [entry["record"] for entry in untimed]
+        prune_all(settings, data, _flops_matched_jobs([job for job in at if job.method in FLOPS_MATCHED_METHODS],
+                                                      trained), models_dir, finished)
+        for entry in [entry for entry in untimed if run_epochs(entry["record"], results["settings"]) == epochs]:
+            record = entry["record"]
+            pruned = AutoModelForImageClassification.from_pretrained(entry["directory"])
+            time_pruned(settings, record, pruned, dense)
+            logger.info("%s @ %.2f, %g epochs, seed %d: throughput x%.2f, FLOPs x%.2f", record["method"],
+                        record["sparsity"], record["prune_epochs"], record["seed"],
+                        record["speed"]["throughput_speedup"], record["flops_speedup"])
+            untimed.remove(entry)
+            runs.append(record)
+            _write(settings, results)
+            shutil.rmtree(entry["directory"], ignore_errors=True)
+    results.pop("untimed")
     runs.sort(key=lambda r: (r["prune_epochs"], r["sparsity"], settings.methods.index(r["method"]), r["seed"]))
     _measure_sections(settings, data, results)
     results["summary"] = summarise(results)

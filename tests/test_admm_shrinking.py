@@ -35,7 +35,7 @@ def make_trainer(output_dir, remove_after=1, **overrides) -> PruningTrainer:
     values = dict(max_steps=16, per_device_train_batch_size=8, learning_rate=1e-3, report_to=[], save_strategy="steps",
                   save_steps=2, disable_tqdm=True, seed=0, use_cpu=True, logging_steps=1)
     values.update(overrides)
-    config = PruningConfig(target_sparsity=0.4, calibration_samples=16, admm_update_steps=2,
+    config = PruningConfig(target_sparsity=0.4, calibration_samples=16, admm_update_steps=2, admm_fraction=0.5,
                            admm_remove_after=remove_after)
     return PruningTrainer(model=tiny_vit(), args=TrainingArguments(str(output_dir), **values),
                           train_dataset=random_images(), pruning_config=config)

@@ -317,6 +317,7 @@ def fake_pruning(monkeypatch):
 
     def prune_once(settings, data, method, sparsity, seed, save_dir, target_flops_reduction=None):
         calls.append((settings.prune_epochs, method, sparsity, seed))
+        Path(save_dir).mkdir(parents=True)  # where the pruned model waits to be timed
         return _fake_record(method, sparsity, seed, settings.prune_epochs, target_flops_reduction)
 
     monkeypatch.setattr(bench, "prune_once", prune_once)
@@ -507,3 +508,44 @@ def test_the_committed_dense_models_are_their_presets_and_load(preset):
     assert info["reused_from_cache"] and info["validation_curve"][-1]["epoch"] == settings.dense_epochs
     config = common.load_dense(settings).config
     assert {key: getattr(config, key) for key in settings.model} == settings.model
+
+
+def test_the_page_warns_when_its_runs_used_other_method_defaults():
+    from benchmarks.report import _stale_defaults_warning
+    from benchmarks.run import method_defaults
+
+    today = method_defaults()
+    assert _stale_defaults_warning({"environment": {"method_defaults": today}}) == []
+    earlier = json.loads(json.dumps(today))
+    earlier["gohsp"]["currency"] = "energy"
+    (warning, _) = _stale_defaults_warning({"environment": {"method_defaults": earlier}})
+    assert "gohsp.currency" in warning and "earlier versions of the methods" in warning
+    assert "did not record" in _stale_defaults_warning({"environment": {}})[0]
+
+
+def test_a_budget_interrupted_midway_keeps_its_trained_runs_and_times_them_on_resume(tmp_path, fake_pruning,
+                                                                                      monkeypatch):
+    """Every trained run is written as it ends (its model kept on disk): a crash after 5 runs of a budget loses
+    none of them; --resume trains only the rest and times all."""
+    from benchmarks import run as bench
+
+    fake = bench.prune_once
+
+    def crash_after_five(*args, **kwargs):
+        if len(fake_pruning) == 5:
+            raise RuntimeError("interrupted")
+        return fake(*args, **kwargs)
+
+    monkeypatch.setattr(bench, "prune_once", crash_after_five)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        bench.run(_axis_settings(tmp_path, [1.0]), "first")
+    saved = json.loads((tmp_path / "digits_quick.json").read_text())
+    assert saved["runs"] == [] and len(saved["untimed"]) == 5
+    first = list(fake_pruning)
+    monkeypatch.setattr(bench, "prune_once", fake)
+    fake_pruning.clear()
+    results = bench.run(_axis_settings(tmp_path, [1.0]), "second", resume=True)
+    assert not set(fake_pruning) & set(first) and len(fake_pruning) == 3 * 2 * 2 - 5
+    assert len(results["runs"]) == 3 * 2 * 2 and all("speed" in r for r in results["runs"])
+    assert "untimed" not in json.loads((tmp_path / "digits_quick.json").read_text())
+    assert not any((tmp_path / "untimed").rglob("*-1ep"))  # timed models are removed

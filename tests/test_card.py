@@ -369,11 +369,12 @@ def test_card_of_a_real_run_and_its_checkpoint(tmp_path):
 
 def test_recipe_states_the_rho_schedule_that_ran():
     dense, pruned = tiny_models()
-    scheduled = render_model_card(make_report()).text
+    scheduled = render_model_card(make_report(pruning_config=PruningConfig(target_sparsity=0.4,
+                                                                           admm_fraction=0.5))).text
     assert "rho from 0.1 growing geometrically to 10.0 at the last update" in scheduled and "×1.3" not in scheduled
     report = PruningReport.from_models(dense, pruned, plan=PLAN, created="2025-01-02T03:04:05+00:00",
                                        pruning_config=PruningConfig(target_sparsity=0.4, admm_rho=0.001,
-                                                                    admm_rho_final=None))
+                                                                    admm_rho_final=None, admm_fraction=0.5))
     fixed = render_model_card(report).text
     assert "rho from 0.001 growing ×1.3 per update" in fixed and "geometrically" not in fixed
 
@@ -410,11 +411,9 @@ def test_default_card_recipe_and_citations():
         "Ranking: 256 calibration images; heads and MLP neurons by group Fisher (loss sensitivity), heads weighted by "
         "a directed head graph (edge statistic `output`, damping 0.85, teleport by currency, importance exponent 1.0), "
         "norm exponent 0.5.",
-        "Schedule: ADMM for the first 50% of the optimizer steps (Z/U update every 20 steps, rho from 0.1 growing "
-        "geometrically to 10.0 at the last update, support frozen for the last 25% of the updates, constant learning "
-        "rate after warm-up, distilling from the dense model, units left out of Z for 3 updates in a row cut out at "
-        "once), then a hard prune to the ADMM solution, physical compaction, and fine-tuning of the compacted model "
-        "with a fresh optimizer for the remaining steps.",
+        "Schedule: one shot: the plan is the first projection of the ranking onto the budget, made on the dense model "
+        "(no ADMM update), then a hard prune, physical compaction, and fine-tuning of the compacted model with a fresh "
+        "optimizer for every remaining step.",
         "Distillation: from the frozen dense model during fine-tuning, weight 0.5, temperature 2.0 (through the "
         "distillation token where the model has one).",
     ]
@@ -607,3 +606,14 @@ def test_base_model_is_a_hub_id_or_nothing(tmp_path):
     assert reloaded.config.name_or_path == str(tmp_path / "saved")
     assert base(reloaded.config.name_or_path) is None
     assert base(tmp_path / "missing" / "dir") is None and base("./vit") is None
+
+
+def test_an_admm_schedule_is_told_as_such():
+    config = PruningConfig(target_sparsity=0.4, admm_fraction=0.5)
+    lines = recipe_lines(render_model_card(make_report(pruning_config=config)).text)
+    assert lines[4] == (
+        "Schedule: ADMM for the first 50% of the optimizer steps (Z/U update every 20 steps, rho from 0.1 growing "
+        "geometrically to 10.0 at the last update, support frozen for the last 25% of the updates, constant learning "
+        "rate after warm-up, distilling from the dense model, units left out of Z for 3 updates in a row cut out at "
+        "once), then a hard prune to the ADMM solution, physical compaction, and fine-tuning of the compacted model "
+        "with a fresh optimizer for the remaining steps.")

@@ -91,12 +91,13 @@ def digits_vit():
 
 def test_default_admm_converges_and_the_plan_is_the_last_z_support(tmp_path, digits):
     train, _ = digits
-    # the default ADMM schedule (rho 0.1 -> 10, a Z/U update every 20 steps), 11 updates on digits
+    # the default ADMM schedule (rho 0.1 -> 10, a Z/U update every 20 steps) over half the steps: 11 updates on digits
     args = TrainingArguments(str(tmp_path), max_steps=440, per_device_train_batch_size=16, learning_rate=2e-3,
                              report_to=[], save_strategy="no", disable_tqdm=True, use_cpu=True, seed=0,
                              logging_steps=20, warmup_steps=0.05)
     trainer = PruningTrainer(model=digits_vit(), args=args, train_dataset=train,
-                             pruning_config=PruningConfig(target_sparsity=0.4, calibration_samples=64))
+                             pruning_config=PruningConfig(target_sparsity=0.4, calibration_samples=64,
+                                                          admm_fraction=0.5))
     last_support = {}
     original_finalize = trainer.method.finalize
 
@@ -122,7 +123,7 @@ def test_the_search_phase_keeps_a_constant_learning_rate(tmp_path):
                              lr_scheduler_type="linear")
     trainer = PruningTrainer(model=tiny_vit(), args=args, train_dataset=random_images(),
                              pruning_config=PruningConfig(target_sparsity=0.4, calibration_samples=8,
-                                                          admm_update_steps=2))
+                                                          admm_update_steps=2, admm_fraction=0.5))
     trainer.train()
     rates = [(log["phase_admm"], log["learning_rate"]) for log in trainer.state.log_history if "learning_rate" in log]
     search = [rate for phase, rate in rates if phase == 1.0]
@@ -246,7 +247,7 @@ def test_distillation_runs_during_admm_only_when_asked(tmp_path):
         args = TrainingArguments(str(tmp_path / str(admm_distillation)), max_steps=8, per_device_train_batch_size=8,
                                  learning_rate=1e-3, report_to=[], save_strategy="no", disable_tqdm=True,
                                  use_cpu=True, seed=0, logging_steps=1)
-        config = PruningConfig(target_sparsity=0.4, calibration_samples=8, admm_update_steps=2,
+        config = PruningConfig(target_sparsity=0.4, calibration_samples=8, admm_update_steps=2, admm_fraction=0.5,
                                admm_distillation=admm_distillation)
         trainer = PruningTrainer(model=tiny_vit(), args=args, train_dataset=random_images(), pruning_config=config)
         trainer.train()

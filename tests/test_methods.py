@@ -229,7 +229,7 @@ def test_flat_config_files_written_before_the_plug_ins_still_load():
     }
     config = PruningConfig.from_dict(flat)
     assert config == PruningConfig(method="taylor", target_sparsity=0.4, admm_rho=0.001, admm_rho_final=0.5,
-                                   admm_freeze_fraction=0.25, admm_constant_lr=True)
+                                   admm_freeze_fraction=0.25, admm_constant_lr=True, admm_fraction=0.5)
     assert config.method_options.admm_rho == 0.001  # the file's values, not today's defaults
     with pytest.raises(ValueError, match="Unknown PruningConfig fields \\['typo'\\]"):
         PruningConfig.from_dict({**flat, "typo": 1})

@@ -44,7 +44,7 @@ def arguments(output_dir, **overrides) -> TrainingArguments:
 
 
 def pruning(**overrides) -> PruningConfig:
-    values = dict(target_sparsity=0.4, calibration_samples=16, admm_update_steps=1)
+    values = dict(target_sparsity=0.4, calibration_samples=16, admm_update_steps=1, admm_fraction=0.5)  # ADMM, not one shot
     values.update(overrides)
     return PruningConfig(**values)
 

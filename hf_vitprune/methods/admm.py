@@ -436,7 +436,7 @@ class ADMMOptions(MethodOptions):
     )
     admm_update_steps: int = field(default=20, **_help("Optimizer steps between ADMM Z/U updates."))
     admm_fraction: float = field(
-        default=0.5,
+        default=0.0,
         **_help("Share of the training steps spent in ADMM; the rest fine-tunes the compacted model. 0 prunes in one "
                 "shot: the plan is the first projection, made on the dense model, after one step."),
     )
@@ -704,6 +704,11 @@ class ADMMSearch(PruningMethod):
             growth = f"growing geometrically to {options.admm_rho_final} at the last update"
         else:
             growth = f"growing ×{options.admm_rho_growth} per update"
+        if options.admm_fraction == 0:
+            return [self.ranking_sentence() + ".",
+                    "Schedule: one shot: the plan is the first projection of the ranking onto the budget, made on the "
+                    "dense model (no ADMM update), then a hard prune, physical compaction, and fine-tuning of the "
+                    "compacted model with a fresh optimizer for every remaining step."]
         lines = [
             self.ranking_sentence() + ".",
             f"Schedule: ADMM for the first {options.admm_fraction:.0%} of the optimizer steps (Z/U update every "
