@@ -7,28 +7,14 @@ import copy
 
 import pytest
 import torch
-from datasets import Dataset
-from transformers import TrainingArguments, ViTConfig, ViTForImageClassification
+from transformers import TrainingArguments
 
 from hf_vitprune import PruningConfig, PruningPlan, PruningTrainer, apply_plan, model_stats
 from hf_vitprune.methods.admm import ADMMState, prunable_tensors
 from hf_vitprune.methods.admm_shrinking import SupportHistory, reindex
 
 from conftest import assert_same_weights, uninterrupted_and_resumed
-
-
-def tiny_vit() -> ViTForImageClassification:
-    torch.manual_seed(0)
-    return ViTForImageClassification(ViTConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
-                                               intermediate_size=37, image_size=16, patch_size=4, num_labels=5))
-
-
-def random_images(count: int = 64) -> Dataset:
-    generator = torch.Generator().manual_seed(0)
-    return Dataset.from_dict({
-        "pixel_values": torch.randn(count, 3, 16, 16, generator=generator).numpy(),
-        "labels": torch.randint(0, 5, (count,), generator=generator).numpy(),
-    }).with_format("torch")
+from test_resume import random_images, tiny_vit  # the same tiny ViT and images as the resume tests
 
 
 def make_trainer(output_dir, remove_after=1, **overrides) -> PruningTrainer:

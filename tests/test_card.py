@@ -402,8 +402,9 @@ def test_default_card_recipe_and_citations():
     """The default config's recipe and citations, word for word."""
     text = render_model_card(make_report()).text
     assert recipe_lines(text) == [
-        "Method: `gohsp` — GOHSP: attention heads ranked by a graph-based (Markov chain) importance, then ADMM-based "
-        "structured pruning of heads and MLP neurons (Yin et al., AAAI 2023).",
+        "Method: `gohsp` — GOHSP: heads and MLP neurons ranked by their loss sensitivity, heads weighted by a "
+        "graph-based (Markov chain) importance, then structured pruning in one shot or by ADMM (Yin et al., AAAI "
+        "2023).",
         "Budget: `target_sparsity=0.4` (remove 40.0% of the parameters); achieved: 18.9% of the parameters and "
         "19.8% of the FLOPs removed.",
         "Pruned units: attention heads (at least 1 per layer, in multiples of 1) and MLP neurons (at least 1 per "

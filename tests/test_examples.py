@@ -99,7 +99,7 @@ def _weights(directory: Path) -> dict[str, torch.Tensor]:
 def test_cli_resumes_a_killed_run_bit_exactly(imagefolder, tmp_path):
     """SIGKILL during the search phase, resume (explicitly and by detection): the final weights are bit-identical."""
     cli = [sys.executable, "-m", "hf_vitprune.cli", "prune"]
-    steps = ["--max_steps", "40", "--save_strategy", "steps", "--save_steps", "10"]
+    steps = ["--max_steps", "40", "--save_strategy", "steps", "--save_steps", "10", "--admm_fraction", "0.5"]
     reference = tmp_path / "reference"
     arguments = [*_example_arguments(imagefolder, reference), *steps]
     result = subprocess.run([*cli, *arguments], capture_output=True, text=True, timeout=300, env=_env(), cwd=tmp_path)

@@ -437,8 +437,7 @@ class ADMMOptions(MethodOptions):
     admm_update_steps: int = field(default=20, **_help("Optimizer steps between ADMM Z/U updates."))
     admm_fraction: float = field(
         default=0.0,
-        **_help("Share of the training steps spent in ADMM; the rest fine-tunes the compacted model. 0 prunes in one "
-                "shot: the plan is the first projection, made on the dense model, after one step."),
+        **_help("Share of the steps spent in ADMM (0: one shot, to the first projection); the rest fine-tunes."),
     )
     admm_freeze_fraction: float = field(
         default=0.25,

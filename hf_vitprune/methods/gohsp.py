@@ -123,8 +123,8 @@ class GOHSP(ADMMSearch):
 
     name = "gohsp"
     options_class = GOHSPOptions
-    description = ("GOHSP: attention heads ranked by a graph-based (Markov chain) importance, then ADMM-based "
-                   "structured pruning of heads and MLP neurons (Yin et al., AAAI 2023)")
+    description = ("GOHSP: heads and MLP neurons ranked by their loss sensitivity, heads weighted by a graph-based "
+                   "(Markov chain) importance, then structured pruning in one shot or by ADMM (Yin et al., AAAI 2023)")
 
     rescale_kinds = False  # heads and neurons share the currency's scale
 
