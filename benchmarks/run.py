@@ -279,6 +279,7 @@ def prune_once(settings: Settings, data, method: str, sparsity: float, seed: int
     stats, dense_stats = model_stats(trainer.model), trainer.dense_stats
     total_steps = trainer.state.max_steps  # one TrainerState across the search and the fine-tuning
     search_steps = trainer.method.search_steps(total_steps)
+    method_logs = trainer.method.log_values()
     record = {
         **run_figures(method, sparsity, seed, test, validation, stats, dense_stats, train_seconds, ranking,
                       finetune_steps=total_steps - search_steps),
@@ -286,8 +287,7 @@ def prune_once(settings: Settings, data, method: str, sparsity: float, seed: int
         # ||W - Z|| / ||W|| in the last log of the ADMM phase: how far W still was from Z's support when pruned
         "admm_residual_last_logged": residuals[-1] if residuals else None,
         # ADMM's mid-search removal (admm_remove_after): the largest share of ||W|| cut at once, and the units cut
-        "admm_residual_at_removal": trainer.method.log_values().get("admm_residual_at_removal"),
-        "admm_removed_units": trainer.method.log_values().get("admm_removed_units"),
+        **{key: method_logs.get(key) for key in ("admm_residual_at_removal", "admm_removed_units")},
     }
     if target_flops_reduction is not None:
         layers = find_encoder_layers(trainer.model)

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from hf_vitprune import PruningConfig, PruningTrainer
+from hf_vitprune.fileio import atomic_directory
 from hf_vitprune.methods import get_method
 from hf_vitprune.metrics import make_compute_metrics
 
@@ -113,10 +114,8 @@ def main(argv: list[str] | None = None) -> int:
             runs = [future.result() for future in futures]
             print(summary(method, dict(options, epochs=epochs), runs), flush=True)
             record.append({"preset": args.preset, "method": method, "options": options, "epochs": epochs, "runs": runs})
-            output.parent.mkdir(parents=True, exist_ok=True)
-            temporary = output.with_suffix(".tmp")
-            temporary.write_text(json.dumps(record, indent=1) + "\n")
-            temporary.replace(output)
+            with atomic_directory(output.parent) as staging:
+                (staging / output.name).write_text(json.dumps(record, indent=1) + "\n")
     return 0
 
 

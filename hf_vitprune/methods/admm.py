@@ -321,8 +321,9 @@ class ADMMState:
         for key, _, tensor, _ in self._pairs(model):
             w = full_tensor(tensor.detach()).double()
             dim, index = positions[key]
-            total += float(w.pow(2).sum())
-            removed += float(w.pow(2).sum() - w.index_select(dim, index.to(w.device)).pow(2).sum())
+            whole = float(w.pow(2).sum())
+            total += whole
+            removed += whole - float(w.index_select(dim, index.to(w.device)).pow(2).sum())
         return (removed / total) ** 0.5 if total > 0 else 0.0
 
     def keep(self, positions: dict[str, tuple[int, torch.Tensor]]) -> None:
