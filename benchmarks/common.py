@@ -54,7 +54,8 @@ class Settings:
     results_name: str
     weight_decay: float = 0.05
     warmup: float = 0.05  # fraction of each phase's steps (TrainingArguments.warmup_steps < 1)
-    admm_fraction: float = 0.5
+    admm_fraction: float = 0.0  # the ADMM methods' share: the library's default (one shot, docs/methods.md)
+    search_fraction: float = 0.5  # the learnt searches' share (ofb, spvit_conv, spvit_tokens)
     admm_rho_final: float | None = None  # the ADMM options' admm_rho_final (None: the library's default)
     distillation_weight: float = 0.5
     max_train_samples: int | None = None
@@ -268,12 +269,12 @@ def parameter_matched(methods: list[str]) -> list[str]:
 def method_options(settings: Settings, library_method: str, seed: int) -> dict:
     """The benchmark's shared method options that ``library_method`` (a registered method) has.
 
-    The search phase's share of the epochs (``admm_fraction``, or ``search_fraction`` for the methods
-    that call it so), the Z/U update interval, ``admm_rho_final`` when set, and the seed of the random
+    The search phase's share of the epochs (``admm_fraction`` for the ADMM methods, ``search_fraction`` for
+    the learnt searches), the Z/U update interval, ``admm_rho_final`` when set, and the seed of the random
     baseline's scores; a method without one of these options does not get it.
     """
     options = dict(admm_update_steps=settings.admm_update_steps, admm_fraction=settings.admm_fraction,
-                   search_fraction=settings.admm_fraction, random_seed=seed)
+                   search_fraction=settings.search_fraction, random_seed=seed)
     if settings.admm_rho_final is not None:
         options["admm_rho_final"] = settings.admm_rho_final
     known = {f.name for f in dataclasses.fields(get_method(library_method).options_class)}
@@ -285,8 +286,8 @@ def pruning_config(settings: Settings, method: str, sparsity: float, seed: int,
     """The benchmark's recipe for ``method``; the seed reaches the methods that draw at random.
 
     A FLOPs-matched method (:data:`FLOPS_MATCHED_METHODS`) runs its registered method (OFB, SPViT) with
-    ``target_flops_reduction`` instead of the parameter ``sparsity``, searching for the same share of the
-    epochs as the ADMM methods (``admm_fraction``) so that every method fine-tunes for as long.
+    ``target_flops_reduction`` instead of the parameter ``sparsity``, searching for ``search_fraction`` of the
+    epochs.
     """
     flops_matched = method in FLOPS_MATCHED_METHODS
     if flops_matched and target_flops_reduction is None:

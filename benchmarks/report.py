@@ -773,7 +773,7 @@ def _why_ofb_accuracy(target: dict, results: dict) -> str:
             if PEER_METHOD in detail["margin_points_by_method"] else "")
     return (
         f"{noise} {OFB_METHOD} minus each other method (points): {margins}.{pmim} OFB searches on the full-width model for "
-        f"{settings['admm_fraction']:.0%} of the {target['epochs']:g} epochs, as the ADMM methods do, and "
+        f"{_search_share(settings):.0%} of the {target['epochs']:g} epochs and "
         f"fine-tunes the compacted model for the rest{peer}."
     )
 
@@ -853,7 +853,7 @@ def _flops_matched_setup(rows: list[dict], settings: dict, speed_shapes: bool) -
         f" {named} are matched on FLOPs, not parameters: each row removes the share of FLOPs that the {reference} "
         f"runs of its sparsity removed (`target_flops_reduction` = 1 - their mean FLOPs ratio), so its sparsity names "
         f"the {reference} row it is matched to and its parameter count is its own. {'; '.join(searches)}, for the "
-        f"first {settings['admm_fraction']:.0%} of the steps (the ADMM methods' share), then fine-tune{'s' if len(searches) == 1 else ''} "
+        f"first {_search_share(settings):.0%} of the steps, then fine-tune{'s' if len(searches) == 1 else ''} "
         "the compacted model with the same distillation; there is no ranking pass (the importance is learnt in the "
         "search)."
         + (" They are not in the section on speed at real model shapes, which times plans made without training: "
@@ -1301,6 +1301,11 @@ def _speed_warmup(results: dict) -> str:
 
 
 FASHION_DEFAULT_CACHE = "benchmarks/dense/fashion_mnist"
+
+
+def _search_share(settings: dict) -> float:
+    """The learnt searches' share of the steps; results from before it had its own field used the ADMM share."""
+    return settings.get("search_fraction", settings["admm_fraction"])
 
 
 def _stale_defaults_warning(results: dict) -> list[str]:

@@ -203,7 +203,7 @@ def _why_tokens_accuracy(target: dict, results: dict, rows: list[dict]) -> str:
     return (
         f"Per seed: {per_seed}; the validation drop is {validation_drop:+.2f} points. {noise}. "
         f"{_stages_sentence(row, results)} Each run trains {settings['prune_epochs']:g} epochs "
-        f"({settings['admm_fraction']:.0%} of the steps selecting with sampled decisions and the keep-rate loss, the "
+        f"({settings.get('search_fraction', settings['admm_fraction']):.0%} of the steps selecting with sampled decisions and the keep-rate loss, the "
         f"rest fine-tuning on the inference decisions) against {settings['dense_epochs']:g} for the dense model"
         + (f"; drops of the other token rows (points): {others}" if others else "")
         + ". What would narrow it (not measured here): more fine-tuning epochs, or the first stage later in the depth "
@@ -407,7 +407,7 @@ def write_markdown(results: dict, path: Path) -> None:
         f"{epochs:g} epochs on top of {gohsp}'s {epochs:g}, **{2 * epochs:g} in all**, distilling from the {gohsp} "
         "model (the trainer's teacher is the model it is given). `spvit_tokens`: selectors before layers "
         "spread over the depth, keep ratios rho, rho^2, rho^3 with the largest rho whose FLOPs (selectors included) "
-        f"meet the budget, trained with sampled decisions for the first {settings['admm_fraction']:.0%} of the steps, "
+        f"meet the budget, trained with sampled decisions for the first {settings.get('search_fraction', settings['admm_fraction']):.0%} of the steps, "
         "then fine-tuning on the inference decisions (top-k per stage); every other option at its default.",
         f"- **Speed**: `hf_vitprune.speed.measure_speed`, each run against the dense model in one call (interleaved, "
         f"eval mode, no_grad, median of {settings['speed_repeats']} repeats after 2 warm-ups, "
