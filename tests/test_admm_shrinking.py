@@ -110,3 +110,7 @@ def test_admm_fraction_zero_prunes_in_one_shot_to_the_first_projection(tmp_path)
     search = [log for log in run.state.log_history if log.get("phase_admm") == 1.0 and "loss" in log]
     assert len(search) == 1 and run.method.search_steps(16) == 1
     assert run.plan == first["plan"]
+    # no ADMM ran: its single step is a plain one (no penalty) and no residual or rho is logged or carded
+    assert not any(key.startswith(("admm_penalty", "admm_residual", "admm_rho")) for log in run.state.log_history
+                   for key in log)
+    assert run.method.final_residual is None

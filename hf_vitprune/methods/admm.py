@@ -572,6 +572,8 @@ class ADMMSearch(PruningMethod):
         self._log_plan(model, plan)
 
     def loss_terms(self, model, inputs, outputs) -> dict[str, torch.Tensor]:
+        if self.options.admm_fraction == 0:  # one shot: the single search step is a plain one, no pull towards Z
+            return {}
         return {"admm_penalty": self.admm.penalty(model)}
 
     def on_step_end(self, model, step: int) -> None:
@@ -588,10 +590,11 @@ class ADMMSearch(PruningMethod):
     def finalize(self, model) -> PruningPlan:
         """The last Z's support: W is hard-pruned to it (the residual to Z is recorded first)."""
         plan = self.admm.plan if self.admm.plan is not None else self.project(model)
-        self.final_residual = float(self.admm.residual(model))
-        self._logs["admm_residual_at_hard_prune"] = self.final_residual
-        logger.info("ADMM ended: ||W - Z|| / ||W|| = %.4f at the hard prune, after %d Z/U updates (rho %.4g).",
-                    self.final_residual, self.admm.step, self.admm.rho)
+        if self.admm.step > 0:  # in one shot no Z/U update ran: ||W - Z|| is only the share the projection cuts
+            self.final_residual = float(self.admm.residual(model))
+            self._logs["admm_residual_at_hard_prune"] = self.final_residual
+            logger.info("ADMM ended: ||W - Z|| / ||W|| = %.4f at the hard prune, after %d Z/U updates (rho %.4g).",
+                        self.final_residual, self.admm.step, self.admm.rho)
         self.admm.hard_prune(model, plan)
         self.finished = True
         return plan
@@ -692,9 +695,9 @@ class ADMMSearch(PruningMethod):
             kept_neurons=stats.neurons,
             params=stats.params,
             flops=stats.flops,
-            admm_residual=float(self.admm.residual(model)),
-            admm_rho=float(self.admm.rho),
         )
+        if self.admm.step > 0:  # the ADMM figures exist once a Z/U update has run (never in one shot)
+            self._logs.update(admm_residual=float(self.admm.residual(model)), admm_rho=float(self.admm.rho))
 
     # ------------------------------------------------------------------ the card
 
