@@ -125,7 +125,8 @@ def summarise(results: dict) -> dict:
     rows = []
     for (epochs, sparsity, method), runs in sorted(groups.items(),
                                                    key=lambda item: (*item[0][:2], _order(item[0][2]))):
-        residuals = [r["admm_residual_last_logged"] for r in runs if r.get("admm_residual_last_logged") is not None]
+        residuals = [r["admm_residual_last_logged"] for r in runs
+                     if r.get("admm_residual_last_logged") is not None and not one_shot(settings)]
         rows.append({
             "epochs": epochs,
             "sparsity": sparsity,
@@ -209,7 +210,7 @@ def _run_targets(results: dict, rows: list[dict], runs: list[dict], dense_accura
         targets += _peer_targets(all_rows, sparsity)
     if epochs == LONG_BUDGET_EPOCHS:
         targets.append(_long_budget_target(_row(rows, LONG_BUDGET_SPARSITY, "gohsp"), dense_accuracy))
-    every_run = runs
+    every_run = [] if one_shot(results["settings"]) else runs  # one shot: no ADMM phase, no residual
     for method in sorted({r["method"] for r in every_run}, key=_order):
         runs = [r for r in every_run if r["method"] == method]
         residuals = [r.get("admm_residual_last_logged") for r in runs]
@@ -251,6 +252,21 @@ def _run_targets(results: dict, rows: list[dict], runs: list[dict], dense_accura
 def _section_targets(results: dict) -> list[dict]:
     """The targets measured once, apart from the runs: speed at real model shapes, the ADMM step, memory."""
     targets = _speed_shape_targets(results.get("speed_shapes"))
+    sweep = _swept_admm_residual(results)
+    if sweep is not None:
+        worst = max(sweep["residuals"])
+        targets.append({
+            "id": "admm_residual_swept",
+            "target": f"ADMM residual norm(W - Z) / norm(W) at the hard prune <= {MAX_ADMM_RESIDUAL} (gohsp with "
+                      f"admm_fraction {sweep['fraction']:g}: the benchmark's runs prune in one shot and have none)",
+            "measured": f"max {worst:.4f} over {len(sweep['residuals'])} runs of the validation sweep "
+                        f"({sweep['file']}, 40% and 60%, {_listed([f'{e:g}' for e in sweep['epochs']])} epochs)"
+                        + (f"; units cut mid-search left up to {max(sweep['cuts']):.3f} of norm(W) at their cut"
+                           if sweep["cuts"] else ""),
+            "met": worst <= MAX_ADMM_RESIDUAL,
+            "miss_by": f"{worst - MAX_ADMM_RESIDUAL:.4f}",
+            "detail": {},
+        })
     step = results.get("training_step")
     if step:
         targets.append({
@@ -274,6 +290,30 @@ def _section_targets(results: dict) -> list[dict]:
             "detail": {},
         })
     return targets
+
+
+def one_shot(settings: dict) -> bool:
+    """Whether the benchmark ran the ADMM methods in one shot (``admm_fraction`` 0): no ADMM phase, no residual."""
+    return settings.get("admm_fraction", 0.5) == 0
+
+
+def _swept_admm_residual(results: dict) -> dict | None:
+    """The residuals of gohsp's ADMM schedule (library options but ``admm_fraction``) in the validation sweep
+    (``benchmarks.validation``) of this dataset, when the benchmark's own runs were one shot; None otherwise."""
+    settings = results["settings"]
+    path = Path(settings["output_dir"]) / f"validation_{settings['dataset']}.json"
+    if not one_shot(settings) or not path.is_file():
+        return None
+    variants = [v for v in json.loads(path.read_text())
+                if v["method"] == FLOPS_REFERENCE_METHOD and set(v["options"]) == {"admm_fraction"}
+                and v["options"]["admm_fraction"] > 0]
+    if not any(run.get("residual") is not None for v in variants for run in v["runs"]):
+        return None
+    fraction = max(v["options"]["admm_fraction"] for v in variants)
+    runs = [(v["epochs"], run) for v in variants if v["options"]["admm_fraction"] == fraction for run in v["runs"]]
+    return {"fraction": fraction, "file": path.as_posix(), "epochs": sorted({e for e, _ in runs}),
+            "residuals": [run["residual"] for _, run in runs if run.get("residual") is not None],
+            "cuts": [run["removal_residual"] for _, run in runs if run.get("removal_residual") is not None]}
 
 
 def _peer_targets(rows: list[dict], sparsity: float) -> list[dict]:
@@ -576,7 +616,8 @@ def admm_schedule(results: dict, epochs: float) -> dict | None:
     steps = {r.get("search_steps", math.ceil(epochs * per_epoch) - r["finetune_steps"]) for r in runs}
     search = max(steps)
     return {"admm_steps": search, "updates": search // settings["admm_update_steps"],
-            "every": settings["admm_update_steps"], "finetune_steps": max(r["finetune_steps"] for r in runs)}
+            "every": settings["admm_update_steps"], "finetune_steps": max(r["finetune_steps"] for r in runs),
+            "one_shot": one_shot(settings)}
 
 
 def _admm_defaults(settings: dict) -> dict:
@@ -611,7 +652,8 @@ def _why_accuracy(target: dict, results: dict) -> str:
     settings, epochs = results["settings"], target["epochs"]
     drops = ", ".join(f"{method} {drop:+.2f}" for method, drop in target["detail"]["drop_points_by_method"].items())
     residuals = [r["admm_residual_last_logged"] for r in _runs_at(results, epochs)
-                 if r["method"] == "gohsp" and abs(r["sparsity"] - 0.4) < 1e-9 and r.get("admm_residual_last_logged")]
+                 if r["method"] == "gohsp" and abs(r["sparsity"] - 0.4) < 1e-9 and r.get("admm_residual_last_logged")
+                 and not one_shot(results["settings"])]
     residual = (f" (||W - Z|| / ||W|| {_mean(residuals):.3f} at the hard prune, mean over seeds)" if residuals else "")
     curve = epoch_curve(results, "gohsp", 0.4)
     measured = ""
@@ -620,8 +662,11 @@ def _why_accuracy(target: dict, results: dict) -> str:
         measured = f" gohsp's drop at 40% against the pruning epochs (section below): {points} points."
     return (
         f"Drops at 40% with {epochs:g} pruning epochs (points, mean over seeds): {drops}. Each pruning run gets "
-        f"{epochs:g} epochs in all ({settings['admm_fraction']:.0%} of them ADMM on the full-width model, the rest "
-        f"distilled fine-tuning of the compacted model), against {settings['dense_epochs']:g} epochs for the dense "
+        f"{epochs:g} epochs in all ("
+        + ("gohsp prunes in one shot and fine-tunes the compacted model, distilled, for all of them"
+           if one_shot(settings) else f"{settings['admm_fraction']:.0%} of them ADMM on the full-width model, the rest "
+           "distilled fine-tuning of the compacted model")
+        + f"), against {settings['dense_epochs']:g} epochs for the dense "
         f"model{residual}.{measured} The binomial standard error of one test accuracy at the dense model's, over "
         f"{results['dense']['split_sizes']['test']:,} test images, is {_sampling_error_points(results):.2f} points."
     )
@@ -649,7 +694,12 @@ def _why_ranking(target: dict, results: dict) -> str:
     lead = (" gohsp is ahead of every in-project method (the same search and budget, another ranking)."
             if in_project and all(detail["margin_points_by_method"][m] >= 0 for m in in_project) else "")
     tp = ""
-    if detail.get("best_baseline") == PEER_METHOD:
+    if detail.get("best_baseline") == PEER_METHOD and one_shot(settings):
+        over = _margins_over_epochs(results, "gohsp", PEER_METHOD, detail["sparsity"])
+        tp = (f" The row ahead is Torch-Pruning. Both prune in one shot and fine-tune the compacted model for all "
+              f"{epochs:g} epochs: the comparison is one of which units each keeps. gohsp minus torch_pruning at "
+              f"{detail['sparsity']:.0%} by pruning epochs (points): {over}.")
+    elif detail.get("best_baseline") == PEER_METHOD:
         over = _margins_over_epochs(results, "gohsp", PEER_METHOD, detail["sparsity"])
         tp = (f" The row ahead is Torch-Pruning, which prunes in one shot at step 0 and so fine-tunes the compacted "
               f"model for all {epochs:g} epochs, while every ADMM method spends {settings['admm_fraction']:.0%} of "
@@ -664,9 +714,13 @@ def _why_peer(target: dict, results: dict) -> str:
     over = _margins_over_epochs(results, detail["method"], PEER_METHOD, detail["sparsity"])
     spread = detail["largest_seed_std_points"]
     return (f"{detail['method']} minus {PEER_METHOD} at {detail['sparsity']:.0%} by pruning epochs (points): {over}; "
-            f"{detail['needed_points']:+.1f} needed; seed std up to {spread:.2f} points. {PEER_METHOD} prunes in one shot "
-            f"at step 0 and fine-tunes for the whole budget; the hf_vitprune methods search on the dense shapes for "
-            f"{settings['admm_fraction']:.0%} of it and fine-tune the compacted model for the rest.")
+            f"{detail['needed_points']:+.1f} needed; seed std up to {spread:.2f} points. "
+            + (f"{PEER_METHOD} and the ADMM methods prune in one shot at step 0 and fine-tune for the whole budget; "
+               f"the learnt searches (OFB, SPViT) search on the dense shapes for {_search_share(settings):.0%} of it "
+               "and fine-tune the compacted model for the rest." if one_shot(settings) else
+               f"{PEER_METHOD} prunes in one shot at step 0 and fine-tunes for the whole budget; the hf_vitprune "
+               f"methods search on the dense shapes for {settings['admm_fraction']:.0%} of it and fine-tune the "
+               "compacted model for the rest."))
 
 
 def _width_check(results: dict) -> str:
@@ -813,6 +867,9 @@ WHY = {
     "best_vs_peer": _why_peer,
     "ofb_vs_peer": _why_peer,
     "speedup_efficiency": _why_speed,
+    "admm_residual_swept": lambda target, results: (
+        "The validation sweep ran gohsp's ADMM schedule with the library's rho schedule; what would close it: more "
+        "ADMM steps (a longer budget or a larger `admm_fraction`) or a larger `admm_rho_final`."),
     "admm_residual": _why_residual,
     "shape_efficiency": _why_shape_speed,
     "admm_step": _why_admm_step,
@@ -963,8 +1020,14 @@ def _budgets_text(results: dict) -> str:
     parts = []
     for epochs in epoch_budgets(results):
         schedule = admm_schedule(results, epochs)
-        parts.append(f"{epochs:g} epochs" + (f" ({schedule['admm_steps']} ADMM steps, {schedule['updates']} Z/U updates, "
-                                      f"{schedule['finetune_steps']} fine-tuning steps)" if schedule else ""))
+        if schedule is None:
+            parts.append(f"{epochs:g} epochs")
+        elif schedule["one_shot"]:
+            parts.append(f"{epochs:g} epochs ({FLOPS_REFERENCE_METHOD}: pruned in one shot, then "
+                         f"{schedule['finetune_steps']} fine-tuning steps)")
+        else:
+            parts.append(f"{epochs:g} epochs ({schedule['admm_steps']} ADMM steps, {schedule['updates']} Z/U updates, "
+                         f"{schedule['finetune_steps']} fine-tuning steps)")
     return _listed(parts)
 
 
@@ -1133,8 +1196,12 @@ def write_markdown(results: dict, path: Path, plot: Path, heldout: dict | None =
         f"- **Pruning**: `PruningTrainer` with methods {', '.join(settings['methods'])}; parameter sparsity "
         f"{', '.join(f'{s:.0%}' for s in settings['sparsities'])}; seeds {settings['seeds']} (training order and "
         f"the random baseline's scores). Each run: {_budgets_text(results)} in all, every method, sparsity and "
-        f"seed at each budget ({settings['admm_fraction']:.0%} ADMM on the dense shapes, Z/U update every "
-        f"{settings['admm_update_steps']} steps; then hard prune, compaction and distilled fine-tuning, weight "
+        f"seed at each budget ("
+        + ("the ADMM methods in one shot, `admm_fraction` 0, the library's default: the plan is the first "
+           "projection of their ranking onto the budget" if one_shot(settings) else
+           f"{settings['admm_fraction']:.0%} ADMM on the dense shapes, Z/U update every "
+           f"{settings['admm_update_steps']} steps")
+        + f"; then hard prune, compaction and distilled fine-tuning, weight "
         f"{settings['distillation_weight']:g}), AdamW lr {settings['prune_learning_rate']:g}, cosine per phase, "
         f"ranking on {settings['calibration_samples']} training images; every other `PruningConfig` field at "
         "its default."
@@ -1194,7 +1261,7 @@ def write_markdown(results: dict, path: Path, plot: Path, heldout: dict | None =
             source = heldout if name == "held-out" else results
             key = next((k for k in WHY if t["id"].startswith(k)), t["id"])
             where = f" ({name} model" + (f", {epochs:g} epochs)" if epochs is not None else ")")
-            if key == "admm_residual":
+            if key == "admm_residual":  # per method and model: the first one explains, the others list their runs
                 why = _why_residual(t, source, first=(name, key) not in explained)
             else:
                 why = "Same reasons as above." if (name, key) in explained else WHY[key](t, source)
