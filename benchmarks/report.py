@@ -1277,8 +1277,12 @@ def write_markdown(results: dict, path: Path, plot: Path, heldout: dict | None =
         out += [
             f"**One ADMM step against one plain step** (dense-shaped model, the same batch of {step['batch_size']}, "
             f"{step['torch_threads']} torch thread(s), interleaved, median of {step['repeats']}; see "
-            "`benchmarks/measure.py`): both run `PruningTrainer.compute_loss` + backward + AdamW step, the ADMM one "
-            "with the penalty rho/2 ||W - Z + U||^2; the Z/U update (projection onto the budget) runs every "
+            "`benchmarks/measure.py`): both run `PruningTrainer.compute_loss` + backward + AdamW step, "
+            + ("the plain one a fine-tuning step (label loss and distillation from the dense model), the ADMM one "
+               f"gohsp's search step at `admm_fraction` {step['admm_fraction']:g} (the same and the penalty "
+               "rho/2 ||W - Z + U||^2)" if step.get("plain_phase") == "finetune" else
+               "the plain one on the label loss alone, the ADMM one with the penalty rho/2 ||W - Z + U||^2")
+            + "; the Z/U update (projection onto the budget) runs every "
             f"{step['admm_update_steps']} steps and is charged to each step pro rata.",
             "",
             _table(["plain step", "ADMM step (penalty only)", "Z/U update", "ADMM step incl. update share",
