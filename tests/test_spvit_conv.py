@@ -322,3 +322,18 @@ def test_a_hybrid_model_is_masked_and_pruned_further_like_any_other(make_model, 
     apply_plan(model, plan)
     torch.testing.assert_close(logits_of(model, pixel_values), masked, rtol=0, atol=1e-5)
     assert find_encoder_layers(model)[0].is_convolution and model_stats(model).layers[0].layer_type == "conv3x3"
+
+
+@pytest.mark.parametrize("name, collapses", [("vit", True), ("deit", True), ("beit_shared_bias", False),
+                                             ("dinov2", False)])
+def test_a_search_that_could_convert_every_layer_of_a_class_token_classifier_is_refused(make_model, name, collapses):
+    """With min_attention_layers=0 the search may end with no attention layer; a classifier that reads only the
+    class token (which bypasses convolutions) would then answer alike for every image. Mean-pooling (BEiT) and
+    patch-mean (Dinov2) heads read the patches and may go all-convolution."""
+    config = conv_config(min_attention_layers=0)
+    if collapses:
+        with pytest.raises(ValueError, match="min_attention_layers=0 lets the search turn every attention layer"):
+            searching(make_model(name), config)
+        searching(make_model(name), conv_config(min_attention_layers=0, layer_types={1: "attention"}))  # one stays
+    else:
+        searching(make_model(name), config)

@@ -34,6 +34,7 @@ path at each step; and the neurons are chosen to meet the budget exactly after t
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import dataclass, field
 
@@ -162,6 +163,19 @@ def _sampled(theta: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return (theta + noise > 0).to(theta.dtype) + soft - soft.detach()
 
 
+def _reads_the_image(model: nn.Module) -> bool:
+    """Whether two different images give ``model`` different outputs (a check of its wiring, not of training)."""
+    config = model.config
+    size = config.image_size if isinstance(config.image_size, (tuple, list)) else (config.image_size,) * 2
+    generator = torch.Generator().manual_seed(0)
+    parameter = next(model.parameters())
+    images = torch.randn(2, config.num_channels, *size, generator=generator).to(parameter)
+    with torch.no_grad():
+        outputs = model(pixel_values=images)
+    first = outputs.logits if getattr(outputs, "logits", None) is not None else outputs.last_hidden_state
+    return not torch.allclose(first[0], first[1], rtol=1e-5, atol=1e-6)
+
+
 @register_method
 class SPViTConv(PruningMethod):
     name = "spvit_conv"
@@ -219,6 +233,7 @@ class SPViTConv(PruningMethod):
         ).to(next(model.parameters()).device)
         self.costs = self._layer_costs(model)
         self._check_reachable()
+        self._check_not_collapsing(model)
         self._attach(model)
 
     def _layer_costs(self, model: nn.Module) -> dict:
@@ -264,6 +279,30 @@ class SPViTConv(PruningMethod):
                 f"{neurons}) keeps {cost:,.0f}. Ask for at most {1 - cost / c['dense']:.3f}, or prune the "
                 f"model's heads and neurons first."
             )
+
+    def _check_not_collapsing(self, model: nn.Module) -> None:
+        """Refuse a search space whose most converted model classifies every image alike.
+
+        A class token bypasses the convolutions (the paper's design), so a classifier that reads it sees the
+        image only through attention layers. When the options allow every layer to become a convolution, that
+        worst case is built on a copy and given two different images: equal logits mean the search could hand
+        back a model that ignores its input (mean-pooling heads, e.g. BEiT's, do not and pass).
+        """
+        o = self.options
+        layers = find_encoder_layers(model)
+        fixed_attention = [i for i, t in self.fixed.items() if t == ATTENTION and layers[i].num_heads > 0]
+        worst = {i: t for i, t in self.fixed.items() if t != ATTENTION}
+        worst.update({i: "conv1x1" for i, searched in enumerate(self.searched) if searched})
+        if fixed_attention or o.min_attention_layers > 0 or not worst:
+            return  # an attention layer stays, or the search converts nothing
+        if _reads_the_image(convert_attention(copy.deepcopy(model), worst).eval()):
+            return
+        raise ValueError(
+            f"ConvSearchOptions.min_attention_layers={o.min_attention_layers} lets the search turn every attention "
+            f"layer into a convolution, and then this model's classifier returns the same logits for every image: "
+            f"it reads the class token, which bypasses convolutions. Keep at least one attention layer "
+            f"(min_attention_layers=1, the default, or layer_types={{i: 'attention'}})."
+        )
 
     def _cost(self, types: list[str], fewest_neurons: bool) -> float:
         """The model's cost (the budget's measure) with these layer types, and every MLP neuron or, when the
