@@ -202,13 +202,17 @@ def test_read_only_output_dir_fails_before_the_first_training_step(read_only):
     assert trainer.plan is None  # nothing was searched or compacted either
 
 
+class ReachedLoadData(Exception):
+    """The recipe got past its output-directory checks to its first real work."""
+
+
 def _stop_at_load_data(monkeypatch) -> list:
     """Stand in for the recipe's first real work (loading data): record the call and stop the run there."""
     calls = []
 
     def load_data(*args, **kwargs):
         calls.append(True)
-        raise KeyboardInterrupt("the run got as far as loading data")
+        raise ReachedLoadData
 
     monkeypatch.setattr(recipe, "load_data", load_data)
     return calls
@@ -270,7 +274,7 @@ def test_a_save_killed_midway_leaves_staging_that_the_next_run_removes(trained, 
     assert len(leftovers) == 1 and leftovers[0].endswith(".partial")  # the directory looks empty
 
     calls = _stop_at_load_data(monkeypatch)  # the recipe's next run: not "not empty", and the staging goes
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(ReachedLoadData):
         _run_recipe(output)
     assert calls == [True] and list(output.iterdir()) == []
 
@@ -289,7 +293,7 @@ def test_overwrite_output_dir_removes_stale_staging(tmp_path, monkeypatch):
     (output / ".out.0123456789abcdef.partial" / "model.safetensors").write_bytes(b"\0" * 64)
     (tmp_path / ".out.fedcba9876543210.partial").mkdir()  # a killed save into a new directory leaves it beside
     _stop_at_load_data(monkeypatch)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(ReachedLoadData):
         _run_recipe(output, overwrite_output_dir=True)
     assert partials(tmp_path) == []
 
