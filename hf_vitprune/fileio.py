@@ -114,9 +114,11 @@ def stale_staging_entries(path: str | os.PathLike) -> list[Path]:
     pattern = re.compile(rf"^\.{re.escape(target.name)}{_HEX_PARTIAL}$")
     found = []
     for folder in (target.parent, target):
-        if not folder.is_dir():
+        try:
+            entries = list(folder.iterdir()) if folder.is_dir() else []
+        except OSError:  # a parent the save may write into but not list: nothing to tidy there
             continue
-        for entry in folder.iterdir():
+        for entry in entries:
             if pattern.match(entry.name) and entry.is_dir() and not entry.is_symlink() and _is_stale(entry):
                 found.append(entry)
     return found
