@@ -223,11 +223,14 @@ def _run_recipe(output_dir, **run_args):
     recipe.run(recipe.ModelArguments(), recipe.DataArguments(), PruningConfig(target_sparsity=0.4), args, recipe.RunArguments(**run_args))
 
 
-def test_recipe_refuses_a_read_only_output_dir_before_any_work(read_only, monkeypatch):
+@pytest.mark.parametrize("below", ["", "new/deeper"], ids=["existing", "to-be-created"])
+def test_recipe_refuses_a_read_only_output_dir_before_any_work(read_only, monkeypatch, below):
+    """The output directory itself, or the one a new --output_dir would be created in, is read-only."""
     calls = _stop_at_load_data(monkeypatch)
-    with pytest.raises(recipe.RecipeError, match=rf"{read_only}.*chmod"):
-        _run_recipe(read_only)
+    with pytest.raises(recipe.RecipeError, match=rf"--output_dir .*{read_only}.*chmod u\+w {read_only}") as raised:
+        _run_recipe(read_only / below if below else read_only)
     assert calls == []
+    assert ("would be created" in str(raised.value)) == bool(below)
 
 
 # --------------------------------------------------------------------------- item 5: leftovers of a killed save
