@@ -16,9 +16,11 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from datasets import Dataset
+from PIL import Image
 from transformers import (
     AutoModelForImageClassification,
     TrainerCallback,
@@ -26,6 +28,7 @@ from transformers import (
     ViTConfig,
     ViTForImageClassification,
     ViTImageProcessor,
+    pipeline,
 )
 
 from hf_vitprune import PruningConfig, PruningTrainer, recipe
@@ -106,6 +109,12 @@ def test_a_complete_save_loads_with_equal_logits(trained, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["model"]  # no staging beside it
     reloaded = AutoModelForImageClassification.from_pretrained(tmp_path / "model")
     torch.testing.assert_close(logits(reloaded), logits(trained.model), rtol=0, atol=0)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8))
+    answers = pipeline("image-classification", model=str(tmp_path / "model"), device="cpu")(image, top_k=5)
+    with torch.no_grad():
+        expected = trained.model(**ViTImageProcessor(size=16)(image, return_tensors="pt")).logits.softmax(-1)[0]
+    got = {answer["label"]: answer["score"] for answer in answers}
+    assert got == pytest.approx({trained.model.config.id2label[i]: p.item() for i, p in enumerate(expected)}, abs=1e-6)
 
 
 @pytest.mark.parametrize("late_file", ["README.md", "pruning_report.json", "pruning_plan.json", "training_args.json"])
@@ -160,6 +169,18 @@ def test_a_commit_cut_short_leaves_nothing_loadable(trained, tmp_path, monkeypat
     assert not (output / "config.json").exists()
     with pytest.raises((OSError, ValueError)):
         AutoModelForImageClassification.from_pretrained(output)
+
+
+def test_checkpoints_are_complete_and_leave_no_staging(tmp_path):
+    """Checkpoints go through the same staged save, then Trainer adds its optimizer and state files to them."""
+    trainer = make_trainer(tmp_path / "out", save_strategy="steps", save_steps=2)
+    trainer.train()
+    checkpoints = sorted((tmp_path / "out").glob("*/checkpoint-*"))
+    assert {p.parent.name for p in checkpoints} == {"admm", "finetune"}  # the search's and fine-tuning's
+    for checkpoint in checkpoints:
+        names = {p.name for p in checkpoint.iterdir()}
+        assert {"config.json", "model.safetensors", "pruning_state.json", "trainer_state.json", "README.md"} <= names
+    assert partials(tmp_path) == []
 
 
 @pytest.fixture
