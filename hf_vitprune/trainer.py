@@ -611,7 +611,8 @@ class PruningTrainer(Trainer):
             if os.path.isfile(pickled):
                 os.remove(pickled)
             if not os.path.basename(os.path.normpath(directory)).startswith("checkpoint-"):
-                what = "the pruned model" if self.plan is not None else "the model (not pruned yet: train() has not run)"
+                what = ("the pruned model" if self.plan is not None
+                        else "the model (not pruned yet: train() has not run)")
                 self._narrate("Saved %s, its card and %s to %s", what, REPORT_FILE, directory)
         if self.args.push_to_hub and not _internal_call:  # as Trainer.save_model, once the directory is complete
             self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)

@@ -241,7 +241,8 @@ def _stop_at_load_data(monkeypatch) -> list:
 
 def _run_recipe(output_dir, **run_args):
     args = TrainingArguments(str(output_dir), report_to=[], use_cpu=True)
-    recipe.run(recipe.ModelArguments(), recipe.DataArguments(), PruningConfig(target_sparsity=0.4), args, recipe.RunArguments(**run_args))
+    recipe.run(recipe.ModelArguments(), recipe.DataArguments(), PruningConfig(target_sparsity=0.4), args,
+               recipe.RunArguments(**run_args))
 
 
 @pytest.mark.parametrize("below", ["", "new/deeper"], ids=["existing", "to-be-created"])
