@@ -77,7 +77,10 @@ def _lock(directory: Path) -> int | None:
     descriptor closes, including when the process is killed; None where the platform or filesystem has no flock."""
     if fcntl is None:
         return None
-    descriptor = os.open(directory, os.O_RDONLY)
+    try:
+        descriptor = os.open(directory, os.O_RDONLY)
+    except OSError:  # a umask that leaves the owner no read permission
+        return None
     try:
         fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
