@@ -40,7 +40,9 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     itself, since a rename across filesystems fails (EXDEV). It keeps its other entries; each
     written file replaces its old version by an atomic rename, and weight shards of an earlier
     save that the new one does not write are removed. On any error the staging directory is
-    deleted and ``path`` is left as it was.
+    deleted and ``path`` is left as it was. While written, the staging directory holds an exclusive
+    ``flock`` (gone with a killed process), and staging that earlier saves to ``path`` left and no
+    live save holds is deleted first (docs/failures.md).
     """
     target = Path(path)
     if target.exists() and not target.is_dir():
