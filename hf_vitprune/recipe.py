@@ -34,6 +34,7 @@ from transformers import (
 from transformers.trainer_utils import get_last_checkpoint
 
 from .config import PruningConfig, config_from_arguments, option_owners, pruning_arguments
+from .fileio import check_writable, describe_entries, remove_stale_staging
 from .methods import DEFAULT_METHOD, METHODS, get_method
 from .metrics import make_compute_metrics
 
@@ -371,8 +372,9 @@ def resolve_checkpoint(training_args: TrainingArguments, run_args: RunArguments,
                     "instead.", last)
         return last
     if any(output_dir.iterdir()):
-        raise RecipeError(f"--output_dir {output_dir} already exists and is not empty (and holds no checkpoint to "
-                          f"resume). Pass --overwrite_output_dir true to write over it, or choose another --output_dir.")
+        raise RecipeError(f"--output_dir {output_dir} already exists and is not empty (it holds "
+                          f"{describe_entries(output_dir)}, and no checkpoint to resume). Pass --overwrite_output_dir "
+                          f"true to write over it, or choose another --output_dir.")
     return None
 
 
@@ -795,6 +797,11 @@ def run(model_args, data_args, pruning_config: PruningConfig, training_args: Tra
     from .trainer import PruningTrainer
 
     run_args = run_args or RunArguments()
+    try:  # before any work: a read-only --output_dir; staging left by a killed save goes (docs/failures.md)
+        check_writable(training_args.output_dir, "--output_dir")
+        remove_stale_staging(training_args.output_dir)
+    except OSError as error:
+        raise RecipeError(str(error)) from None
     checkpoint = resolve_checkpoint(training_args, run_args, pruning_config.method)
     check_hub_access(training_args)
     data = load_data(data_args, model_args, seed=training_args.seed,

@@ -33,6 +33,7 @@ from transformers.utils import logging as hf_logging
 from .architectures import family_of, find_encoder_layers, meta_copy, set_input_size
 from .config import PruningConfig
 from .distillation import classification_logits, distillation_loss
+from .fileio import atomic_directory, check_writable
 from .methods import METHODS, PruningMethod, SearchContext, get_method
 from .optimizer_state import replace_parameters
 from .plan import PruningPlan
@@ -189,6 +190,8 @@ class PruningTrainer(Trainer):
 
     def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, **kwargs):
         base_output_dir, base_max_steps = self.args.output_dir, self.args.max_steps
+        if self.args.should_save:  # a read-only output_dir fails now, not at the save after training
+            check_writable(base_output_dir, "output_dir")
         checkpoint = self._resolve_checkpoint(resume_from_checkpoint, base_output_dir)
         saved = PruningState.load(checkpoint) if checkpoint else None
         if saved is not None and saved.phase not in (self.method.phase_name, FINETUNE):
@@ -590,35 +593,53 @@ class PruningTrainer(Trainer):
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Saves the (compacted) model, ``pruning_config.json``, ``pruning_plan.json``, the report and card.
 
+        Everything (weights, configs, image processor, remote code, plan, report, card) is written into one
+        staging directory that moves into place only once complete: a full disk or a kill leaves the
+        directory as it was, never weights without their plan and card (docs/failures.md).
         A ``checkpoint-*`` directory gets a checkpoint card; a final save of the compacted model
         measures its speed against the dense model first, unless ``measure_speed()`` already did.
         """
         directory = output_dir or self.args.output_dir
+        if not self.args.should_save:  # other processes only join the collectives that gather the weights
+            with self._whole_model_outside_fsdp():
+                super().save_model(output_dir, _internal_call=True)
+        else:
+            record = self._save_record(directory)
+            with atomic_directory(directory) as staging:
+                self._save_into(staging, record)
+            pickled = os.path.join(directory, "training_args.bin")  # a stock Trainer's save there before
+            if os.path.isfile(pickled):
+                os.remove(pickled)
+            if not os.path.basename(os.path.normpath(directory)).startswith("checkpoint-"):
+                what = ("the pruned model" if self.plan is not None
+                        else "the model (not pruned yet: train() has not run)")
+                self._narrate("Saved %s, its card and %s to %s", what, REPORT_FILE, directory)
+        if self.args.push_to_hub and not _internal_call:  # as Trainer.save_model, once the directory is complete
+            self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
+
+    def _save_record(self, directory: str) -> PruningReport:
+        """The report a save into ``directory`` carries: a checkpoint's, or the final one (speed measured)."""
         checkpoint = os.path.basename(os.path.normpath(directory)).startswith("checkpoint-")
+        if checkpoint and self.phase is not None:
+            return self.run_record(stage=f"{self.phase}-checkpoint")
+        if self.speed is None and self.plan is not None and not checkpoint:
+            self.measure_speed()
+        return self.run_record()
+
+    def _save_into(self, staging, record: PruningReport) -> None:
+        """Write every file of a save into the (empty) ``staging`` directory."""
         with self._whole_model_outside_fsdp():  # the final model, gathered by train(): from_pretrained's files
-            super().save_model(output_dir, _internal_call)
-        if not self.args.should_save:
-            return
-        os.makedirs(directory, exist_ok=True)  # FSDP's sharded checkpoints write their weights later, elsewhere
+            super().save_model(str(staging), _internal_call=True)
         # Trainer pickles its arguments; this project ships no pickles, so keep them as JSON.
-        pickled = os.path.join(directory, "training_args.bin")
+        pickled = os.path.join(staging, "training_args.bin")
         if os.path.exists(pickled):
             os.remove(pickled)
-        with open(os.path.join(directory, "training_args.json"), "w") as handle:
+        with open(os.path.join(staging, "training_args.json"), "w") as handle:
             handle.write(self.args.to_json_string())
-        self.pruning_config.save_pretrained(directory)
+        self.pruning_config.save_pretrained(staging)
         if self.plan is not None:
-            self.plan.save_pretrained(directory)
-        if checkpoint and self.phase is not None:
-            record = self.run_record(stage=f"{self.phase}-checkpoint")
-        else:
-            if self.speed is None and self.plan is not None and not checkpoint:
-                self.measure_speed()
-            record = self.run_record()
-        write_model_card(directory, record)
-        if not checkpoint:
-            what = "the pruned model" if self.plan is not None else "the model (not pruned yet: train() has not run)"
-            self._narrate("Saved %s, its card and %s to %s", what, REPORT_FILE, directory)
+            self.plan.save_pretrained(staging)
+        write_model_card(staging, record)
 
     def create_model_card(self, language=None, license=None, tags=None, model_name=None, finetuned_from=None,
                           tasks=None, dataset_tags=None, dataset=None, dataset_args=None, **kwargs) -> None:
