@@ -166,3 +166,32 @@ def test_an_unreachable_budget_is_refused(tmp_path):
 def test_bad_options_name_the_problem(option, value, message):
     with pytest.raises(ValueError, match=message):
         token_config(**{option: value})
+
+
+# ------------------------------------------------------------------ shallow models, explicit ratios (issue 24)
+
+
+def _shallow_vit(layers: int):
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(0)
+    return ViTForImageClassification(ViTConfig(hidden_size=32, num_hidden_layers=layers, num_attention_heads=4,
+                                               intermediate_size=64, image_size=8, patch_size=2, num_channels=1,
+                                               num_labels=10))
+
+
+@pytest.mark.parametrize("layers", [1, 2])
+def test_a_shallow_model_gets_fewer_stages_and_meets_the_budget(tmp_path, layers):
+    """The help promises fewer stages for a model too shallow for three: one stage, the budget met to a token."""
+    from hf_vitprune.architectures import meta_copy
+    from hf_vitprune.surgery import add_token_pruning
+
+    trainer = train(tmp_path, model=_shallow_vit(layers), config=token_config(target_flops_reduction=0.3),
+                    max_steps=4)
+    stages = trainer.method.stages
+    assert stages.depths == ((0,) if layers == 1 else (1,))
+    dense, pruned = trainer.dense_stats.flops, model_stats(trainer.model).flops
+    assert pruned <= 0.7 * dense  # the budget is met
+    (keep,) = stages.keep_counts(16)  # and one more kept token would break it: the largest ratio that meets it
+    looser = add_token_pruning(meta_copy(_shallow_vit(layers)), [(keep + 1) / 16], stages.depths)
+    assert model_stats(looser).flops > 0.7 * dense
