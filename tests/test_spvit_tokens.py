@@ -195,3 +195,23 @@ def test_a_shallow_model_gets_fewer_stages_and_meets_the_budget(tmp_path, layers
     (keep,) = stages.keep_counts(16)  # and one more kept token would break it: the largest ratio that meets it
     looser = add_token_pruning(meta_copy(_shallow_vit(layers)), [(keep + 1) / 16], stages.depths)
     assert model_stats(looser).flops > 0.7 * dense
+
+
+def test_explicit_keep_ratios_that_miss_the_target_are_refused_before_training(tmp_path):
+    """keep_ratios=[0.9] removes well under 1% of the FLOPs: with target_flops_reduction=0.5 that is an error naming
+    both options and the fix, raised before any step (the model is left without a token path)."""
+    trainer = PruningTrainer(model=digits_vit(), args=ofb_args(tmp_path), train_dataset=digits(),
+                             pruning_config=token_config(target_flops_reduction=0.5, keep_ratios=[0.9]))
+    with pytest.raises(ValueError) as error:
+        trainer.train()
+    message = str(error.value)
+    assert "keep_ratios=[0.9]" in message and "target_flops_reduction=0.5" in message
+    assert "drop keep_ratios" in message and "lower target_flops_reduction" in message
+    assert token_pruning_of(trainer.model) is None and trainer.state.global_step == 0
+
+
+def test_explicit_keep_ratios_that_meet_the_target_are_used_as_given(tmp_path):
+    trainer = train(tmp_path, config=token_config(target_flops_reduction=0.3, keep_ratios=[0.5, 0.25, 0.125]),
+                    max_steps=4)
+    assert trainer.method.stages.keep_ratios == (0.5, 0.25, 0.125)
+    assert model_stats(trainer.model).flops <= 0.7 * trainer.dense_stats.flops
