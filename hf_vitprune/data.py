@@ -1,7 +1,8 @@
 """Small offline image-classification datasets as ``datasets.DatasetDict`` (train/validation/test).
 
 Online users pass ``--dataset_name`` and get the Hub's loaders; these exist so that the
-quickstart, the tests and the benchmarks run with no network.
+quickstart, the tests and the benchmarks run with no network. The checks at the end are the recipe's data
+wrappers': an unreadable image file or a label the model has no class for, named with the fix.
 """
 
 from __future__ import annotations
@@ -132,3 +133,64 @@ def write_imagefolder(split: Dataset, directory: str | Path) -> Path:
         array = image[0] if image.shape[0] == 1 else np.moveaxis(image, 0, -1)
         Image.fromarray(array).save(folder / f"{index}.png")
     return directory
+
+
+# --------------------------------------------------------------------------- checks the recipe's data wrappers make
+
+
+def split_name(dataset, fallback: str) -> str:
+    """The split ``dataset`` says it is (``train``, ``validation``, ...), else ``fallback``, for error messages."""
+    split = getattr(dataset, "split", None)
+    return str(split) if split else fallback
+
+
+def undecoded_images(dataset, column: str):
+    """(dataset with ``column`` left undecoded, its ``datasets.Image`` feature or None).
+
+    ``datasets`` decodes images as it reads them and a file PIL cannot read (a truncated PNG) then stops the run
+    with "image file is truncated" and no file name; decoding in :func:`decode_image` instead names it. Casting
+    the decoding off is cheap (no data is rewritten) and lazy for a stream.
+    """
+    from datasets import Image
+
+    feature = (dataset.features or {}).get(column)
+    if not isinstance(feature, Image) or not feature.decode:
+        return dataset, None
+    return dataset.cast_column(column, Image(mode=feature.mode, decode=False)), feature
+
+
+def decode_image(feature, value, index: int, split: str, token_per_repo_id=None):
+    """``value`` ({"path", "bytes"}) decoded as ``datasets`` would; a file it cannot read is named, with the fix."""
+    try:
+        return feature.decode_example(value, token_per_repo_id=token_per_repo_id)
+    except (OSError, SyntaxError, ValueError) as error:  # PIL: truncated, not an image, unknown format
+        path = value.get("path") if isinstance(value, dict) else None
+        where = f"image file {path} (example {index} of the {split} split)" if path else \
+            f"the image of example {index} of the {split} split"
+        raise ValueError(f"cannot read {where}: {type(error).__name__}: {error}. Replace the file with a readable "
+                         f"image or delete it, then run again.") from None
+
+
+def _label_fix(num_labels: int) -> str:
+    return (f"Labels must be class ids 0..{num_labels - 1} (or class names): pass --label_column_name with the column "
+            f"that holds them, a labelled split as --validation_split_name (an unlabelled split marks its labels -1), "
+            f"or a model whose head has as many classes (--ignore_mismatched_sizes true trains a new one).")
+
+
+def check_label(label: int, num_labels: int, index: int, split: str) -> None:
+    """Refuse a label the classifier has no class for (torch's "Target 5 is out of bounds" mid-run otherwise)."""
+    if not 0 <= label < num_labels:
+        raise ValueError(f"label {label} of example {index} of the {split} split is not a class of the model, which "
+                         f"classifies {num_labels} classes. {_label_fix(num_labels)}")
+
+
+def check_labels(dataset, column: str, num_labels: int, split: str) -> None:
+    """:func:`check_label` for every example of an in-memory split at once (the label column only is read)."""
+    labels = np.asarray(dataset.select_columns([column]).with_format("numpy")[column])
+    bad = np.flatnonzero((labels < 0) | (labels >= num_labels))
+    if len(bad):
+        first = int(bad[0])
+        values = sorted({int(value) for value in labels[bad]})
+        raise ValueError(f"{len(bad)} label(s) of the {split} split are not classes of the model, which classifies "
+                         f"{num_labels} classes: {', '.join(map(str, values[:10]))} (the first at example {first}). "
+                         f"{_label_fix(num_labels)}")

@@ -470,8 +470,9 @@ def load_data(data_args: DataArguments, model_args: ModelArguments, seed: int = 
             train = _shuffled_stream(train, data_args, training_order, seed)
         columns = data_args.image_column_name, data_args.label_column_name
         wrapper = StreamedImageClassificationData if data_args.streaming else ImageClassificationData
-        train = wrapper(train, processor, *columns, mode=mode, encode=encode, augment=True, seed=seed)
-        evaluation = wrapper(evaluation, processor, *columns, mode=mode, encode=encode)
+        train = wrapper(train, processor, *columns, mode=mode, encode=encode, augment=True, seed=seed,
+                        num_labels=len(labels))
+        evaluation = wrapper(evaluation, processor, *columns, mode=mode, encode=encode, num_labels=len(labels))
         return Data(train, evaluation, labels, processor, config, config_labels)
     from .data import builtin_image_processor, load_digits_dataset, load_fashion_mnist
 
@@ -639,7 +640,18 @@ class _ImageExamples:
     augments exactly as the interrupted one (the data loader prefetches ahead of checkpoints)."""
 
     def __init__(self, dataset, processor, image_column: str, label_column: str, mode: str = "RGB", encode=None,
-                 augment: bool = False, seed: int = 0):
+                 augment: bool = False, seed: int = 0, num_labels: int | None = None):
+        from .data import check_labels, split_name, undecoded_images
+
+        self.split = split_name(dataset, "training" if augment else "evaluation")
+        self.num_labels = num_labels  # labels are checked against it: up front in memory, as read for a stream
+        if num_labels is not None and encode is None and not isinstance(dataset, IterableDataset):
+            try:
+                check_labels(dataset, label_column, num_labels, self.split)
+            except ValueError as error:
+                raise RecipeError(str(error)) from None
+        self._token_per_repo_id = getattr(dataset, "_token_per_repo_id", None)  # what datasets decodes Hub files with
+        dataset, self._image_feature = undecoded_images(dataset, image_column)  # decoded in _example, naming the file
         self.dataset, self.processor, self.mode, self.encode = dataset, processor, mode, encode
         self.image_column, self.label_column = image_column, label_column
         self.augment, self.seed, self.epoch = augment, seed, 0
@@ -652,7 +664,11 @@ class _ImageExamples:
         self.epoch = int(epoch)
 
     def _example(self, example: dict, index: int) -> dict:
+        from .data import check_label, decode_image
+
         image = example[self.image_column]
+        if self._image_feature is not None:
+            image = decode_image(self._image_feature, image, index, self.split, self._token_per_repo_id)
         if image.mode != self.mode:
             image = image.convert(self.mode)
         pixels = self.processor(image, return_tensors="pt")["pixel_values"][0]
@@ -661,6 +677,8 @@ class _ImageExamples:
             pixels = _augment(pixels[None], generator)[0]
         label = example[self.label_column]
         label = self.encode(label) if self.encode is not None else label
+        if self.num_labels is not None:
+            check_label(int(label), self.num_labels, index, self.split)
         return {"pixel_values": pixels, "labels": torch.tensor(label, dtype=torch.long)}
 
 

@@ -70,3 +70,105 @@ def test_the_card_of_the_report_own_model_is_still_written(models, tmp_path, cap
     (directory / "README.md").unlink()
     assert main(["card", str(directory)]) == 0
     assert "keeping 10 of 16 attention heads" in (directory / "README.md").read_text()
+
+
+# ------------------------------------------------------------------ data errors named up front or where they happen
+
+
+CLASSES = ("circle", "square", "stripes")
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """train/ and validation/ imagefolders of 16x16 PNGs, one of train/'s cut short; a 3-class tiny ViT."""
+    import numpy as np
+    from PIL import Image
+    from transformers import ViTImageProcessor
+
+    root = tmp_path_factory.mktemp("data")
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 3), ("validation", 2)):
+        for name in CLASSES:
+            (root / split / name).mkdir(parents=True)
+            for i in range(count):
+                Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(root / split / name / f"{i}.png")
+    truncated = root / "train" / "square" / "1.png"
+    truncated.write_bytes(truncated.read_bytes()[:200])
+    torch.manual_seed(0)
+    ViTForImageClassification(ViTConfig(**TINY)).save_pretrained(root / "vit")
+    ViTImageProcessor(size={"height": 16, "width": 16}).save_pretrained(root / "vit")
+    return root
+
+
+def _arguments(folders, **data):
+    from hf_vitprune.recipe import DataArguments, ModelArguments
+
+    return DataArguments(**data), ModelArguments(model_name_or_path=str(folders / "vit"))
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_a_truncated_image_is_named_with_the_fix(folders, monkeypatch, tmp_path, streaming):
+    """PIL's "image file is truncated" named no file; now the file, the split and the fix are named."""
+    from hf_vitprune.recipe import load_data
+
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    data = load_data(*_arguments(folders, train_dir=str(folders / "train"), validation_dir=str(folders / "validation"),
+                                 streaming=streaming))
+    examples = iter(data.train) if streaming else (data.train[i] for i in range(len(data.train)))
+    with pytest.raises(ValueError) as error:
+        for example in examples:
+            assert example["pixel_values"].shape == (3, 16, 16)
+    message = str(error.value)
+    assert str(folders / "train" / "square" / "1.png") in message and "train split" in message
+    assert "truncated" in message and "Replace the file with a readable image or delete it" in message
+    assert [example["labels"] for example in data.evaluation][:1]  # the good split still reads
+
+
+def _labelled(names_train, labels_train, names_validation, labels_validation):
+    import numpy as np
+    from datasets import ClassLabel, Dataset, DatasetDict
+    from PIL import Image
+
+    def split(names, labels):
+        images = [Image.fromarray(np.full((16, 16, 3), 30 * i, dtype=np.uint8)) for i in range(len(labels))]
+        return Dataset.from_dict({"image": images, "label": labels}).cast_column("label", ClassLabel(names=names))
+
+    return DatasetDict(train=split(names_train, labels_train), validation=split(names_validation, labels_validation))
+
+
+@pytest.mark.parametrize("split, raw", [  # splits that do not name themselves are called by their role
+    ("training", lambda: _labelled(list(CLASSES), [0, 1, 5, 2], list(CLASSES), [0, 1])),
+    ("evaluation", lambda: _labelled(list(CLASSES), [0, 1, 2, 2], list(CLASSES), [0, -1])),  # an unlabelled split
+])
+def test_labels_the_model_has_no_class_for_are_refused_before_the_run(folders, monkeypatch, tmp_path, capsys, split, raw):
+    """A label >= num_labels (or -1) was torch's "Target 5 is out of bounds" mid-run; now `prune` stops before
+    any work, naming the split, the class count, the label and the fix, and writes nothing."""
+    import hf_vitprune.recipe as recipe
+
+    monkeypatch.setattr(recipe, "_load_raw", lambda data_args, model_args: raw())
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = tmp_path / "out"
+    status = main(["prune", "--model_name_or_path", str(folders / "vit"), "--dataset_name", "local",
+                   "--output_dir", str(out), "--max_steps", "2", "--use_cpu", "true"])
+    err = capsys.readouterr().err
+    assert status == 1 and "Traceback" not in err
+    bad = "5" if split == "training" else "-1"
+    assert f"of the {split} split are not classes of the model, which classifies 3 classes: {bad}" in err, err
+    assert "--label_column_name" in err and "--validation_split_name" in err
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_a_streamed_label_the_model_has_no_class_for_is_refused_as_read(folders):
+    """A stream cannot be read through first: its labels are checked as they are read, naming the example."""
+    from hf_vitprune.recipe import StreamedImageClassificationData
+    from transformers import ViTImageProcessor
+
+    stream = _labelled(list(CLASSES), [0, 1, 5, 2], list(CLASSES), [0])["train"].to_iterable_dataset()
+    data = StreamedImageClassificationData(stream, ViTImageProcessor(size={"height": 16, "width": 16}), "image",
+                                           "label", augment=True, num_labels=3)
+    examples = iter(data)
+    assert [int(next(examples)["labels"]) for _ in range(2)] == [0, 1]
+    with pytest.raises(ValueError, match=r"label 5 of example 2 of the training split is not a class of the model, "
+                                         r"which classifies 3 classes\. Labels must be class ids 0\.\.2"):
+        next(examples)
+
