@@ -197,15 +197,28 @@ def test_a_shallow_model_gets_fewer_stages_and_meets_the_budget(tmp_path, layers
     assert model_stats(looser).flops > 0.7 * dense
 
 
-def test_explicit_keep_ratios_that_miss_the_target_are_refused_before_training(tmp_path):
-    """keep_ratios=[0.9] removes well under 1% of the FLOPs: with target_flops_reduction=0.5 that is an error naming
-    both options and the fix, raised before any step (the model is left without a token path)."""
+def test_explicit_keep_ratios_that_cannot_meet_the_target_are_refused_when_the_trainer_is_made(tmp_path):
+    """keep_ratios=[0.9] removed 0.5% of the FLOPs under target_flops_reduction=0.5 without a word. Keeping 90% of
+    the tokens removes at most 19% of any model's FLOPs: refused at PruningTrainer(...), naming both options and
+    the fix."""
+    config = token_config(target_flops_reduction=0.5, keep_ratios=[0.9])
+    with pytest.raises(ValueError) as error:
+        PruningTrainer(model=digits_vit(), args=ofb_args(tmp_path), train_dataset=digits(), pruning_config=config)
+    message = str(error.value)
+    assert "keep_ratios=[0.9]" in message and "removes at most 19% of the FLOPs" in message
+    assert "target_flops_reduction=0.5" in message
+    assert "drop keep_ratios" in message and "lower target_flops_reduction" in message
+
+
+def test_explicit_keep_ratios_that_miss_the_target_on_this_model_are_refused_before_any_step(tmp_path):
+    """keep_ratios=[0.7] could remove 51% on some model, not on this one (its one stage runs before layer 2 of 4):
+    refused when the run starts, before any step, and the model is left without a token path."""
     trainer = PruningTrainer(model=digits_vit(), args=ofb_args(tmp_path), train_dataset=digits(),
-                             pruning_config=token_config(target_flops_reduction=0.5, keep_ratios=[0.9]))
+                             pruning_config=token_config(target_flops_reduction=0.5, keep_ratios=[0.7]))
     with pytest.raises(ValueError) as error:
         trainer.train()
     message = str(error.value)
-    assert "keep_ratios=[0.9]" in message and "target_flops_reduction=0.5" in message
+    assert "keep_ratios=[0.7] remove" in message and "target_flops_reduction=0.5 asks to remove 50%" in message
     assert "drop keep_ratios" in message and "lower target_flops_reduction" in message
     assert token_pruning_of(trainer.model) is None and trainer.state.global_step == 0
 

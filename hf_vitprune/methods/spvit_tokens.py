@@ -119,6 +119,7 @@ class SPViTTokens(PruningMethod):
 
     def __init__(self, config):
         super().__init__(config)
+        _check_ratios_can_meet(config)
         self.stages: TokenStages | None = None
         self.searching = True
         self.latency_table: dict | None = None  # with a latency budget: what the keep ratios were read from
@@ -167,13 +168,10 @@ class SPViTTokens(PruningMethod):
         kept = cost(stages.keep_ratios, stages.depths)
         if kept <= (1 - budget.fraction) * dense:
             return
-        removed = 1 - kept / dense
         raise ValueError(
-            f"keep_ratios={list(self.options.keep_ratios)} remove {removed:.1%} of the {budget.unit_name} ({kept:,.2f} "
-            f"of {dense:,.2f} {unit} left), but {budget.target_name}={budget.fraction:g} asks to remove "
-            f"{budget.fraction:.0%}. Give one or the other: drop keep_ratios to have the ratios chosen to meet "
-            f"{budget.target_name}, or give keep_ratios that keep fewer tokens, or lower {budget.target_name} to "
-            f"what the ratios remove."
+            f"keep_ratios={list(self.options.keep_ratios)} remove {1 - kept / dense:.1%} of the {budget.unit_name} "
+            f"({kept:,.2f} of {dense:,.2f} {unit} left), but {budget.target_name}={budget.fraction:g} asks to remove "
+            f"{budget.fraction:.0%}. {_RATIOS_FIX.format(target=budget.target_name)}"
         )
 
     def _choose_stages(self, model: nn.Module, budget) -> TokenStages:
@@ -339,6 +337,29 @@ class SPViTTokens(PruningMethod):
 
     def citations(self) -> list[dict[str, str]]:
         return [SPVIT_CITATION]
+
+
+_RATIOS_FIX = ("Give one or the other: drop keep_ratios to have the ratios chosen to meet {target}, or give "
+               "keep_ratios that keep fewer tokens, or lower {target} to what the ratios remove.")
+
+
+def _check_ratios_can_meet(config) -> None:
+    """Refuse, when the method is made (before any work), keep_ratios that cannot meet a FLOPs target on any model.
+
+    Every layer sees at least the last stage's share ``r`` of the tokens (packages and special tokens only add),
+    and its FLOPs shrink at most quadratically with its tokens, so at most ``1 - r**2`` of the FLOPs go. The exact
+    check, on the model, is :meth:`SPViTTokens._check_ratios_meet` when the run starts.
+    """
+    ratios, budget = config.method_options.keep_ratios, config.budget
+    if ratios is None or budget.metric != "flops":
+        return
+    most = 1 - ratios[-1] ** 2
+    if most < budget.fraction:
+        raise ValueError(
+            f"keep_ratios={list(ratios)} keep at least {ratios[-1]:.0%} of the tokens in every layer, which removes at "
+            f"most {most:.0%} of the FLOPs, but {budget.target_name}={budget.fraction:g} asks to remove "
+            f"{budget.fraction:.0%}. {_RATIOS_FIX.format(target=budget.target_name)}"
+        )
 
 
 def _token_grid(model: nn.Module) -> list[int]:
