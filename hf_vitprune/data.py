@@ -26,9 +26,12 @@ def _split(images: np.ndarray, labels: np.ndarray, fractions: tuple[float, float
     return (images[train], labels[train]), (images[val], labels[val]), (images[test], labels[test])
 
 
-def _dataset(images: np.ndarray, labels: np.ndarray, label_names) -> Dataset:
-    """Images in [0, 1] of shape (n, C, H, W) -> a torch-formatted Dataset normalised to [-1, 1]."""
+def _dataset(images: np.ndarray, labels: np.ndarray, label_names, channels: int = 1) -> Dataset:
+    """Images in [0, 1] of shape (n, 1, H, W) -> a torch-formatted Dataset normalised to [-1, 1], the grey channel
+    repeated ``channels`` times (3: RGB, what ``pipeline()`` gives a model)."""
     pixels = ((images.astype(np.float32) - 0.5) / 0.5).astype(np.float32)
+    if channels != 1:
+        pixels = np.repeat(pixels, channels, axis=1)
     features = Features(
         {"pixel_values": Array3D(shape=pixels.shape[1:], dtype="float32"), "labels": ClassLabel(names=list(label_names))}
     )
@@ -36,8 +39,9 @@ def _dataset(images: np.ndarray, labels: np.ndarray, label_names) -> Dataset:
     return dataset.with_format("torch")
 
 
-def load_digits_dataset(seed: int = 0, validation_fraction: float = 0.15, test_fraction: float = 0.15) -> DatasetDict:
-    """scikit-learn's bundled 8x8 digits (1,797 images, 10 classes) as 1x8x8 tensors."""
+def load_digits_dataset(seed: int = 0, validation_fraction: float = 0.15, test_fraction: float = 0.15,
+                        channels: int = 1) -> DatasetDict:
+    """scikit-learn's bundled 8x8 digits (1,797 images, 10 classes) as ``channels``x8x8 tensors (grey repeated)."""
     from sklearn.datasets import load_digits
 
     digits = load_digits()
@@ -45,7 +49,8 @@ def load_digits_dataset(seed: int = 0, validation_fraction: float = 0.15, test_f
     train, val, test = _split(images, digits.target, (validation_fraction, test_fraction), seed)
     names = [str(i) for i in range(10)]
     return DatasetDict(
-        train=_dataset(*train, names), validation=_dataset(*val, names), test=_dataset(*test, names)
+        train=_dataset(*train, names, channels), validation=_dataset(*val, names, channels),
+        test=_dataset(*test, names, channels)
     )
 
 
@@ -53,9 +58,11 @@ def builtin_image_processor(dataset):
     """An image processor that turns a PIL image into the ``pixel_values`` of a built-in dataset.
 
     The built-in splits hold images already scaled to [0, 1] and normalised to [-1, 1]
-    (``(x - 0.5) / 0.5``) at their own size, with 1 channel; this processor does the same to an
-    8-bit greyscale image (rescale by 1/255, normalise with mean 0.5 and std 0.5), so that
-    ``pipeline("image-classification", model=output_dir)`` sees what training saw.
+    (``(x - 0.5) / 0.5``) at their own size, with 1 channel or (the recipe's) the grey one repeated
+    as RGB; this processor does the same to an 8-bit image of as many channels (rescale by 1/255,
+    normalise with mean 0.5 and std 0.5). ``pipeline("image-classification", model=output_dir)``
+    converts every image to RGB, so a 3-channel split's model takes what it gives: a grey image
+    becomes exactly the training pixels.
     """
     from transformers import ViTImageProcessor
 
@@ -87,8 +94,8 @@ def _find(directory: Path, stem: str) -> Path:
 
 
 def load_fashion_mnist(directory: str | Path = FASHION_MNIST_DIR, validation_size: int = 6000, seed: int = 0,
-                       max_train_samples: int | None = None) -> DatasetDict:
-    """Fashion-MNIST (28x28 grey) from the Debian package's IDX files.
+                       max_train_samples: int | None = None, channels: int = 1) -> DatasetDict:
+    """Fashion-MNIST (28x28 grey, the channel repeated ``channels`` times) from the Debian package's IDX files.
 
     The validation split is carved from the 60,000 training images (for choosing hyperparameters);
     the test split is the official 10,000 test images.
@@ -103,9 +110,9 @@ def load_fashion_mnist(directory: str | Path = FASHION_MNIST_DIR, validation_siz
     if max_train_samples is not None:
         train = train[:max_train_samples]
     return DatasetDict(
-        train=_dataset(train_images[train], train_labels[train], FASHION_MNIST_LABELS),
-        validation=_dataset(train_images[val], train_labels[val], FASHION_MNIST_LABELS),
-        test=_dataset(test_images, test_labels, FASHION_MNIST_LABELS),
+        train=_dataset(train_images[train], train_labels[train], FASHION_MNIST_LABELS, channels),
+        validation=_dataset(train_images[val], train_labels[val], FASHION_MNIST_LABELS, channels),
+        test=_dataset(test_images, test_labels, FASHION_MNIST_LABELS, channels),
     )
 
 

@@ -480,7 +480,7 @@ def load_data(data_args: DataArguments, model_args: ModelArguments, seed: int = 
     if data_args.builtin_dataset not in loaders:
         raise RecipeError(f"--builtin_dataset {data_args.builtin_dataset!r}: choose {' or '.join(loaders)}.", 2)
     try:
-        splits = loaders[data_args.builtin_dataset]()
+        splits = loaders[data_args.builtin_dataset](channels=3)  # RGB, as pipeline() and the Hub widget give it
     except FileNotFoundError as error:
         raise RecipeError(_first_line(error)) from None
     labels = splits["train"].features["labels"].names
@@ -742,9 +742,10 @@ def _augment(pixels: torch.Tensor, generator: torch.Generator | None = None) -> 
 
 
 def small_vit_for_digits(labels: list[str]) -> ViTForImageClassification:
-    """The offline default's architecture: 4 layers, 4 heads of 16, MLP 128, on 8x8 grey images (2x2 patches)."""
+    """The offline default's architecture: 4 layers, 4 heads of 16, MLP 128, on 8x8 grey images given as RGB (2x2
+    patches): pipeline() converts every image to RGB, so the pruned model must take 3 channels."""
     config = ViTConfig(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, intermediate_size=128,
-                       image_size=8, patch_size=2, num_channels=1, num_labels=len(labels),
+                       image_size=8, patch_size=2, num_channels=3, num_labels=len(labels),
                        id2label=dict(enumerate(labels)), label2id={name: i for i, name in enumerate(labels)})
     return ViTForImageClassification(config)
 
@@ -778,7 +779,14 @@ def load_or_train_dense(model_args: ModelArguments, data: Data, training_args: T
     cache = Path(model_args.dense_cache_dir)
     if (cache / "config.json").is_file():
         logger.info("Reusing the dense model cached in %s", cache)
-        return AutoModelForImageClassification.from_pretrained(cache, **kwargs)
+        model = AutoModelForImageClassification.from_pretrained(cache, **kwargs)
+        channels = data.train.features["pixel_values"].shape[0]
+        if getattr(model.config, "num_channels", 3) != channels:  # cached by a version that fed 1-channel digits
+            raise RecipeError(f"the dense model cached in {cache} takes {model.config.num_channels}-channel images, "
+                              f"but the built-in data are {channels}-channel (RGB, so that pipeline() can use the "
+                              f"pruned model). Delete {cache} to train it again, or pass --dense_cache_dir with a new "
+                              f"directory.")
+        return model
     torch.manual_seed(training_args.seed)
     model = small_vit_for_digits(labels)
     args = TrainingArguments(str(cache / "trainer"), num_train_epochs=model_args.dense_epochs,

@@ -172,3 +172,53 @@ def test_a_streamed_label_the_model_has_no_class_for_is_refused_as_read(folders)
                                          r"which classifies 3 classes\. Labels must be class ids 0\.\.2"):
         next(examples)
 
+
+# ------------------------------------------------------------------ the quickstart's model in pipeline()
+
+
+def test_the_quickstart_model_works_in_pipeline(tmp_path, monkeypatch):
+    """pipeline() (and the Hub widget the card's pipeline_tag promises) converts every image to RGB; the offline
+    default's 1-channel model failed there with "mean must have 3 elements". Its pruned model now takes RGB and the
+    pipeline labels a grey digit as the model labels the training pixels."""
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_digits
+    from transformers import AutoModelForImageClassification, pipeline
+
+    from hf_vitprune.recipe import main as recipe_main
+
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "out"
+    assert recipe_main(["--output_dir", str(out), "--dense_cache_dir", str(tmp_path / "dense"), "--dense_epochs", "1",
+                        "--max_train_samples", "64", "--max_eval_samples", "16", "--max_steps", "2",
+                        "--calibration_samples", "8", "--per_device_train_batch_size", "32", "--use_cpu", "true",
+                        "--disable_tqdm", "true", "--report_to", "none"]) == 0
+    grey = np.round(load_digits().images[:4] / 16.0 * 255).astype(np.uint8)
+    images = [Image.fromarray(image, mode="L").convert("RGB") for image in grey]
+    classify = pipeline("image-classification", model=str(out), device="cpu")
+    answers = classify(images, top_k=1)
+    model = AutoModelForImageClassification.from_pretrained(out).eval()
+    pixels = torch.tensor((grey / 255.0 - 0.5) / 0.5, dtype=torch.float32)[:, None].expand(-1, 3, -1, -1)
+    with torch.no_grad():
+        expected = [model.config.id2label[i] for i in model(pixel_values=pixels).logits.argmax(-1).tolist()]
+    assert [answer[0]["label"] for answer in answers] == expected
+    assert all(0 <= answer[0]["score"] <= 1 for answer in answers)
+
+
+def test_a_dense_model_cached_for_one_channel_digits_is_refused_with_the_fix(tmp_path, monkeypatch, capsys):
+    """The cache an older version wrote holds a 1-channel model; reused, it would fail on the RGB digits mid-run."""
+    from hf_vitprune.recipe import main as recipe_main
+
+    monkeypatch.chdir(tmp_path)
+    cache = tmp_path / "dense"
+    ViTForImageClassification(ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                        intermediate_size=37, image_size=8, patch_size=2, num_channels=1,
+                                        num_labels=10)).save_pretrained(cache)
+    before = _files(cache)
+    out = tmp_path / "out"
+    assert recipe_main(["--output_dir", str(out), "--dense_cache_dir", str(cache), "--max_steps", "2",
+                        "--use_cpu", "true", "--disable_tqdm", "true", "--report_to", "none"]) == 1
+    err = capsys.readouterr().err
+    assert f"the dense model cached in {cache} takes 1-channel images, but the built-in data are 3-channel" in err
+    assert f"Delete {cache} to train it again, or pass --dense_cache_dir" in err
+    assert _files(cache) == before and (not out.exists() or not any(out.iterdir()))
