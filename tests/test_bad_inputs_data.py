@@ -27,7 +27,8 @@ def _files(directory) -> dict[str, bytes]:
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     """gohsp/: heads pruned to 2 of 8 in layer 0, with its report and card; tokens/: 8 of 8 heads and a token
-    path; heads/: other heads pruned; each of the last two with gohsp/'s report and card copied in."""
+    path; heads/: other heads pruned; each of these two with gohsp/'s report and card copied in. dense/: no token
+    path, with the report and card of a token-pruned model."""
     root = tmp_path_factory.mktemp("cards")
     torch.manual_seed(0)
     dense = ViTForImageClassification(ViTConfig(**TINY))
@@ -36,18 +37,24 @@ def models(tmp_path_factory):
     report = PruningReport.from_models(dense, gohsp, pruning_config=PruningConfig(target_sparsity=0.2),
                                        created="2025-01-01T00:00:00+00:00")
     write_model_card(root / "gohsp", report)
-    add_token_pruning(copy.deepcopy(dense), [0.5]).save_pretrained(root / "tokens")
+    tokens = add_token_pruning(copy.deepcopy(dense), [0.5])
+    tokens.save_pretrained(root / "tokens")
     apply_plan(copy.deepcopy(dense), PruningPlan(heads={1: [0, 1]})).save_pretrained(root / "heads")
     for other in ("tokens", "heads"):
         for name in (REPORT_FILE, "README.md"):
             shutil.copy(root / "gohsp" / name, root / other / name)
+    dense.save_pretrained(root / "dense")  # with the token-pruned model's report and card
+    write_model_card(root / "dense", PruningReport.from_models(
+        dense, tokens, pruning_config=PruningConfig(method="spvit_tokens", target_flops_reduction=0.3)))
     return root
 
 
 @pytest.mark.parametrize("command", ["card", "report"])
 @pytest.mark.parametrize("model, names", [
-    ("tokens", ["'gohsp' removes heads and neurons", "the model has a token path"]),
+    ("tokens", ["the model has a token path (token_pruning in config.json), but the report's 'gohsp' run recorded "
+                "a model without one"]),
     ("heads", ["layer 0: the report records 2 attention heads, the model has 8"]),
+    ("dense", ["the report's 'spvit_tokens' run recorded a token-pruned model, but the model has no token path"]),
 ])
 def test_a_report_of_another_model_is_refused(models, tmp_path, capsys, command, model, names):
     """The card would claim gohsp and 2 of 8 heads for a model with 8 of 8: refused, naming the mismatch, and the

@@ -210,12 +210,15 @@ def model_mismatch(report: PruningReport, stats: ModelStats, num_labels: int | N
     recorded = report.pruned_stats.layers
     if len(recorded) != len(stats.layers):
         return f"the report describes {len(recorded)} encoder layers, the model has {len(stats.layers)}"
-    token_method = report.method == "spvit_tokens"
+    # the kind of model: token-pruned or not (a structural method may run on a token-pruned model; its report says so)
     token_model = any(layer.tokens is not None for layer in stats.layers)
-    if token_method != token_model:
-        recorded_kind = "prunes tokens" if token_method else "removes heads and neurons"
-        model_kind = "a token path (token_pruning in config.json)" if token_model else "no token path"
-        return f"the report's method {report.method!r} {recorded_kind}, but the model has {model_kind}"
+    token_report = any(layer.tokens is not None for layer in recorded) or report.method == "spvit_tokens"
+    if token_model and not token_report:
+        return (f"the model has a token path (token_pruning in config.json), but the report's {report.method!r} run "
+                f"recorded a model without one")
+    if token_report and not token_model:
+        return (f"the report's {report.method!r} run recorded a token-pruned model, but the model has no token path "
+                f"(no token_pruning in config.json)")
     for old, new in zip(recorded, stats.layers):
         for what, before, after in (("attention heads", old.heads, new.heads), ("MLP neurons", old.neurons, new.neurons),
                                     ("tokens", old.tokens, new.tokens), ("layer type", old.layer_type, new.layer_type),
