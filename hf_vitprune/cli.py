@@ -167,6 +167,33 @@ def command_card(args) -> int:
             f"hf_vitprune.reporting.write_model_card(dir, "
             f"PruningReport.from_models(dense, pruned, pruning_config=...))."
         )
+    if (directory / "config.json").is_file():  # a report copied from another run must not describe this model
+        import torch
+        from transformers import AutoConfig
+
+        import hf_vitprune  # noqa: F401  (registers the pruned architectures)
+
+        from .modeling import auto_class_for
+        from .reporting import PruningReport, model_mismatch
+        from .stats import model_stats
+
+        try:
+            report = PruningReport.from_pretrained(directory)
+        except (ValueError, TypeError, KeyError) as error:
+            raise CommandError(f"{directory / REPORT_FILE} is not a valid pruning report: {error}") from None
+        try:
+            config = AutoConfig.from_pretrained(directory)
+            with torch.device("meta"):  # the architecture only: no weights are read
+                model = auto_class_for(config).from_config(config)
+            stats = model_stats(model)
+        except (OSError, ValueError, KeyError) as error:
+            raise CommandError(f"could not read the model in {directory} (config.json): {error}") from None
+        mismatch = model_mismatch(report, stats, getattr(config, "num_labels", None) if report.is_classifier else None)
+        if mismatch:
+            raise CommandError(
+                f"{directory / REPORT_FILE} does not describe the model in {directory}: {mismatch}. It belongs to "
+                f"another model; the card was left as it was. Copy the report saved with this model (PruningTrainer."
+                f"save_model() writes both), or remove it.")
     try:
         card = rerender_model_card(directory, repo_id=args.repo_id)
     except (ValueError, TypeError, KeyError) as error:
@@ -275,6 +302,13 @@ def command_report(args) -> int:
             f"{report_path} describes {len(dense_stats.layers)} layers but the model has {len(stats.layers)}; "
             f"the report belongs to another model. Remove it or re-save the model."
         )
+    if recorded is not None:
+        from .reporting import model_mismatch
+
+        mismatch = model_mismatch(recorded, stats, getattr(config, "num_labels", None) if recorded.is_classifier else None)
+        if mismatch:
+            raise CommandError(f"{report_path} does not describe the model in {args.model}: {mismatch}; the report "
+                               f"belongs to another model. Remove it or re-save the model.")
 
     architecture = (config.architectures or [type(model).__name__])[0]
     print(f"Model: {args.model}  ({architecture}, model_type={config.model_type})")

@@ -472,8 +472,9 @@ def load_data(data_args: DataArguments, model_args: ModelArguments, seed: int = 
             train = _shuffled_stream(train, data_args, training_order, seed)
         columns = data_args.image_column_name, data_args.label_column_name
         wrapper = StreamedImageClassificationData if data_args.streaming else ImageClassificationData
-        train = wrapper(train, processor, *columns, mode=mode, encode=encode, augment=True, seed=seed)
-        evaluation = wrapper(evaluation, processor, *columns, mode=mode, encode=encode)
+        train = wrapper(train, processor, *columns, mode=mode, encode=encode, augment=True, seed=seed,
+                        num_labels=len(labels))
+        evaluation = wrapper(evaluation, processor, *columns, mode=mode, encode=encode, num_labels=len(labels))
         return Data(train, evaluation, labels, processor, config, config_labels)
     from .data import builtin_image_processor, load_digits_dataset, load_fashion_mnist
 
@@ -481,7 +482,7 @@ def load_data(data_args: DataArguments, model_args: ModelArguments, seed: int = 
     if data_args.builtin_dataset not in loaders:
         raise RecipeError(f"--builtin_dataset {data_args.builtin_dataset!r}: choose {' or '.join(loaders)}.", 2)
     try:
-        splits = loaders[data_args.builtin_dataset]()
+        splits = loaders[data_args.builtin_dataset](channels=3)  # RGB, as pipeline() and the Hub widget give it
     except FileNotFoundError as error:
         raise RecipeError(_first_line(error)) from None
     labels = splits["train"].features["labels"].names
@@ -641,7 +642,18 @@ class _ImageExamples:
     augments exactly as the interrupted one (the data loader prefetches ahead of checkpoints)."""
 
     def __init__(self, dataset, processor, image_column: str, label_column: str, mode: str = "RGB", encode=None,
-                 augment: bool = False, seed: int = 0):
+                 augment: bool = False, seed: int = 0, num_labels: int | None = None):
+        from .data import check_labels, split_name, undecoded_images
+
+        self.split = split_name(dataset, "training" if augment else "evaluation")
+        self.num_labels = num_labels  # labels are checked against it: up front in memory, as read for a stream
+        if num_labels is not None and encode is None and not isinstance(dataset, IterableDataset):
+            try:
+                check_labels(dataset, label_column, num_labels, self.split)
+            except ValueError as error:
+                raise RecipeError(str(error)) from None
+        self._token_per_repo_id = getattr(dataset, "_token_per_repo_id", None)  # what datasets decodes Hub files with
+        dataset, self._image_feature = undecoded_images(dataset, image_column)  # decoded in _example, naming the file
         self.dataset, self.processor, self.mode, self.encode = dataset, processor, mode, encode
         self.image_column, self.label_column = image_column, label_column
         self.augment, self.seed, self.epoch = augment, seed, 0
@@ -654,7 +666,11 @@ class _ImageExamples:
         self.epoch = int(epoch)
 
     def _example(self, example: dict, index: int) -> dict:
+        from .data import check_label, decode_image
+
         image = example[self.image_column]
+        if self._image_feature is not None:
+            image = decode_image(self._image_feature, image, index, self.split, self._token_per_repo_id)
         if image.mode != self.mode:
             image = image.convert(self.mode)
         pixels = self.processor(image, return_tensors="pt")["pixel_values"][0]
@@ -663,6 +679,8 @@ class _ImageExamples:
             pixels = _augment(pixels[None], generator)[0]
         label = example[self.label_column]
         label = self.encode(label) if self.encode is not None else label
+        if self.num_labels is not None:
+            check_label(int(label), self.num_labels, index, self.split)
         return {"pixel_values": pixels, "labels": torch.tensor(label, dtype=torch.long)}
 
 
@@ -726,9 +744,10 @@ def _augment(pixels: torch.Tensor, generator: torch.Generator | None = None) -> 
 
 
 def small_vit_for_digits(labels: list[str]) -> ViTForImageClassification:
-    """The offline default's architecture: 4 layers, 4 heads of 16, MLP 128, on 8x8 grey images (2x2 patches)."""
+    """The offline default's architecture: 4 layers, 4 heads of 16, MLP 128, on 8x8 grey images given as RGB (2x2
+    patches): pipeline() converts every image to RGB, so the pruned model must take 3 channels."""
     config = ViTConfig(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, intermediate_size=128,
-                       image_size=8, patch_size=2, num_channels=1, num_labels=len(labels),
+                       image_size=8, patch_size=2, num_channels=3, num_labels=len(labels),
                        id2label=dict(enumerate(labels)), label2id={name: i for i, name in enumerate(labels)})
     return ViTForImageClassification(config)
 
@@ -762,7 +781,14 @@ def load_or_train_dense(model_args: ModelArguments, data: Data, training_args: T
     cache = Path(model_args.dense_cache_dir)
     if (cache / "config.json").is_file():
         logger.info("Reusing the dense model cached in %s", cache)
-        return AutoModelForImageClassification.from_pretrained(cache, **kwargs)
+        model = AutoModelForImageClassification.from_pretrained(cache, **kwargs)
+        channels = data.train.features["pixel_values"].shape[0]
+        if getattr(model.config, "num_channels", 3) != channels:  # cached by a version that fed 1-channel digits
+            raise RecipeError(f"the dense model cached in {cache} takes {model.config.num_channels}-channel images, "
+                              f"but the built-in data are {channels}-channel (RGB, so that pipeline() can use the "
+                              f"pruned model). Delete {cache} to train it again, or pass --dense_cache_dir with a new "
+                              f"directory.")
+        return model
     torch.manual_seed(training_args.seed)
     model = small_vit_for_digits(labels)
     args = TrainingArguments(str(cache / "trainer"), num_train_epochs=model_args.dense_epochs,

@@ -129,8 +129,11 @@ class TokenStages:
 
 
 def default_depths(layers: int, stages: int = 3) -> tuple[int, ...]:
-    """``stages`` depths spread over ``layers`` as the paper places them (3, 6, 9 of 12)."""
-    return tuple(sorted({round(s * layers / (stages + 1)) for s in range(1, stages + 1)} - {0}))
+    """``stages`` depths spread over ``layers`` as the paper places them (3, 6, 9 of 12); fewer where the model is
+    too shallow for them to differ. A stage before layer 0 would score the bare embeddings, so it is used only by a
+    one-layer model, which has no other place for one."""
+    spread = {min(round(s * layers / (stages + 1)), layers - 1) for s in range(1, stages + 1)} - {0}
+    return tuple(sorted(spread)) or (0,)
 
 
 class TokenSelector(nn.Module):

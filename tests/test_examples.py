@@ -188,7 +188,7 @@ from PIL import Image
 from transformers import AutoImageProcessor, AutoModelForImageClassification
 processor = AutoImageProcessor.from_pretrained(sys.argv[1])
 model = AutoModelForImageClassification.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
-images = [Image.fromarray(image, mode="L") for image in np.load(sys.argv[2])]
+images = [Image.fromarray(image, mode="L").convert("RGB") for image in np.load(sys.argv[2])]
 with torch.no_grad():
     ids = model(**processor(images, return_tensors="pt")).logits.argmax(-1).tolist()
 print(json.dumps([model.config.id2label[i] for i in ids]))
@@ -197,11 +197,9 @@ assert not any(name.startswith("hf_vitprune") for name in sys.modules), "loading
 
 
 def test_offline_default_saves_a_matching_image_processor(tmp_path):
-    """The digits default saves an image processor that maps 8-bit greyscale digits to the training pixels.
-
-    (transformers' pipeline converts every image to RGB, which a 1-channel model cannot take, so this
-    checks the processor and the remote-code model directly, in a process without hf_vitprune.)
-    """
+    """The digits default saves an image processor that maps 8-bit greyscale digits, given as RGB (what
+    transformers' pipeline gives), to the training pixels; checked with the remote-code model in a process
+    without hf_vitprune."""
     from sklearn.datasets import load_digits
 
     output_dir = tmp_path / "out"
@@ -218,7 +216,7 @@ def test_offline_default_saves_a_matching_image_processor(tmp_path):
     loaded = subprocess.run([sys.executable, str(tmp_path / "load.py"), str(output_dir), str(tmp_path / "images.npy")],
                             capture_output=True, text=True, timeout=300, env=_env(), cwd=tmp_path)
     assert loaded.returncode == 0, loaded.stderr[-4000:]
-    pixel_values = torch.tensor((images / 255.0 - 0.5) / 0.5, dtype=torch.float32)[:, None]
+    pixel_values = torch.tensor((images / 255.0 - 0.5) / 0.5, dtype=torch.float32)[:, None].expand(-1, 3, -1, -1)
     assert json.loads(loaded.stdout.strip().splitlines()[-1]) == _in_process_labels(output_dir, pixel_values)
 
 

@@ -166,3 +166,65 @@ def test_an_unreachable_budget_is_refused(tmp_path):
 def test_bad_options_name_the_problem(option, value, message):
     with pytest.raises(ValueError, match=message):
         token_config(**{option: value})
+
+
+# ------------------------------------------------------------------ shallow models, explicit ratios (issue 24)
+
+
+def _shallow_vit(layers: int):
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(0)
+    return ViTForImageClassification(ViTConfig(hidden_size=32, num_hidden_layers=layers, num_attention_heads=4,
+                                               intermediate_size=64, image_size=8, patch_size=2, num_channels=1,
+                                               num_labels=10))
+
+
+@pytest.mark.parametrize("layers", [1, 2])
+def test_a_shallow_model_gets_fewer_stages_and_meets_the_budget(tmp_path, layers):
+    """The help promises fewer stages for a model too shallow for three: one stage, the budget met to a token."""
+    from hf_vitprune.architectures import meta_copy
+    from hf_vitprune.surgery import add_token_pruning
+
+    trainer = train(tmp_path, model=_shallow_vit(layers), config=token_config(target_flops_reduction=0.3),
+                    max_steps=4)
+    stages = trainer.method.stages
+    assert stages.depths == ((0,) if layers == 1 else (1,))
+    dense, pruned = trainer.dense_stats.flops, model_stats(trainer.model).flops
+    assert pruned <= 0.7 * dense  # the budget is met
+    (keep,) = stages.keep_counts(16)  # and one more kept token would break it: the largest ratio that meets it
+    looser = add_token_pruning(meta_copy(_shallow_vit(layers)), [(keep + 1) / 16], stages.depths)
+    assert model_stats(looser).flops > 0.7 * dense
+
+
+def test_explicit_keep_ratios_that_cannot_meet_the_target_are_refused_when_the_trainer_is_made(tmp_path):
+    """keep_ratios=[0.9] removed 0.5% of the FLOPs under target_flops_reduction=0.5 without a word. Keeping 90% of
+    the tokens removes at most 19% of any model's FLOPs: refused at PruningTrainer(...), naming both options and
+    the fix."""
+    config = token_config(target_flops_reduction=0.5, keep_ratios=[0.9])
+    with pytest.raises(ValueError) as error:
+        PruningTrainer(model=digits_vit(), args=ofb_args(tmp_path), train_dataset=digits(), pruning_config=config)
+    message = str(error.value)
+    assert "keep_ratios=[0.9]" in message and "removes at most 19% of the FLOPs" in message
+    assert "target_flops_reduction=0.5" in message
+    assert "drop keep_ratios" in message and "lower target_flops_reduction" in message
+
+
+def test_explicit_keep_ratios_that_miss_the_target_on_this_model_are_refused_before_any_step(tmp_path):
+    """keep_ratios=[0.7] could remove 51% on some model, not on this one (its one stage runs before layer 2 of 4):
+    refused when the run starts, before any step, and the model is left without a token path."""
+    trainer = PruningTrainer(model=digits_vit(), args=ofb_args(tmp_path), train_dataset=digits(),
+                             pruning_config=token_config(target_flops_reduction=0.5, keep_ratios=[0.7]))
+    with pytest.raises(ValueError) as error:
+        trainer.train()
+    message = str(error.value)
+    assert "keep_ratios=[0.7] remove" in message and "target_flops_reduction=0.5 asks to remove 50%" in message
+    assert "drop keep_ratios" in message and "lower target_flops_reduction" in message
+    assert token_pruning_of(trainer.model) is None and trainer.state.global_step == 0
+
+
+def test_explicit_keep_ratios_that_meet_the_target_are_used_as_given(tmp_path):
+    trainer = train(tmp_path, config=token_config(target_flops_reduction=0.3, keep_ratios=[0.5, 0.25, 0.125]),
+                    max_steps=4)
+    assert trainer.method.stages.keep_ratios == (0.5, 0.25, 0.125)
+    assert model_stats(trainer.model).flops <= 0.7 * trainer.dense_stats.flops

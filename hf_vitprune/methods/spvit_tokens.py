@@ -68,7 +68,8 @@ class TokenPruningOptions(MethodOptions):
     )
     keep_ratios: list[float] | None = field(
         default=None, **_help("Share of the image's patch tokens each stage keeps; default: rho, rho^2, ... chosen "
-                              "to meet target_flops_reduction.")
+                              "to meet target_flops_reduction. Given, they must remove at least the target (else an "
+                              "error, before training).")
     )
     selector_width: int | None = field(
         default=None, **_help("Features per head in each selector; default: a quarter of the head dim (at least 4).")
@@ -118,6 +119,7 @@ class SPViTTokens(PruningMethod):
 
     def __init__(self, config):
         super().__init__(config)
+        _check_ratios_can_meet(config)
         self.stages: TokenStages | None = None
         self.searching = True
         self.latency_table: dict | None = None  # with a latency budget: what the keep ratios were read from
@@ -135,35 +137,53 @@ class SPViTTokens(PruningMethod):
         check_token_family(model)
         o = self.options
         if o.keep_ratios is not None:
-            self.stages = stages_for(model, o.keep_ratios, o.stage_depths, o.selector_width)
+            stages = stages_for(model, o.keep_ratios, o.stage_depths, o.selector_width)
+            self._check_ratios_meet(model, budget, stages)
+            self.stages = stages
         else:
             self.stages = self._choose_stages(model, budget)
         self._build(model)
 
+    def _costing(self, model: nn.Module, budget):
+        """(dense cost, unit, cost of keep ratios at depths) for the budget's metric: FLOPs counted, or the latency
+        predicted from a table of this model's layers measured on this machine."""
+        o = self.options
+        if budget.metric == "latency":
+            self.latency_table = layer_latency_table(model, _token_grid(model), batch_size=o.latency_batch_size,
+                                                     repeats=o.latency_repeats)
+
+            def cost(ratios, depths) -> float:
+                shaped = add_token_pruning(meta_copy(model), ratios, depths, o.selector_width)
+                return predicted_latency_ms(self.latency_table, token_pruning_of(shaped), num_tokens(model))
+            return self.latency_table["model_ms"], "ms", cost
+
+        def cost(ratios, depths) -> float:
+            return model_stats(add_token_pruning(meta_copy(model), ratios, depths, o.selector_width)).flops
+        return model_stats(model).flops, "FLOPs per image", cost
+
+    def _check_ratios_meet(self, model: nn.Module, budget, stages: TokenStages) -> None:
+        """Refuse explicit keep_ratios that remove less than the budget asks: the run would end short of the target
+        it was given without a word (the budget only chooses the ratios when keep_ratios is not given)."""
+        dense, unit, cost = self._costing(model, budget)
+        kept = cost(stages.keep_ratios, stages.depths)
+        if kept <= (1 - budget.fraction) * dense:
+            return
+        raise ValueError(
+            f"keep_ratios={list(self.options.keep_ratios)} remove {1 - kept / dense:.1%} of the {budget.unit_name} "
+            f"({kept:,.2f} of {dense:,.2f} {unit} left), but {budget.target_name}={budget.fraction:g} asks to remove "
+            f"{budget.fraction:.0%}. {_RATIOS_FIX.format(target=budget.target_name)}"
+        )
+
     def _choose_stages(self, model: nn.Module, budget) -> TokenStages:
-        """Keep ratios rho, rho^2, ... with the largest rho whose cost meets the budget: FLOPs counted, or the
-        latency predicted from a table of this model's layers measured on this machine."""
+        """Keep ratios rho, rho^2, ... with the largest rho whose cost meets the budget."""
         o = self.options
         # num_stages spread over the depth; a shallow model gets as many distinct depths as it has
         depths = o.stage_depths or default_depths(len(find_encoder_layers(model)), o.num_stages)
         count = len(depths)
+        dense, unit, cost_of = self._costing(model, budget)
 
-        def shaped(rho: float) -> nn.Module:
-            return add_token_pruning(meta_copy(model), [rho ** (s + 1) for s in range(count)], depths,
-                                     o.selector_width)
-
-        if budget.metric == "latency":
-            self.latency_table = layer_latency_table(model, _token_grid(model), batch_size=o.latency_batch_size,
-                                                     repeats=o.latency_repeats)
-            dense, unit = self.latency_table["model_ms"], "ms"
-
-            def cost(rho: float) -> float:
-                return predicted_latency_ms(self.latency_table, token_pruning_of(shaped(rho)), num_tokens(model))
-        else:
-            dense, unit = model_stats(model).flops, "FLOPs per image"
-
-            def cost(rho: float) -> float:
-                return model_stats(shaped(rho)).flops
+        def cost(rho: float) -> float:
+            return cost_of([rho ** (s + 1) for s in range(count)], depths)
 
         target = (1 - budget.fraction) * dense
         low, high = 0.0, 1.0  # the cost grows with rho; keep the largest rho that meets the target
@@ -317,6 +337,29 @@ class SPViTTokens(PruningMethod):
 
     def citations(self) -> list[dict[str, str]]:
         return [SPVIT_CITATION]
+
+
+_RATIOS_FIX = ("Give one or the other: drop keep_ratios to have the ratios chosen to meet {target}, or give "
+               "keep_ratios that keep fewer tokens, or lower {target} to what the ratios remove.")
+
+
+def _check_ratios_can_meet(config) -> None:
+    """Refuse, when the method is made (before any work), keep_ratios that cannot meet a FLOPs target on any model.
+
+    Every layer sees at least the last stage's share ``r`` of the tokens (packages and special tokens only add),
+    and its FLOPs shrink at most quadratically with its tokens, so at most ``1 - r**2`` of the FLOPs go. The exact
+    check, on the model, is :meth:`SPViTTokens._check_ratios_meet` when the run starts.
+    """
+    ratios, budget = config.method_options.keep_ratios, config.budget
+    if ratios is None or budget.metric != "flops":
+        return
+    most = 1 - ratios[-1] ** 2
+    if most < budget.fraction:
+        raise ValueError(
+            f"keep_ratios={list(ratios)} keep at least {ratios[-1]:.0%} of the tokens in every layer, which removes at "
+            f"most {most:.0%} of the FLOPs, but {budget.target_name}={budget.fraction:g} asks to remove "
+            f"{budget.fraction:.0%}. {_RATIOS_FIX.format(target=budget.target_name)}"
+        )
 
 
 def _token_grid(model: nn.Module) -> list[int]:

@@ -25,6 +25,7 @@ from .report import (
     informative_metrics,
     library_versions,
     metrics_from_logs,
+    model_mismatch,
     stats_from_dict,
     training_summary,
 )
@@ -49,6 +50,7 @@ __all__ = [
     "library_versions",
     "markdown_rows",
     "metrics_from_logs",
+    "model_mismatch",
     "push_model_directory",
     "render_model_card",
     "rerender_model_card",

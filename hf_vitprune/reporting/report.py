@@ -204,6 +204,32 @@ def hub_model_id(name: str | None) -> str | None:
     return name if _HUB_ID.fullmatch(name) and "--" not in name and ".." not in name else None
 
 
+def model_mismatch(report: PruningReport, stats: ModelStats, num_labels: int | None = None) -> str | None:
+    """What in ``report`` contradicts the model it sits beside (``stats`` of that model, its ``num_labels``), or
+    None: a report copied from another run would otherwise put that run's method and widths on this model's card."""
+    recorded = report.pruned_stats.layers
+    if len(recorded) != len(stats.layers):
+        return f"the report describes {len(recorded)} encoder layers, the model has {len(stats.layers)}"
+    # the kind of model: token-pruned or not (a structural method may run on a token-pruned model; its report says so)
+    token_model = any(layer.tokens is not None for layer in stats.layers)
+    token_report = any(layer.tokens is not None for layer in recorded) or report.method == "spvit_tokens"
+    if token_model and not token_report:
+        return (f"the model has a token path (token_pruning in config.json), but the report's {report.method!r} run "
+                f"recorded a model without one")
+    if token_report and not token_model:
+        return (f"the report's {report.method!r} run recorded a token-pruned model, but the model has no token path "
+                f"(no token_pruning in config.json)")
+    for old, new in zip(recorded, stats.layers):
+        for what, before, after in (("attention heads", old.heads, new.heads), ("MLP neurons", old.neurons, new.neurons),
+                                    ("tokens", old.tokens, new.tokens), ("layer type", old.layer_type, new.layer_type),
+                                    ("other units", old.other_units, new.other_units)):
+            if before != after:
+                return f"layer {new.index}: the report records {before} {what}, the model has {after}"
+    if report.num_labels is not None and num_labels is not None and report.num_labels != num_labels:
+        return f"the report records {report.num_labels} classes, the model classifies {num_labels}"
+    return None
+
+
 @dataclass
 class PruningReport:
     """The facts about one pruning run, in JSON-ready form; see :meth:`from_models`.
