@@ -80,8 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     export.add_argument("model_dir", metavar="MODEL_DIR", help="directory of a model pruned by hf_vitprune")
     export.add_argument("--format", choices=["onnx"], default="onnx", help="the export format (onnx)")
-    export.add_argument("--output", default=None, help="the file to write (default: MODEL_DIR/model.onnx)")
-    export.add_argument("--opset", type=_positive_int, default=18, help="ONNX opset, 18 or newer (18)")
+    export.add_argument("--output", default=None, help="the file to write (default: MODEL_DIR/model.onnx); never "
+                        "a file of the model")
+    export.add_argument("--overwrite", action="store_true", help="replace --output if it exists (default: refuse)")
+    export.add_argument("--opset", type=_positive_int, default=18,
+                        help="ONNX opset, 18 up to the newest the installed exporter writes (18)")
 
     commands.add_parser(
         "prune",
@@ -140,9 +143,11 @@ def command_export(args) -> int:
         raise CommandError(f"{directory} is not a directory. Pass the directory a pruned model was saved in.")
     output = Path(args.output) if args.output else directory / "model.onnx"
     try:
-        result = export_onnx(directory, output, opset=args.opset)
-    except (ValueError, ImportError, RuntimeError) as error:
+        result = export_onnx(directory, output, opset=args.opset, overwrite=args.overwrite)
+    except (ValueError, ImportError, RuntimeError, OSError) as error:  # OSError: an output refused or unwritable
         raise CommandError(str(error)) from None
+    for path in result.removed_stale:
+        print(f"Removed {path}, left by an export to {result.path} that was interrupted.")
     differences = ", ".join(f"batch {size}: {diff:.2g}" for size, diff in result.max_abs_diff.items())
     print(f"Wrote {result.path} (opset {result.opset}, dynamic batch); ONNX Runtime vs PyTorch, max abs "
           f"difference: {differences}.")

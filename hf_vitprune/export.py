@@ -5,16 +5,27 @@ embedding (OFB), token pruning (the stages keep a fixed number of tokens, so the
 but for the batch) and convolution layers (SPViT). The batch dimension is dynamic. After the
 export, the graph is run in ONNX Runtime on a batch of 1 and one of 7 random images and its
 outputs are compared with PyTorch's; the file is written to a temporary name and renamed, so a
-failed export leaves nothing behind.
+failed export leaves nothing behind. An export never writes over a file of the model it reads, nor over
+any existing file unless asked to (``overwrite=True``, ``--overwrite``); the staging file a killed
+export left behind is removed by the next export to the same output.
+
+BEiT's attention adds its relative position bias as an attention mask, and torch's exporter turns
+PyTorch's fused attention with a mask into ops whose memory layout breaks BEiT's reshape ("Cannot view
+a tensor"); models with a relative position bias are therefore traced with the eager attention (the
+same arithmetic), and checked against the model as it is.
 
 Needs the ``onnx`` extra (``pip install "hf_vitprune[onnx]"``: onnx, onnxscript, onnxruntime).
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import math
 import os
+import re
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +37,8 @@ from .speed import _time, speed_figures, time_interleaved
 MIN_OPSET = 18  # the dynamo exporter's lowest supported opset
 CHECK_BATCH_SIZES = (1, 7)
 EXTRA_HINT = 'pip install "hf_vitprune[onnx]" (onnx, onnxscript and onnxruntime)'
+FALLBACK_MAX_OPSET = 23  # torch's own ONNX_MAX_OPSET, if onnxscript's converter does not say
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -35,6 +48,7 @@ class OnnxExport:
     path: Path
     opset: int
     max_abs_diff: dict[int, float]
+    removed_stale: tuple[Path, ...] = ()  # staging files of killed exports to the same output, removed first
 
 
 def load_pruned(model_dir: str | os.PathLike) -> nn.Module:
@@ -58,30 +72,44 @@ def load_pruned(model_dir: str | os.PathLike) -> nn.Module:
 
 
 def export_onnx(model: nn.Module | str | os.PathLike, output: str | os.PathLike, opset: int = MIN_OPSET,
-                atol: float = 1e-4) -> OnnxExport:
+                atol: float = 1e-4, overwrite: bool = False) -> OnnxExport:
     """Export ``model`` (a pruned model, or the directory it was saved in) to ``output`` as ONNX with a dynamic
     batch, then check it in ONNX Runtime against PyTorch at batch sizes 1 and 7 (max abs difference <= ``atol``,
-    else a RuntimeError and no file)."""
-    if isinstance(opset, bool) or not isinstance(opset, int) or opset < MIN_OPSET:
-        raise ValueError(f"opset={opset!r} is not supported: the exporter (torch.onnx dynamo) writes opset "
-                         f"{MIN_OPSET} or newer; pass --opset {MIN_OPSET} or higher.")
+    else a RuntimeError and no file). An existing ``output`` is replaced only with ``overwrite=True``, and never
+    when it is a file of the model directory being exported."""
+    if isinstance(atol, bool) or not isinstance(atol, (int, float)) or not atol >= 0:
+        raise ValueError(f"atol={atol!r} is not a tolerance: pass a number >= 0, the largest max abs difference "
+                         f"allowed between ONNX Runtime's and PyTorch's outputs (default 1e-4).")
     try:
         import onnxruntime
     except ImportError:
         raise ImportError(f"ONNX export needs onnxruntime (and onnx, onnxscript): {EXTRA_HINT}.") from None
-    if not isinstance(model, nn.Module):
-        model = load_pruned(model)
-    model.eval()
+    highest = max_opset()
+    if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= highest:
+        raise ValueError(f"opset={opset!r} is not supported: the installed exporter (torch {torch.__version__}, "
+                         f"torch.onnx dynamo) writes opsets {MIN_OPSET} to {highest}; pass --opset between "
+                         f"{MIN_OPSET} and {highest}.")
     output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
+    source = Path(model) if not isinstance(model, nn.Module) else _loaded_from(model)
+    _check_output(output, source, overwrite)
+    if not isinstance(model, nn.Module):
+        model = load_pruned(source)
+    model.eval()
+    removed = _remove_stale_staging(output)
     size = _image_size(model)
     example = torch.randn(2, model.config.num_channels, *size, generator=torch.Generator().manual_seed(0))
-    staging = output.with_name(f".{output.name}.partial")
-    try:
+    with _claim_staging(output) as (staging, descriptor):
         batch = torch.export.Dim("batch", min=1, max=4096)
-        torch.onnx.export(model, (), str(staging), kwargs={"pixel_values": example}, dynamo=True,
-                          input_names=["pixel_values"], dynamic_shapes={"pixel_values": {0: batch}},
-                          opset_version=opset, external_data=False, verbose=False)
+        with _traceable_attention(model):
+            program = torch.onnx.export(model, (), None, kwargs={"pixel_values": example}, dynamo=True,
+                                        input_names=["pixel_values"], dynamic_shapes={"pixel_values": {0: batch}},
+                                        opset_version=opset, verbose=False)
+        try:  # into the locked staging file itself (torch's own save would replace it by another file)
+            with open(descriptor, "wb", closefd=False) as file:
+                file.write(program.model_proto.SerializeToString())
+            os.fsync(descriptor)
+        except OSError as error:  # a full disk, a quota, a file-size limit, a file system gone read-only
+            raise _write_error(output, error) from error
         session = onnxruntime.InferenceSession(str(staging), providers=["CPUExecutionProvider"])
         differences = {}
         for batch_size in CHECK_BATCH_SIZES:
@@ -94,10 +122,149 @@ def export_onnx(model: nn.Module | str | os.PathLike, output: str | os.PathLike,
         if worst > atol:
             raise RuntimeError(f"ONNX Runtime's outputs differ from PyTorch's by up to {worst:.3g} (allowed {atol:g}) "
                                f"at batch sizes {dict(differences)}; the export is wrong, please report it.")
-        os.replace(staging, output)
+        if not overwrite and (output.exists() or output.is_symlink()):  # appeared while exporting
+            raise FileExistsError(_exists_message(output))
+        try:
+            os.replace(staging, output)
+        except OSError as error:
+            raise _write_error(output, error) from error
+    return OnnxExport(output, opset, differences, removed)
+
+
+def max_opset() -> int:
+    """The newest opset the installed exporter writes: torch exports opset 18 and onnxscript's version converter
+    takes it up to its SUPPORTED_MAX_ONNX_OPSET (a higher opset fails after the export with two tracebacks)."""
+    try:
+        from onnxscript.version_converter import _version_converter
+
+        highest = int(_version_converter.SUPPORTED_MAX_ONNX_OPSET)
+    except (ImportError, AttributeError, TypeError, ValueError):
+        highest = FALLBACK_MAX_OPSET
+    try:
+        import onnx
+
+        highest = min(highest, onnx.defs.onnx_opset_version())
+    except (ImportError, AttributeError):
+        pass
+    return max(highest, MIN_OPSET)
+
+
+def _loaded_from(model: nn.Module) -> Path | None:
+    """The directory a model was loaded from (``from_pretrained`` records it), whose files it must not write over."""
+    recorded = getattr(getattr(model, "config", None), "_name_or_path", None)
+    return Path(recorded) if recorded and Path(recorded).is_dir() else None
+
+
+def _exists_message(output: Path) -> str:
+    return (f"{output} already exists; pass --overwrite (overwrite=True) to replace it, or choose another --output.")
+
+
+def _check_output(output: Path, source: Path | None, overwrite: bool) -> None:
+    """Refuse, before any work, an output that is a directory, a file of the model being read, or (without
+    ``overwrite``) any existing file."""
+    if output.is_dir():
+        raise IsADirectoryError(f"--output {output} is a directory; name the file to write, e.g. "
+                                f"--output {output / 'model.onnx'}.")
+    # an entry of the model's directory (however the path spells it; a Hub cache's are symlinks), but earlier
+    # graphs; the rename replaces the entry itself, so a link elsewhere to a model file is not written through
+    exists = output.exists() or output.is_symlink()
+    if (source is not None and exists and output.suffix != ".onnx" and source.is_dir()
+            and output.parent.resolve() == source.resolve()):
+        raise FileExistsError(
+            f"--output {output} is {output.name} of the model being exported ({source}); writing the graph there "
+            f"would destroy the model, so this is refused even with --overwrite. Choose another --output, e.g. "
+            f"{source / 'model.onnx'}.")
+    if not overwrite and exists:
+        raise FileExistsError(_exists_message(output))
+
+
+def _staging_pattern(output: Path) -> re.Pattern:
+    """This project's staging names for ``output``: ``.NAME.<16 hex>.partial`` (and ``.NAME.partial`` of older
+    versions)."""
+    return re.compile(rf"\.{re.escape(output.name)}(\.[0-9a-f]{{16}})?\.partial")
+
+
+@contextlib.contextmanager
+def _claim_staging(output: Path) -> Iterator[tuple[Path, int]]:
+    """Create the staging file beside ``output`` (proving the directory writable before exporting) and hold a
+    lock on it while the export runs, so that a concurrent export's cleanup leaves it alone; remove it at the
+    end unless it was renamed into place."""
+    import secrets
+
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        staging = output.with_name(f".{output.name}.{secrets.token_hex(8)}.partial")
+        descriptor = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    except OSError as error:
+        raise _write_error(output, error, before=True) from error
+    try:
+        _lock(descriptor, blocking=True)
+        yield staging, descriptor
     finally:
+        os.close(descriptor)
         staging.unlink(missing_ok=True)
-    return OnnxExport(output, opset, differences)
+
+
+def _lock(descriptor: int, blocking: bool) -> bool:
+    """An exclusive advisory lock on an open file (released by the kernel when its process dies)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks; a staging file is then judged by its name alone
+        return True
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+    except OSError:
+        return False
+    return True
+
+
+def _remove_stale_staging(output: Path) -> tuple[Path, ...]:
+    """Remove the staging files of exports to ``output`` that were killed (no live process holds their lock)."""
+    if not output.parent.is_dir():
+        return ()
+    pattern, removed = _staging_pattern(output), []
+    for entry in sorted(output.parent.iterdir()):
+        if not pattern.fullmatch(entry.name) or not entry.is_file() or entry.is_symlink():
+            continue
+        try:
+            descriptor = os.open(entry, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            if not _lock(descriptor, blocking=False):
+                continue  # a running export's file
+            entry.unlink()
+        except OSError:
+            continue
+        finally:
+            os.close(descriptor)
+        logger.info("Removed %s, left by an export to %s that was interrupted.", entry, output)
+        removed.append(entry)
+    return tuple(removed)
+
+
+def _write_error(output: Path, error: OSError, before: bool = False) -> OSError:
+    reason = error.strerror or str(error)
+    when = "nothing was exported" if before else "nothing was written there"
+    return OSError(f"cannot write {output}: {reason} ({when}). Free some space or make the directory writable, or "
+                   f"choose another --output.")
+
+
+@contextlib.contextmanager
+def _traceable_attention(model: nn.Module) -> Iterator[None]:
+    """Trace a model with a relative position bias (BEiT) with the eager attention: torch's exporter decomposes
+    the fused attention with a mask into ops whose layout makes BEiT's later reshape fail ("Cannot view a
+    tensor"). The implementation the model had is put back afterwards."""
+    current = getattr(model.config, "_attn_implementation", None)
+    biased = any(hasattr(module, "relative_position_bias_table") for module in model.modules())
+    if not biased or current in (None, "eager"):
+        yield
+        return
+    model.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(current)
 
 
 def _image_size(model: nn.Module) -> tuple[int, int]:
