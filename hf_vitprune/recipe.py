@@ -31,7 +31,6 @@ from transformers import (
     ViTConfig,
     ViTForImageClassification,
 )
-from transformers.trainer_utils import get_last_checkpoint
 
 from .config import PruningConfig, config_from_arguments, option_owners, pruning_arguments
 from .methods import DEFAULT_METHOD, METHODS, get_method
@@ -330,32 +329,34 @@ def _as_argv(values: dict) -> list[str]:
 
 
 def resolve_checkpoint(training_args: TrainingArguments, run_args: RunArguments, method: str) -> str | None:
-    """The checkpoint to resume from (``--resume_from_checkpoint``, or the last one in ``--output_dir``), or None.
+    """The checkpoint to resume from (``--resume_from_checkpoint``, or the last complete one in ``--output_dir``),
+    or None; picked by :func:`hf_vitprune.state.resume_checkpoint`, as ``PruningTrainer.train`` picks it.
 
     Like transformers' run_image_classification: an ``--output_dir`` holding checkpoints resumes from the
-    last one, a non-empty one without checkpoints is refused, unless ``--overwrite_output_dir``.
+    last one, a non-empty one without checkpoints is refused, unless ``--overwrite_output_dir``. Checkpoints
+    whose save was killed are skipped; an ``--output_dir`` holding only those (and nothing else) starts over.
     """
-    from .state import FINETUNE, STATE_JSON
+    from .state import FINETUNE, checkpoints_newest_first, resume_checkpoint
 
     output_dir = Path(training_args.output_dir)
-    phases = (FINETUNE, get_method(method).phase_name)
+    search_phase = get_method(method).phase_name
+    phases = (FINETUNE, search_phase)
     folders = " or ".join(str(output_dir / phase) for phase in phases)
     value = training_args.resume_from_checkpoint
     if value is not None and value.strip().lower() not in ("", "false", "no"):
-        if value.strip().lower() in ("true", "yes", "last"):
-            last = _last_checkpoint(output_dir, phases)
-            if last is None:
-                raise RecipeError(f"--resume_from_checkpoint {value}: no checkpoint found under {folders}; run "
-                                  f"without it to start, or pass a checkpoint-N directory.")
-            return last
-        path = Path(value)
-        if not path.is_dir():
+        newest = value.strip().lower() in ("true", "yes", "last")
+        if not newest and not Path(value).is_dir():
             raise RecipeError(f"--resume_from_checkpoint {value}: no such directory. Pass a checkpoint-N directory "
                               f"(under {folders}), or true for the last one in --output_dir.")
-        if not (path / STATE_JSON).is_file():
-            raise RecipeError(f"--resume_from_checkpoint {value} is not a PruningTrainer checkpoint (it has no "
-                              f"{STATE_JSON}). Pass a checkpoint-N directory under {folders}.")
-        return str(path)
+        try:
+            checkpoint = resume_checkpoint(True if newest else value, output_dir, search_phase, required=False,
+                                           narrate=_narrate)
+        except (OSError, ValueError) as error:
+            raise RecipeError(f"--resume_from_checkpoint {value}: {_as_flags(str(error))}") from None
+        if checkpoint is None:
+            raise RecipeError(f"--resume_from_checkpoint {value}: no checkpoint found under {folders} (or only "
+                              f"incomplete ones); run without it to start, or pass a checkpoint-N directory.")
+        return checkpoint
     if not output_dir.is_dir():
         return None
     if run_args.overwrite_output_dir:
@@ -365,25 +366,34 @@ def resolve_checkpoint(training_args: TrainingArguments, run_args: RunArguments,
                                output_dir / phase)
                 shutil.rmtree(output_dir / phase)
         return None
-    last = _last_checkpoint(output_dir, phases)
-    if last is not None:
+    checkpoint = resume_checkpoint(True, output_dir, search_phase, required=False, narrate=_narrate)
+    if checkpoint is not None:
         logger.info("Checkpoint detected, resuming training from %s. Pass --overwrite_output_dir true to start over "
-                    "instead.", last)
-        return last
+                    "instead.", checkpoint)
+        return checkpoint
+    interrupted = [path for phase in phases for path in checkpoints_newest_first(output_dir / phase)]
+    others = [entry for entry in output_dir.iterdir() if entry.name not in phases]
+    if interrupted and not others:
+        logger.warning("No complete checkpoint in %s (every save was interrupted): starting from the beginning.",
+                       output_dir)
+        return None
     if any(output_dir.iterdir()):
         raise RecipeError(f"--output_dir {output_dir} already exists and is not empty (and holds no checkpoint to "
                           f"resume). Pass --overwrite_output_dir true to write over it, or choose another --output_dir.")
     return None
 
 
-def _last_checkpoint(output_dir: Path, phases) -> str | None:
-    """The newest checkpoint of the latest phase that has one (fine-tuning first), as PruningTrainer resumes."""
-    for phase in phases:
-        folder = output_dir / phase
-        last = get_last_checkpoint(str(folder)) if folder.is_dir() else None
-        if last is not None:
-            return last
-    return None
+def _narrate(message: str, *args, level: int = logging.INFO) -> None:
+    logger.log(level, message, *args)
+
+
+def _as_flags(message: str) -> str:
+    """A PruningTrainer message with its Python spellings as the command line's flags."""
+    for python, flag in (("resume_from_checkpoint=True", "--resume_from_checkpoint true"),
+                         ("resume_from_checkpoint=None", "no --resume_from_checkpoint"),
+                         ("a new output_dir", "a new --output_dir")):
+        message = message.replace(python, flag)
+    return " ".join(message.split())
 
 
 def check_hub_access(training_args: TrainingArguments) -> None:
