@@ -181,9 +181,29 @@ class _TrainingArguments(TrainingArguments):
 # --------------------------------------------------------------------------- arguments
 
 
-def build_parser(prog: str | None = None, full: bool = True, method: str | None = None) -> HfArgumentParser:
-    """The recipe's parser; with ``full=False`` its help lists only ``COMMON_TRAINING_FLAGS`` of TrainingArguments
-    and the options of ``method`` (the default method when None), not every method's."""
+def recipe_defaults(given: list[str] = ()) -> dict:
+    """The defaults of the command line ``given``: ``RECIPE_DEFAULTS`` and those that depend on ``given``.
+
+    They are the parser's defaults, so that ``--help`` shows what runs. ``--save_steps N`` alone saves every
+    N steps, as it does in transformers (whose default save strategy is ``steps``; the recipe's is ``no``).
+    """
+    defaults = dict(RECIPE_DEFAULTS)
+    flags = {token.split("=", 1)[0] for token in given if token.startswith("--")}
+    if "--target_flops_reduction" in flags or "--target_latency_reduction" in flags:
+        del defaults["target_sparsity"]
+    if "--save_steps" in flags and "--save_strategy" not in flags:
+        defaults["save_strategy"] = "steps"
+    defaults["output_dir"] = f"outputs/vit-digits-{_method_in(list(given)) or DEFAULT_METHOD}"
+    if not _accelerator_present():  # pinned memory only helps copies to an accelerator; torch warns without one
+        defaults["dataloader_pin_memory"] = "false"
+    return defaults
+
+
+def build_parser(prog: str | None = None, full: bool = True, method: str | None = None,
+                 given: list[str] = ()) -> HfArgumentParser:
+    """The recipe's parser, with the recipe's defaults for the command line ``given``; with ``full=False`` its
+    help lists only ``COMMON_TRAINING_FLAGS`` of TrainingArguments and the options of ``method`` (the default
+    method when None), not every method's."""
     pruning = pruning_arguments(method)
     shown = method or DEFAULT_METHOD
     pruning._argument_group_name = (
@@ -197,6 +217,12 @@ def build_parser(prog: str | None = None, full: bool = True, method: str | None 
                               usage="%(prog)s [options]", epilog=None if full else epilog,
                               description="Prune an image classifier end to end: evaluate it, prune it with "
                                           "PruningTrainer, fine-tune, time it, save it with its card.")
+    parser.set_defaults(**recipe_defaults(given))
+    for action in parser._actions:  # the recipe's meaning of these two
+        if action.dest == "save_strategy":
+            action.help = "When to save checkpoints: no, steps, epoch or best (steps when --save_steps is given)."
+        elif action.dest == "save_steps":
+            action.help = "Save a checkpoint every N optimizer steps (a float in (0, 1): a share of the steps)."
     if not full:
         training = {f.name for f in dataclasses.fields(TrainingArguments)}
         own = {f.name for f in dataclasses.fields(get_method(shown).options_class)}
@@ -224,7 +250,7 @@ def parse_arguments(argv: list[str] | None = None, prog: str | None = None):
     """(model, data, run, pruning config, training) arguments: recipe defaults < ``--config file.yaml`` < command line."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if "-h" in argv or "--help" in argv or "--help-all" in argv:
-        print(build_parser(prog, full="--help-all" in argv, method=_method_in(argv)).format_help())
+        print(build_parser(prog, full="--help-all" in argv, method=_method_in(argv), given=argv).format_help())
         raise SystemExit(0)
     from_file: list[str] = []
     if "--config" in argv:
@@ -245,17 +271,8 @@ def parse_arguments(argv: list[str] | None = None, prog: str | None = None):
             raise RecipeError(f"--config {path} must hold a mapping of argument names to values.", 2)
         from_file = _as_argv(values)
     given = from_file + argv
-    defaults = dict(RECIPE_DEFAULTS)
-    if "--target_flops_reduction" in given:
-        del defaults["target_sparsity"]
-    if "--output_dir" not in given:  # outputs/vit-digits-<method>
-        method = given[given.index("--method") + 1] if "--method" in given[:-1] else DEFAULT_METHOD
-        defaults["output_dir"] = f"outputs/vit-digits-{method}"
-    if not _accelerator_present():  # pinned memory only helps copies to an accelerator; torch warns without one
-        defaults["dataloader_pin_memory"] = "false"
-    parser = build_parser(prog, method=_method_in(given))
-    *parsed, unknown = parser.parse_args_into_dataclasses(args=_as_argv(defaults) + given,
-                                                          return_remaining_strings=True)
+    parser = build_parser(prog, method=_method_in(given), given=given)
+    *parsed, unknown = parser.parse_args_into_dataclasses(args=given, return_remaining_strings=True)
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)} (see --help, or --help-all for every "
                      f"TrainingArguments flag)")

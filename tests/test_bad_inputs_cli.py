@@ -184,3 +184,65 @@ def test_string_labels_and_a_one_channel_model(files, tmp_path, monkeypatch):
     example = data.train[0]
     assert example["pixel_values"].shape == (1, 16, 16)
     assert int(example["labels"]) in (0, 1)
+
+
+# --------------------------------------------------------------------------- what `prune --help` says runs
+
+HELP_DEFAULTS = ("output_dir", "num_train_epochs", "per_device_train_batch_size", "per_device_eval_batch_size",
+                 "learning_rate", "weight_decay", "warmup_steps", "logging_steps", "eval_strategy", "save_strategy",
+                 "seed")
+
+
+def _shown_defaults(text: str) -> dict[str, str]:
+    """``{flag: default}`` of a help text whose every option's help is one line (on the flag's line or the next)."""
+    import re
+
+    shown, flag = {}, None
+    for line in text.splitlines():
+        if line.startswith("  --"):
+            flag = re.match(r"  --(\w+)", line).group(1)
+        default = re.search(r"\(default: (.*)\)$", line)
+        if default and flag is not None:
+            shown[flag] = default.group(1)
+    return shown
+
+
+@pytest.mark.parametrize("argv", [[], ["--method", "ofb"]], ids=["default-method", "ofb"])
+def test_prune_help_shows_the_defaults_that_run(argv, monkeypatch, capsys):
+    """Each default --help shows is the value of the TrainingArguments the recipe builds from that command."""
+    from hf_vitprune.recipe import parse_arguments
+
+    monkeypatch.setenv("COLUMNS", "2000")  # one line per option
+    assert main(["prune", *argv, "--help"]) == 0
+    shown = _shown_defaults(capsys.readouterr().out)
+    training = parse_arguments(argv)[-1]
+    for name in HELP_DEFAULTS:
+        value = getattr(training, name)
+        value = getattr(value, "value", value)  # the strategies are enums
+        assert name in shown, name
+        assert type(value)(shown[name]) == value, (name, shown[name], value)
+    assert training.save_strategy == "no" and training.learning_rate == 2e-3 and training.seed == 0
+
+
+@pytest.mark.parametrize("argv, strategy", [
+    (["--save_steps", "3"], "steps"),
+    (["--save_steps=3"], "steps"),
+    (["--save_steps", "3", "--save_strategy", "epoch"], "epoch"),
+    ([], "no"),
+])
+def test_save_steps_alone_saves_every_n_steps(argv, strategy):
+    """As in transformers, ``--save_steps N`` saves every N steps; an explicit --save_strategy still wins."""
+    from hf_vitprune.recipe import parse_arguments
+
+    training = parse_arguments(argv)[-1]
+    assert training.save_strategy == strategy
+    if argv:
+        assert training.save_steps == 3
+
+
+def test_save_steps_from_a_config_file_saves_every_n_steps(tmp_path):
+    from hf_vitprune.recipe import parse_arguments
+
+    (tmp_path / "recipe.yaml").write_text("save_steps: 4\n")
+    training = parse_arguments(["--config", str(tmp_path / "recipe.yaml")])[-1]
+    assert training.save_strategy == "steps" and training.save_steps == 4
