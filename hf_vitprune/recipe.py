@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -335,7 +336,9 @@ def _as_argv(values: dict) -> list[str]:
     argv = []
     for key, value in values.items():
         argv.append(f"--{key}")
-        if isinstance(value, (list, tuple)):
+        if isinstance(value, dict):  # a YAML mapping (layer_types): the JSON the command line takes
+            argv.append(json.dumps(value))
+        elif isinstance(value, (list, tuple)):
             argv.extend(str(v) for v in value)
         elif value is not None:
             argv.append(str(value).lower() if isinstance(value, bool) else str(value))
@@ -417,13 +420,27 @@ def check_hub_access(training_args: TrainingArguments) -> None:
     """With ``--push_to_hub``, fail before any work if there is no token or the Hub is switched off."""
     if not training_args.push_to_hub:
         return
-    from huggingface_hub import constants, get_token
+    from huggingface_hub import get_token
 
-    if constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
+    if _hub_offline():
         raise RecipeError("--push_to_hub needs the Hub, but HF_HUB_OFFLINE is set: unset it, or drop --push_to_hub.")
     if not (training_args.hub_token or get_token()):
         raise RecipeError("--push_to_hub needs a Hub token with write access: pass --hub_token, set HF_TOKEN, or run "
                           "`hf auth login` first.")
+
+
+def check_processes(training_args: TrainingArguments) -> None:
+    """``--fsdp`` shards over processes: in one process transformers fails deep in Trainer; say how to launch."""
+    if training_args.fsdp and training_args.world_size < 2:
+        raise RecipeError(f"--fsdp shards the model over several processes, and this run is one process. "
+                          f"Launch it with several, e.g. accelerate launch --config_file "
+                          f"examples/accelerate_configs/fsdp.yaml -m hf_vitprune.cli prune ..., or drop --fsdp.")
+
+
+def _hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE) or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
 
 
 def _is_connection_error(error: BaseException) -> bool:
@@ -478,12 +495,12 @@ def load_data(data_args: DataArguments, model_args: ModelArguments, seed: int = 
     if data_args.dataset_name or data_args.train_dir:
         if model_args.model_name_or_path is None:
             raise RecipeError("--dataset_name/--train_dir need --model_name_or_path (the model to prune).", 2)
+        config = _load_config(model_args)  # before the data: a model that is not there fails at once
         raw = _load_raw(data_args, model_args)
         train, evaluation = raw["train"], _eval_split(raw, data_args)
         for split, dataset in (("train", train), ("evaluation", evaluation)):
             _check_columns(dataset, data_args, split)
         labels, encode = _labels(train, evaluation, data_args.label_column_name)
-        config = _load_config(model_args)
         config_labels = config.num_labels
         _check_label_count(model_args, config, labels)
         processor = _load_processor(model_args)
@@ -623,11 +640,39 @@ def _pretrained_kwargs(model_args: ModelArguments) -> dict:
 
 def _load_config(model_args: ModelArguments):
     name = model_args.config_name or model_args.model_name_or_path
+    flag = "--config_name" if model_args.config_name else "--model_name_or_path"
     try:
+        _check_model_source(flag, name)
         return AutoConfig.from_pretrained(name, **_pretrained_kwargs(model_args))
     except (OSError, ValueError) as error:
-        flag = "--config_name" if model_args.config_name else "--model_name_or_path"
-        raise RecipeError(f"could not load the model config of {flag} {name}: {_first_line(error)}") from None
+        raise RecipeError(f"could not load the model config of {flag} {name}: {_source_problem(flag, name, error)}") \
+            from None
+
+
+def _check_model_source(flag: str, name: str) -> None:
+    """A name that is no local path and cannot be a Hub id is a path that does not exist: say so, not what
+    the Hub client says about repo ids."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if Path(name).exists():
+        return
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        what = "an image processor from" if flag == "--image_processor_name" else "the model config of"
+        raise RecipeError(f"could not load {what} {flag} {name}: no such directory ({name} does not exist). Pass "
+                          f"the directory of a saved model (save_pretrained output), or a Hub model id such as "
+                          f"google/vit-base-patch16-224.") from None
+
+
+def _source_problem(flag: str, name: str, error: BaseException) -> str:
+    """Why ``name`` did not load: its error, or for a Hub id that is not a local directory, that it is neither."""
+    if Path(name).exists():
+        return _first_line(error)
+    reason = ("HF_HUB_OFFLINE is set and it is not in the Hub cache" if _hub_offline()
+              else _first_line(error))
+    return (f"{name} is neither a local directory nor reachable on the Hub ({reason}). Pass the directory of a saved "
+            f"model with {flag}, or a Hub id with the network on and HF_HUB_OFFLINE unset.")
 
 
 def _check_label_count(model_args: ModelArguments, config, labels: list[str]) -> None:
@@ -644,10 +689,12 @@ def _check_label_count(model_args: ModelArguments, config, labels: list[str]) ->
 
 def _load_processor(model_args: ModelArguments):
     name = model_args.image_processor_name or model_args.model_name_or_path
+    flag = "--image_processor_name" if model_args.image_processor_name else "--model_name_or_path"
     try:
+        _check_model_source(flag, name)
         return AutoImageProcessor.from_pretrained(name, **_pretrained_kwargs(model_args))
     except (OSError, ValueError) as error:
-        raise RecipeError(f"could not load an image processor from {name} ({_first_line(error)}); pass "
+        raise RecipeError(f"could not load an image processor from {name} ({_source_problem(flag, name, error)}); pass "
                           f"--image_processor_name with a directory or Hub id that has a preprocessor_config.json.") \
             from None
 
@@ -824,6 +871,11 @@ def run(model_args, data_args, pruning_config: PruningConfig, training_args: Tra
     run_args = run_args or RunArguments()
     checkpoint = resolve_checkpoint(training_args, run_args, pruning_config.method)
     check_hub_access(training_args)
+    check_processes(training_args)
+    for flag in ("--model_name_or_path", "--config_name", "--image_processor_name"):  # before the data loads
+        name = getattr(model_args, flag[2:])
+        if name:
+            _check_model_source(flag, name)
     data = load_data(data_args, model_args, seed=training_args.seed,
                      training_order=training_args.train_sampling_strategy)
     dense = load_or_train_dense(model_args, data, training_args)
@@ -845,6 +897,8 @@ def run(model_args, data_args, pruning_config: PruningConfig, training_args: Tra
             raise RecipeError(f"could not reach the Hugging Face Hub at {_hub_endpoint()} ({type(error).__name__}: "
                               f"{_first_line(error)}). Check the network and HF_ENDPOINT, or drop --push_to_hub.") \
                 from None
+        if isinstance(error, ValueError):  # what the run cannot do as asked: a budget out of reach, another config
+            raise RecipeError(_as_flags(str(error))) from None
         raise
     metrics = dict(output.metrics)
     eval_metrics = {key: value for key, value in metrics.items() if key.startswith("eval_")}

@@ -246,3 +246,90 @@ def test_save_steps_from_a_config_file_saves_every_n_steps(tmp_path):
     (tmp_path / "recipe.yaml").write_text("save_steps: 4\n")
     training = parse_arguments(["--config", str(tmp_path / "recipe.yaml")])[-1]
     assert training.save_strategy == "steps" and training.save_steps == 4
+
+
+# --------------------------------------------------------------------------- one line, not a traceback
+
+MORE_ROWS = [  # checked as ROWS are (test_bad_input): one line, nothing written, the inputs untouched
+    ("model-path-missing", lambda f, o: base(f, o, "--model_name_or_path", "/nonexistent/model"), 1,
+     ["--model_name_or_path /nonexistent/model", "no such directory", "/nonexistent/model does not exist"],
+     "Pass the directory of a saved model"),
+    ("model-hub-id-offline", lambda f, o: base(f, o, "--model_name_or_path", "fx/missing"), 1,
+     ["fx/missing is neither a local directory nor reachable on the Hub", "HF_HUB_OFFLINE is set"],
+     "Pass the directory of a saved model"),
+    ("processor-path-missing", lambda f, o: base(f, o, "--image_processor_name", "/nonexistent/processor"), 1,
+     ["--image_processor_name /nonexistent/processor", "does not exist"], "--image_processor_name"),
+    ("fsdp-one-process", lambda f, o: base(f, o, "--fsdp", "full_shard"), 1,
+     ["--fsdp shards the model over several processes", "this run is one process"], "accelerate launch"),
+]
+
+
+@pytest.mark.parametrize("name, build, status, problem, fix", MORE_ROWS, ids=[row[0] for row in MORE_ROWS])
+def test_bad_input_named_in_one_line(name, build, status, problem, fix, files, tmp_path, monkeypatch, capsys):
+    test_bad_input(name, build, status, problem, fix, files, tmp_path, monkeypatch, capsys)
+    assert "Repo id must be" not in capsys.readouterr().err
+
+
+def _fails_in_one_line(argv, capsys) -> str:
+    """Run the command; it must exit 1 with its error as the one last line of stderr and no traceback."""
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    tail = err[err.rindex("hf-vitprune prune: error: "):]
+    assert len(tail.strip().splitlines()) == 1, err
+    return tail
+
+
+@pytest.fixture
+def offline(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets_cache"))
+
+
+def test_a_budget_out_of_reach_is_one_line(files, tmp_path, offline, capsys):
+    """The method finds the budget unreachable only once it ranks the model: still the one-line error."""
+    tail = _fails_in_one_line(base(files, tmp_path / "out", "--target_sparsity", "0.9"), capsys)
+    assert "target_sparsity=0.9 is unreachable" in tail and "lower target_sparsity to at most" in tail
+
+
+def test_resuming_with_another_budget_is_one_line(files, tmp_path, offline, capsys):
+    out = tmp_path / "out"
+    assert main(base(files, out, "--save_steps", "1")) == 0
+    capsys.readouterr()
+    tail = _fails_in_one_line(base(files, out, "--save_steps", "1", "--target_sparsity", "0.3"), capsys)
+    assert "written with another PruningConfig" in tail and "0.4 in the checkpoint, 0.3 now" in tail
+    assert "a new --output_dir" in tail
+
+
+@pytest.mark.parametrize("family", ["swin", "convnext"])
+def test_an_unsupported_family_is_one_line(family, files, tmp_path, offline, capsys):
+    from transformers import ConvNextConfig, ConvNextForImageClassification, SwinConfig, SwinForImageClassification
+
+    torch.manual_seed(0)
+    model = (SwinForImageClassification(SwinConfig(image_size=16, patch_size=2, embed_dim=8, depths=[1, 1],
+                                                   num_heads=[1, 1], window_size=2, num_labels=3))
+             if family == "swin" else
+             ConvNextForImageClassification(ConvNextConfig(num_stages=2, hidden_sizes=[8, 16], depths=[1, 1],
+                                                           num_labels=3)))
+    model.save_pretrained(tmp_path / family)
+    ViTImageProcessor(size={"height": 16, "width": 16}).save_pretrained(tmp_path / family)
+    tail = _fails_in_one_line(base(files, tmp_path / "out", "--model_name_or_path", str(tmp_path / family)), capsys)
+    assert f"cannot prune {type(model).__name__}" in tail and "Supported models are" in tail
+
+
+def test_a_yaml_mapping_for_layer_types_is_taken_as_written(tmp_path):
+    """YAML gives a mapping where the command line takes JSON text: it is passed on as that JSON."""
+    from hf_vitprune.recipe import parse_arguments
+
+    (tmp_path / "recipe.yaml").write_text("method: spvit_conv\nlayer_types: {0: conv3x3, 1: attention}\n")
+    config = parse_arguments(["--config", str(tmp_path / "recipe.yaml")])[3]
+    assert config.method_options.layer_types == {0: "conv3x3", 1: "attention"}
+
+
+def test_layer_types_that_are_not_json_are_quoted_as_typed(tmp_path, capsys):
+    (tmp_path / "recipe.yaml").write_text("method: spvit_conv\nlayer_types: '{0: conv3x3'\n")
+    assert main(["prune", "--config", str(tmp_path / "recipe.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert "layer_types='{0: conv3x3' is not JSON" in err
