@@ -162,3 +162,16 @@ def test_resume_from_checkpoint_true_skips_the_half_written_checkpoint(files, tm
     assert f"Skipping checkpoint {half_written}" in caplog.text
     assert f"resuming the conv_search phase from {output_dir / 'conv_search' / 'checkpoint-4'}" in caplog.text
     assert_same_weights(load_model(str(output_dir)), load_model(str(uninterrupted(files, method, []))))
+
+
+def test_a_kill_in_the_first_checkpoint_save_reruns_from_the_start(files, tmp_path, caplog):
+    """With no complete checkpoint to resume, the output directory holds only the killed run's: start over."""
+    method = "spvit_conv"
+    output_dir = tmp_path / "out"
+    argv = command(files, output_dir, method, [])
+    kill_at("save:2", argv, tmp_path / "ready")
+    assert [path.name for path in output_dir.iterdir()] == [SEARCH_FOLDER[method]]
+    with caplog.at_level(logging.INFO):
+        assert main(argv) == 0
+    assert "starting from the beginning" in caplog.text and "resuming" not in caplog.text
+    assert_same_weights(load_model(str(output_dir)), load_model(str(uninterrupted(files, method, []))))
