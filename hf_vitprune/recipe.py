@@ -432,9 +432,9 @@ def check_hub_access(training_args: TrainingArguments) -> None:
 def check_processes(training_args: TrainingArguments) -> None:
     """``--fsdp`` shards over processes: in one process transformers fails deep in Trainer; say how to launch."""
     if training_args.fsdp and training_args.world_size < 2:
-        raise RecipeError(f"--fsdp shards the model over several processes, and this run is one process. "
-                          f"Launch it with several, e.g. accelerate launch --config_file "
-                          f"examples/accelerate_configs/fsdp.yaml -m hf_vitprune.cli prune ..., or drop --fsdp.")
+        raise RecipeError("--fsdp shards the model over several processes, and this run is one process. Launch it "
+                          "with several, e.g. accelerate launch --config_file examples/accelerate_configs/fsdp.yaml "
+                          "-m hf_vitprune.cli prune ..., or drop --fsdp.")
 
 
 def _hub_offline() -> bool:

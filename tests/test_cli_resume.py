@@ -30,7 +30,8 @@ _spec = importlib.util.spec_from_file_location("prune_until_killed", SCRIPT)
 driver = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(driver)
 
-# 8 optimizer steps, a checkpoint every 2 (--save_steps alone saves); the search takes 4 (gohsp prunes in one shot by default: 1)
+# 8 optimizer steps, a checkpoint every 2 (--save_steps alone saves); the search takes 4 (gohsp prunes in
+# one shot by default: 1)
 METHOD_FLAGS = {
     "gohsp": [],
     "ofb": [],
