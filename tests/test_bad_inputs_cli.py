@@ -333,3 +333,15 @@ def test_layer_types_that_are_not_json_are_quoted_as_typed(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     assert "layer_types='{0: conv3x3' is not JSON" in err
+
+
+def test_report_of_a_hub_id_offline_is_one_line(monkeypatch, tmp_path, capsys):
+    """`report` of a name that is not a local directory, with the Hub switched off: say it is neither."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    assert main(["report", "fx/missing", "--no-speed"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("hf-vitprune report: error: fx/missing is neither a local directory nor reachable on the "
+                          "Hub (HF_HUB_OFFLINE is set")
+    assert "Pass a saved model directory" in err
