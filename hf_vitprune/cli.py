@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 from pathlib import Path
@@ -241,8 +242,14 @@ def load_model(name_or_path: str):
     try:
         return auto_class_for(AutoConfig.from_pretrained(name_or_path)).from_pretrained(name_or_path)
     except Exception as error:  # OSError (not found / offline), ValueError (bad config or weights)
-        where = "the directory" if path.exists() else "the Hub repo (it is not a local path either)"
-        raise CommandError(f"could not load {name_or_path} from {where}: {error}") from None
+        lines = str(error).strip().splitlines() or [type(error).__name__]
+        if path.exists():
+            raise CommandError(f"could not load {name_or_path} from the directory: {lines[0]}") from None
+        offline = os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+        reason = "HF_HUB_OFFLINE is set and it is not in the Hub cache" if offline else lines[0]
+        raise CommandError(f"{name_or_path} is neither a local directory nor reachable on the Hub ({reason}). Pass a "
+                           f"saved model directory, or a Hub repo id with the network on and HF_HUB_OFFLINE unset.") \
+            from None
 
 
 def _check_device(name: str) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -31,7 +32,6 @@ from transformers import (
     ViTConfig,
     ViTForImageClassification,
 )
-from transformers.trainer_utils import get_last_checkpoint
 
 from .config import PruningConfig, config_from_arguments, option_owners, pruning_arguments
 from .fileio import check_writable, describe_entries, remove_stale_staging
@@ -183,9 +183,29 @@ class _TrainingArguments(TrainingArguments):
 # --------------------------------------------------------------------------- arguments
 
 
-def build_parser(prog: str | None = None, full: bool = True, method: str | None = None) -> HfArgumentParser:
-    """The recipe's parser; with ``full=False`` its help lists only ``COMMON_TRAINING_FLAGS`` of TrainingArguments
-    and the options of ``method`` (the default method when None), not every method's."""
+def recipe_defaults(given: list[str] = ()) -> dict:
+    """The defaults of the command line ``given``: ``RECIPE_DEFAULTS`` and those that depend on ``given``.
+
+    They are the parser's defaults, so that ``--help`` shows what runs. ``--save_steps N`` alone saves every
+    N steps, as it does in transformers (whose default save strategy is ``steps``; the recipe's is ``no``).
+    """
+    defaults = dict(RECIPE_DEFAULTS)
+    flags = {token.split("=", 1)[0] for token in given if token.startswith("--")}
+    if "--target_flops_reduction" in flags or "--target_latency_reduction" in flags:
+        del defaults["target_sparsity"]
+    if "--save_steps" in flags and "--save_strategy" not in flags:
+        defaults["save_strategy"] = "steps"
+    defaults["output_dir"] = f"outputs/vit-digits-{_method_in(list(given)) or DEFAULT_METHOD}"
+    if not _accelerator_present():  # pinned memory only helps copies to an accelerator; torch warns without one
+        defaults["dataloader_pin_memory"] = "false"
+    return defaults
+
+
+def build_parser(prog: str | None = None, full: bool = True, method: str | None = None,
+                 given: list[str] = ()) -> HfArgumentParser:
+    """The recipe's parser, with the recipe's defaults for the command line ``given``; with ``full=False`` its
+    help lists only ``COMMON_TRAINING_FLAGS`` of TrainingArguments and the options of ``method`` (the default
+    method when None), not every method's."""
     pruning = pruning_arguments(method)
     shown = method or DEFAULT_METHOD
     pruning._argument_group_name = (
@@ -199,6 +219,12 @@ def build_parser(prog: str | None = None, full: bool = True, method: str | None 
                               usage="%(prog)s [options]", epilog=None if full else epilog,
                               description="Prune an image classifier end to end: evaluate it, prune it with "
                                           "PruningTrainer, fine-tune, time it, save it with its card.")
+    parser.set_defaults(**recipe_defaults(given))
+    for action in parser._actions:  # the recipe's meaning of these two
+        if action.dest == "save_strategy":
+            action.help = "When to save checkpoints: no, steps, epoch or best (steps when --save_steps is given)."
+        elif action.dest == "save_steps":
+            action.help = "Save a checkpoint every N optimizer steps (a float in (0, 1): a share of the steps)."
     if not full:
         training = {f.name for f in dataclasses.fields(TrainingArguments)}
         own = {f.name for f in dataclasses.fields(get_method(shown).options_class)}
@@ -226,7 +252,7 @@ def parse_arguments(argv: list[str] | None = None, prog: str | None = None):
     """(model, data, run, pruning config, training) arguments: recipe defaults < ``--config file.yaml`` < command line."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if "-h" in argv or "--help" in argv or "--help-all" in argv:
-        print(build_parser(prog, full="--help-all" in argv, method=_method_in(argv)).format_help())
+        print(build_parser(prog, full="--help-all" in argv, method=_method_in(argv), given=argv).format_help())
         raise SystemExit(0)
     from_file: list[str] = []
     if "--config" in argv:
@@ -247,17 +273,8 @@ def parse_arguments(argv: list[str] | None = None, prog: str | None = None):
             raise RecipeError(f"--config {path} must hold a mapping of argument names to values.", 2)
         from_file = _as_argv(values)
     given = from_file + argv
-    defaults = dict(RECIPE_DEFAULTS)
-    if "--target_flops_reduction" in given:
-        del defaults["target_sparsity"]
-    if "--output_dir" not in given:  # outputs/vit-digits-<method>
-        method = given[given.index("--method") + 1] if "--method" in given[:-1] else DEFAULT_METHOD
-        defaults["output_dir"] = f"outputs/vit-digits-{method}"
-    if not _accelerator_present():  # pinned memory only helps copies to an accelerator; torch warns without one
-        defaults["dataloader_pin_memory"] = "false"
-    parser = build_parser(prog, method=_method_in(given))
-    *parsed, unknown = parser.parse_args_into_dataclasses(args=_as_argv(defaults) + given,
-                                                          return_remaining_strings=True)
+    parser = build_parser(prog, method=_method_in(given), given=given)
+    *parsed, unknown = parser.parse_args_into_dataclasses(args=given, return_remaining_strings=True)
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)} (see --help, or --help-all for every "
                      f"TrainingArguments flag)")
@@ -320,7 +337,9 @@ def _as_argv(values: dict) -> list[str]:
     argv = []
     for key, value in values.items():
         argv.append(f"--{key}")
-        if isinstance(value, (list, tuple)):
+        if isinstance(value, dict):  # a YAML mapping (layer_types): the JSON the command line takes
+            argv.append(json.dumps(value))
+        elif isinstance(value, (list, tuple)):
             argv.extend(str(v) for v in value)
         elif value is not None:
             argv.append(str(value).lower() if isinstance(value, bool) else str(value))
@@ -331,32 +350,34 @@ def _as_argv(values: dict) -> list[str]:
 
 
 def resolve_checkpoint(training_args: TrainingArguments, run_args: RunArguments, method: str) -> str | None:
-    """The checkpoint to resume from (``--resume_from_checkpoint``, or the last one in ``--output_dir``), or None.
+    """The checkpoint to resume from (``--resume_from_checkpoint``, or the last complete one in ``--output_dir``),
+    or None; picked by :func:`hf_vitprune.state.resume_checkpoint`, as ``PruningTrainer.train`` picks it.
 
     Like transformers' run_image_classification: an ``--output_dir`` holding checkpoints resumes from the
-    last one, a non-empty one without checkpoints is refused, unless ``--overwrite_output_dir``.
+    last one, a non-empty one without checkpoints is refused, unless ``--overwrite_output_dir``. Checkpoints
+    whose save was killed are skipped; an ``--output_dir`` holding only those (and nothing else) starts over.
     """
-    from .state import FINETUNE, STATE_JSON
+    from .state import FINETUNE, checkpoints_newest_first, resume_checkpoint
 
     output_dir = Path(training_args.output_dir)
-    phases = (FINETUNE, get_method(method).phase_name)
+    search_phase = get_method(method).phase_name
+    phases = (FINETUNE, search_phase)
     folders = " or ".join(str(output_dir / phase) for phase in phases)
     value = training_args.resume_from_checkpoint
     if value is not None and value.strip().lower() not in ("", "false", "no"):
-        if value.strip().lower() in ("true", "yes", "last"):
-            last = _last_checkpoint(output_dir, phases)
-            if last is None:
-                raise RecipeError(f"--resume_from_checkpoint {value}: no checkpoint found under {folders}; run "
-                                  f"without it to start, or pass a checkpoint-N directory.")
-            return last
-        path = Path(value)
-        if not path.is_dir():
+        newest = value.strip().lower() in ("true", "yes", "last")
+        if not newest and not Path(value).is_dir():
             raise RecipeError(f"--resume_from_checkpoint {value}: no such directory. Pass a checkpoint-N directory "
                               f"(under {folders}), or true for the last one in --output_dir.")
-        if not (path / STATE_JSON).is_file():
-            raise RecipeError(f"--resume_from_checkpoint {value} is not a PruningTrainer checkpoint (it has no "
-                              f"{STATE_JSON}). Pass a checkpoint-N directory under {folders}.")
-        return str(path)
+        try:
+            checkpoint = resume_checkpoint(True if newest else value, output_dir, search_phase, required=False,
+                                           narrate=_narrate)
+        except (OSError, ValueError) as error:
+            raise RecipeError(f"--resume_from_checkpoint {value}: {_as_flags(str(error))}") from None
+        if checkpoint is None:
+            raise RecipeError(f"--resume_from_checkpoint {value}: no checkpoint found under {folders} (or only "
+                              f"incomplete ones); run without it to start, or pass a checkpoint-N directory.")
+        return checkpoint
     if not output_dir.is_dir():
         return None
     if run_args.overwrite_output_dir:
@@ -366,11 +387,17 @@ def resolve_checkpoint(training_args: TrainingArguments, run_args: RunArguments,
                                output_dir / phase)
                 shutil.rmtree(output_dir / phase)
         return None
-    last = _last_checkpoint(output_dir, phases)
-    if last is not None:
+    checkpoint = resume_checkpoint(True, output_dir, search_phase, required=False, narrate=_narrate)
+    if checkpoint is not None:
         logger.info("Checkpoint detected, resuming training from %s. Pass --overwrite_output_dir true to start over "
-                    "instead.", last)
-        return last
+                    "instead.", checkpoint)
+        return checkpoint
+    interrupted = [path for phase in phases for path in checkpoints_newest_first(output_dir / phase)]
+    others = [entry for entry in output_dir.iterdir() if entry.name not in phases]
+    if interrupted and not others:
+        logger.warning("No complete checkpoint in %s (every save was interrupted): starting from the beginning.",
+                       output_dir)
+        return None
     if any(output_dir.iterdir()):
         raise RecipeError(f"--output_dir {output_dir} already exists and is not empty (it holds "
                           f"{describe_entries(output_dir)}, and no checkpoint to resume). Pass --overwrite_output_dir "
@@ -378,27 +405,44 @@ def resolve_checkpoint(training_args: TrainingArguments, run_args: RunArguments,
     return None
 
 
-def _last_checkpoint(output_dir: Path, phases) -> str | None:
-    """The newest checkpoint of the latest phase that has one (fine-tuning first), as PruningTrainer resumes."""
-    for phase in phases:
-        folder = output_dir / phase
-        last = get_last_checkpoint(str(folder)) if folder.is_dir() else None
-        if last is not None:
-            return last
-    return None
+def _narrate(message: str, *args, level: int = logging.INFO) -> None:
+    logger.log(level, message, *args)
+
+
+def _as_flags(message: str) -> str:
+    """A PruningTrainer message with its Python spellings as the command line's flags."""
+    for python, flag in (("resume_from_checkpoint=True", "--resume_from_checkpoint true"),
+                         ("resume_from_checkpoint=None", "no --resume_from_checkpoint"),
+                         ("a new output_dir", "a new --output_dir")):
+        message = message.replace(python, flag)
+    return " ".join(message.split())
 
 
 def check_hub_access(training_args: TrainingArguments) -> None:
     """With ``--push_to_hub``, fail before any work if there is no token or the Hub is switched off."""
     if not training_args.push_to_hub:
         return
-    from huggingface_hub import constants, get_token
+    from huggingface_hub import get_token
 
-    if constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
+    if _hub_offline():
         raise RecipeError("--push_to_hub needs the Hub, but HF_HUB_OFFLINE is set: unset it, or drop --push_to_hub.")
     if not (training_args.hub_token or get_token()):
         raise RecipeError("--push_to_hub needs a Hub token with write access: pass --hub_token, set HF_TOKEN, or run "
                           "`hf auth login` first.")
+
+
+def check_processes(training_args: TrainingArguments) -> None:
+    """``--fsdp`` shards over processes: in one process transformers fails deep in Trainer; say how to launch."""
+    if training_args.fsdp and training_args.world_size < 2:
+        raise RecipeError("--fsdp shards the model over several processes, and this run is one process. Launch it "
+                          "with several, e.g. accelerate launch --config_file examples/accelerate_configs/fsdp.yaml "
+                          "-m hf_vitprune.cli prune ..., or drop --fsdp.")
+
+
+def _hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE) or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
 
 
 def _is_connection_error(error: BaseException) -> bool:
@@ -453,12 +497,12 @@ def load_data(data_args: DataArguments, model_args: ModelArguments, seed: int = 
     if data_args.dataset_name or data_args.train_dir:
         if model_args.model_name_or_path is None:
             raise RecipeError("--dataset_name/--train_dir need --model_name_or_path (the model to prune).", 2)
+        config = _load_config(model_args)  # before the data: a model that is not there fails at once
         raw = _load_raw(data_args, model_args)
         train, evaluation = raw["train"], _eval_split(raw, data_args)
         for split, dataset in (("train", train), ("evaluation", evaluation)):
             _check_columns(dataset, data_args, split)
         labels, encode = _labels(train, evaluation, data_args.label_column_name)
-        config = _load_config(model_args)
         config_labels = config.num_labels
         _check_label_count(model_args, config, labels)
         processor = _load_processor(model_args)
@@ -599,11 +643,39 @@ def _pretrained_kwargs(model_args: ModelArguments) -> dict:
 
 def _load_config(model_args: ModelArguments):
     name = model_args.config_name or model_args.model_name_or_path
+    flag = "--config_name" if model_args.config_name else "--model_name_or_path"
     try:
+        _check_model_source(flag, name)
         return AutoConfig.from_pretrained(name, **_pretrained_kwargs(model_args))
     except (OSError, ValueError) as error:
-        flag = "--config_name" if model_args.config_name else "--model_name_or_path"
-        raise RecipeError(f"could not load the model config of {flag} {name}: {_first_line(error)}") from None
+        raise RecipeError(f"could not load the model config of {flag} {name}: {_source_problem(flag, name, error)}") \
+            from None
+
+
+def _check_model_source(flag: str, name: str) -> None:
+    """A name that is no local path and cannot be a Hub id is a path that does not exist: say so, not what
+    the Hub client says about repo ids."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if Path(name).exists():
+        return
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        what = "an image processor from" if flag == "--image_processor_name" else "the model config of"
+        raise RecipeError(f"could not load {what} {flag} {name}: no such directory ({name} does not exist). Pass "
+                          f"the directory of a saved model (save_pretrained output), or a Hub model id such as "
+                          f"google/vit-base-patch16-224.") from None
+
+
+def _source_problem(flag: str, name: str, error: BaseException) -> str:
+    """Why ``name`` did not load: its error, or for a Hub id that is not a local directory, that it is neither."""
+    if Path(name).exists():
+        return _first_line(error)
+    reason = ("HF_HUB_OFFLINE is set and it is not in the Hub cache" if _hub_offline()
+              else _first_line(error))
+    return (f"{name} is neither a local directory nor reachable on the Hub ({reason}). Pass the directory of a saved "
+            f"model with {flag}, or a Hub id with the network on and HF_HUB_OFFLINE unset.")
 
 
 def _check_label_count(model_args: ModelArguments, config, labels: list[str]) -> None:
@@ -620,10 +692,12 @@ def _check_label_count(model_args: ModelArguments, config, labels: list[str]) ->
 
 def _load_processor(model_args: ModelArguments):
     name = model_args.image_processor_name or model_args.model_name_or_path
+    flag = "--image_processor_name" if model_args.image_processor_name else "--model_name_or_path"
     try:
+        _check_model_source(flag, name)
         return AutoImageProcessor.from_pretrained(name, **_pretrained_kwargs(model_args))
     except (OSError, ValueError) as error:
-        raise RecipeError(f"could not load an image processor from {name} ({_first_line(error)}); pass "
+        raise RecipeError(f"could not load an image processor from {name} ({_source_problem(flag, name, error)}); pass "
                           f"--image_processor_name with a directory or Hub id that has a preprocessor_config.json.") \
             from None
 
@@ -830,6 +904,11 @@ def run(model_args, data_args, pruning_config: PruningConfig, training_args: Tra
         raise RecipeError(str(error)) from None
     checkpoint = resolve_checkpoint(training_args, run_args, pruning_config.method)
     check_hub_access(training_args)
+    check_processes(training_args)
+    for flag in ("--model_name_or_path", "--config_name", "--image_processor_name"):  # before the data loads
+        name = getattr(model_args, flag[2:])
+        if name:
+            _check_model_source(flag, name)
     data = load_data(data_args, model_args, seed=training_args.seed,
                      training_order=training_args.train_sampling_strategy)
     dense = load_or_train_dense(model_args, data, training_args)
@@ -851,6 +930,8 @@ def run(model_args, data_args, pruning_config: PruningConfig, training_args: Tra
             raise RecipeError(f"could not reach the Hugging Face Hub at {_hub_endpoint()} ({type(error).__name__}: "
                               f"{_first_line(error)}). Check the network and HF_ENDPOINT, or drop --push_to_hub.") \
                 from None
+        if isinstance(error, ValueError):  # what the run cannot do as asked: a budget out of reach, another config
+            raise RecipeError(_as_flags(str(error))) from None
         raise
     metrics = dict(output.metrics)
     eval_metrics = {key: value for key, value in metrics.items() if key.startswith("eval_")}

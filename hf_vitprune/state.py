@@ -10,6 +10,7 @@ checkpoint that ``resume_from_checkpoint=True`` skips. The state also records th
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from dataclasses import dataclass, field
@@ -122,6 +123,51 @@ def checkpoints_newest_first(folder: str | os.PathLike) -> list[Path]:
     found = [(int(match.group(1)), entry) for entry in folder.iterdir()
              if entry.is_dir() and (match := CHECKPOINT_PATTERN.match(entry.name))]
     return [entry for _, entry in sorted(found, key=lambda item: item[0], reverse=True)]
+
+
+def resume_checkpoint(resume_from_checkpoint: str | os.PathLike | bool | None, output_dir: str | os.PathLike,
+                      search_phase: str, *, required: bool = True, narrate=None) -> str | None:
+    """The checkpoint a run resumes from, for ``PruningTrainer.train`` and ``hf-vitprune prune`` alike.
+
+    A path must be a complete checkpoint. ``True`` picks the newest complete one under ``output_dir``, the
+    fine-tuning folder first, then ``search_phase``'s; incomplete ones (a save that was killed) are
+    skipped and told to ``narrate(message, *args, level=...)``. When none is complete: a ``ValueError``
+    with ``required``, else None (the caller starts from the beginning).
+    """
+    if not resume_from_checkpoint:
+        return None
+    if resume_from_checkpoint is not True:
+        checkpoint = str(resume_from_checkpoint)
+        missing = missing_files(checkpoint)
+        if STATE_JSON in missing or STATE_TENSORS in missing:
+            PruningState.load(checkpoint)  # raises, naming the missing pruning-state file
+        if missing:
+            raise FileNotFoundError(
+                f"Cannot resume from {checkpoint}: it lacks {', '.join(missing)}, so it is incomplete (its save "
+                f"was interrupted, or files were removed). Resume from an earlier checkpoint, or pass "
+                f"resume_from_checkpoint=True to pick the newest complete one."
+            )
+        return checkpoint
+    narrate = narrate or (lambda message, *args, level=logging.INFO: None)
+    folders = [os.path.join(output_dir, phase) for phase in (FINETUNE, search_phase)]
+    skipped = []
+    for folder in folders:
+        for candidate in checkpoints_newest_first(folder):
+            missing = missing_files(candidate)
+            if not missing:
+                if skipped:
+                    narrate("Resuming from %s, the newest complete checkpoint.", candidate)
+                return str(candidate)
+            skipped.append(f"{candidate} (lacks {', '.join(missing)})")
+            narrate("Skipping checkpoint %s: it lacks %s (its save was interrupted?).", candidate,
+                    ", ".join(missing), level=logging.WARNING)
+    if not required:
+        return None
+    found = f" Incomplete, skipped: {'; '.join(skipped)}." if skipped else ""
+    raise ValueError(
+        f"No complete PruningTrainer checkpoint found under {' or '.join(folders)}.{found} Train from the start "
+        f"(resume_from_checkpoint=None, or a new output_dir), or pass the path of a checkpoint-N folder."
+    )
 
 
 def config_differences(saved: dict, current: dict) -> list[str]:

@@ -50,11 +50,9 @@ from .reporting import (
 from .state import (
     FINETUNE,
     STATE_JSON,
-    STATE_TENSORS,
     PruningState,
-    checkpoints_newest_first,
     config_differences,
-    missing_files,
+    resume_checkpoint,
 )
 from .sharding import gathered_model, has_sharded_parameters
 from .stats import model_stats
@@ -696,39 +694,8 @@ class PruningTrainer(Trainer):
                             self.pruning_config.to_dict())
 
     def _resolve_checkpoint(self, resume_from_checkpoint, output_dir: str) -> str | None:
-        """The checkpoint to resume: the explicit path (which must be complete), or with True the newest
-        complete one, in the fine-tuning folder first, then the search folder; incomplete ones are skipped."""
-        if not resume_from_checkpoint:
-            return None
-        if resume_from_checkpoint is not True:
-            checkpoint = str(resume_from_checkpoint)
-            missing = missing_files(checkpoint)
-            if STATE_JSON in missing or STATE_TENSORS in missing:
-                PruningState.load(checkpoint)  # raises, naming the missing pruning-state file
-            if missing:
-                raise FileNotFoundError(
-                    f"Cannot resume from {checkpoint}: it lacks {', '.join(missing)}, so it is incomplete (its save "
-                    f"was interrupted, or files were removed). Resume from an earlier checkpoint, or pass "
-                    f"resume_from_checkpoint=True to pick the newest complete one."
-                )
-            return checkpoint
-        folders = [os.path.join(output_dir, phase) for phase in (FINETUNE, self.method.phase_name)]
-        skipped = []
-        for folder in folders:
-            for candidate in checkpoints_newest_first(folder):
-                missing = missing_files(candidate)
-                if not missing:
-                    if skipped:
-                        self._narrate("Resuming from %s, the newest complete checkpoint.", candidate)
-                    return str(candidate)
-                skipped.append(f"{candidate} (lacks {', '.join(missing)})")
-                self._narrate("Skipping checkpoint %s: it lacks %s (its save was interrupted?).", candidate,
-                              ", ".join(missing), level=hf_logging.WARNING)
-        found = f" Incomplete, skipped: {'; '.join(skipped)}." if skipped else ""
-        raise ValueError(
-            f"No complete PruningTrainer checkpoint found under {' or '.join(folders)}.{found} Train from the start "
-            f"(resume_from_checkpoint=None, or a new output_dir), or pass the path of a checkpoint-N folder."
-        )
+        """The checkpoint to resume (see :func:`~hf_vitprune.state.resume_checkpoint`, which the CLI uses too)."""
+        return resume_checkpoint(resume_from_checkpoint, output_dir, self.method.phase_name, narrate=self._narrate)
 
     def _check_same_config(self, saved: PruningState, checkpoint: str) -> None:
         """Refuse to continue a checkpoint written with another PruningConfig (older checkpoints store none)."""

@@ -184,3 +184,164 @@ def test_string_labels_and_a_one_channel_model(files, tmp_path, monkeypatch):
     example = data.train[0]
     assert example["pixel_values"].shape == (1, 16, 16)
     assert int(example["labels"]) in (0, 1)
+
+
+# --------------------------------------------------------------------------- what `prune --help` says runs
+
+HELP_DEFAULTS = ("output_dir", "num_train_epochs", "per_device_train_batch_size", "per_device_eval_batch_size",
+                 "learning_rate", "weight_decay", "warmup_steps", "logging_steps", "eval_strategy", "save_strategy",
+                 "seed")
+
+
+def _shown_defaults(text: str) -> dict[str, str]:
+    """``{flag: default}`` of a help text whose every option's help is one line (on the flag's line or the next)."""
+    import re
+
+    shown, flag = {}, None
+    for line in text.splitlines():
+        if line.startswith("  --"):
+            flag = re.match(r"  --(\w+)", line).group(1)
+        default = re.search(r"\(default: (.*)\)$", line)
+        if default and flag is not None:
+            shown[flag] = default.group(1)
+    return shown
+
+
+@pytest.mark.parametrize("argv", [[], ["--method", "ofb"]], ids=["default-method", "ofb"])
+def test_prune_help_shows_the_defaults_that_run(argv, monkeypatch, capsys):
+    """Each default --help shows is the value of the TrainingArguments the recipe builds from that command."""
+    from hf_vitprune.recipe import parse_arguments
+
+    monkeypatch.setenv("COLUMNS", "2000")  # one line per option
+    assert main(["prune", *argv, "--help"]) == 0
+    shown = _shown_defaults(capsys.readouterr().out)
+    training = parse_arguments(argv)[-1]
+    for name in HELP_DEFAULTS:
+        value = getattr(training, name)
+        value = getattr(value, "value", value)  # the strategies are enums
+        assert name in shown, name
+        assert type(value)(shown[name]) == value, (name, shown[name], value)
+    assert training.save_strategy == "no" and training.learning_rate == 2e-3 and training.seed == 0
+
+
+@pytest.mark.parametrize("argv, strategy", [
+    (["--save_steps", "3"], "steps"),
+    (["--save_steps=3"], "steps"),
+    (["--save_steps", "3", "--save_strategy", "epoch"], "epoch"),
+    ([], "no"),
+])
+def test_save_steps_alone_saves_every_n_steps(argv, strategy):
+    """As in transformers, ``--save_steps N`` saves every N steps; an explicit --save_strategy still wins."""
+    from hf_vitprune.recipe import parse_arguments
+
+    training = parse_arguments(argv)[-1]
+    assert training.save_strategy == strategy
+    if argv:
+        assert training.save_steps == 3
+
+
+def test_save_steps_from_a_config_file_saves_every_n_steps(tmp_path):
+    from hf_vitprune.recipe import parse_arguments
+
+    (tmp_path / "recipe.yaml").write_text("save_steps: 4\n")
+    training = parse_arguments(["--config", str(tmp_path / "recipe.yaml")])[-1]
+    assert training.save_strategy == "steps" and training.save_steps == 4
+
+
+# --------------------------------------------------------------------------- one line, not a traceback
+
+MORE_ROWS = [  # checked as ROWS are (test_bad_input): one line, nothing written, the inputs untouched
+    ("model-path-missing", lambda f, o: base(f, o, "--model_name_or_path", "/nonexistent/model"), 1,
+     ["--model_name_or_path /nonexistent/model", "no such directory", "/nonexistent/model does not exist"],
+     "Pass the directory of a saved model"),
+    ("model-hub-id-offline", lambda f, o: base(f, o, "--model_name_or_path", "fx/missing"), 1,
+     ["fx/missing is neither a local directory nor reachable on the Hub", "HF_HUB_OFFLINE is set"],
+     "Pass the directory of a saved model"),
+    ("processor-path-missing", lambda f, o: base(f, o, "--image_processor_name", "/nonexistent/processor"), 1,
+     ["--image_processor_name /nonexistent/processor", "does not exist"], "--image_processor_name"),
+    ("fsdp-one-process", lambda f, o: base(f, o, "--fsdp", "full_shard"), 1,
+     ["--fsdp shards the model over several processes", "this run is one process"], "accelerate launch"),
+]
+
+
+@pytest.mark.parametrize("name, build, status, problem, fix", MORE_ROWS, ids=[row[0] for row in MORE_ROWS])
+def test_bad_input_named_in_one_line(name, build, status, problem, fix, files, tmp_path, monkeypatch, capsys):
+    test_bad_input(name, build, status, problem, fix, files, tmp_path, monkeypatch, capsys)
+    assert "Repo id must be" not in capsys.readouterr().err
+
+
+def _fails_in_one_line(argv, capsys) -> str:
+    """Run the command; it must exit 1 with its error as the one last line of stderr and no traceback."""
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    tail = err[err.rindex("hf-vitprune prune: error: "):]
+    assert len(tail.strip().splitlines()) == 1, err
+    return tail
+
+
+@pytest.fixture
+def offline(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets_cache"))
+
+
+def test_a_budget_out_of_reach_is_one_line(files, tmp_path, offline, capsys):
+    """The method finds the budget unreachable only once it ranks the model: still the one-line error."""
+    tail = _fails_in_one_line(base(files, tmp_path / "out", "--target_sparsity", "0.9"), capsys)
+    assert "target_sparsity=0.9 is unreachable" in tail and "lower target_sparsity to at most" in tail
+
+
+def test_resuming_with_another_budget_is_one_line(files, tmp_path, offline, capsys):
+    out = tmp_path / "out"
+    assert main(base(files, out, "--save_steps", "1")) == 0
+    capsys.readouterr()
+    tail = _fails_in_one_line(base(files, out, "--save_steps", "1", "--target_sparsity", "0.3"), capsys)
+    assert "written with another PruningConfig" in tail and "0.4 in the checkpoint, 0.3 now" in tail
+    assert "a new --output_dir" in tail
+
+
+@pytest.mark.parametrize("family", ["swin", "convnext"])
+def test_an_unsupported_family_is_one_line(family, files, tmp_path, offline, capsys):
+    from transformers import ConvNextConfig, ConvNextForImageClassification, SwinConfig, SwinForImageClassification
+
+    torch.manual_seed(0)
+    model = (SwinForImageClassification(SwinConfig(image_size=16, patch_size=2, embed_dim=8, depths=[1, 1],
+                                                   num_heads=[1, 1], window_size=2, num_labels=3))
+             if family == "swin" else
+             ConvNextForImageClassification(ConvNextConfig(num_stages=2, hidden_sizes=[8, 16], depths=[1, 1],
+                                                           num_labels=3)))
+    model.save_pretrained(tmp_path / family)
+    ViTImageProcessor(size={"height": 16, "width": 16}).save_pretrained(tmp_path / family)
+    tail = _fails_in_one_line(base(files, tmp_path / "out", "--model_name_or_path", str(tmp_path / family)), capsys)
+    assert f"cannot prune {type(model).__name__}" in tail and "Supported models are" in tail
+
+
+def test_a_yaml_mapping_for_layer_types_is_taken_as_written(tmp_path):
+    """YAML gives a mapping where the command line takes JSON text: it is passed on as that JSON."""
+    from hf_vitprune.recipe import parse_arguments
+
+    (tmp_path / "recipe.yaml").write_text("method: spvit_conv\nlayer_types: {0: conv3x3, 1: attention}\n")
+    config = parse_arguments(["--config", str(tmp_path / "recipe.yaml")])[3]
+    assert config.method_options.layer_types == {0: "conv3x3", 1: "attention"}
+
+
+def test_layer_types_that_are_not_json_are_quoted_as_typed(tmp_path, capsys):
+    (tmp_path / "recipe.yaml").write_text("method: spvit_conv\nlayer_types: '{0: conv3x3'\n")
+    assert main(["prune", "--config", str(tmp_path / "recipe.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert "layer_types='{0: conv3x3' is not JSON" in err
+
+
+def test_report_of_a_hub_id_offline_is_one_line(monkeypatch, tmp_path, capsys):
+    """`report` of a name that is not a local directory, with the Hub switched off: say it is neither."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    assert main(["report", "fx/missing", "--no-speed"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("hf-vitprune report: error: fx/missing is neither a local directory nor reachable on the "
+                          "Hub (HF_HUB_OFFLINE is set")
+    assert "Pass a saved model directory" in err
