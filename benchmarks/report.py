@@ -567,33 +567,16 @@ def write_plot(results: dict, path: Path) -> None:
 # --------------------------------------------------------------------------- markdown
 
 
-LEGACY_EPOCHS_SUFFIX = "_epochs.json"  # written by the former benchmarks/epochs_curve.py (gohsp at one sparsity)
-
-
-def _legacy_curve(results: dict) -> dict | None:
-    """The runs of the former ``python -m benchmarks.epochs_curve`` beside the results, if any (now ``--prune_epochs``)."""
-    settings = results["settings"]
-    path = Path(settings["output_dir"]) / f"{settings['results_name']}{LEGACY_EPOCHS_SUFFIX}"
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
 def epoch_curve(results: dict, method: str, sparsity: float) -> list[dict]:
-    """``method``'s accuracy and drop at ``sparsity`` per pruning-epoch budget: the results' runs (the epoch axis), and
-    the former ``benchmarks.epochs_curve`` runs at budgets the results do not hold (``legacy`` True)."""
+    """``method``'s accuracy and drop at ``sparsity`` per pruning-epoch budget, from the results' runs (the epoch axis)."""
     settings, dense = results["settings"], results["dense"]["test"]["accuracy"]
-    by_epochs: dict[float, tuple[list[float], bool]] = {}
+    by_epochs: dict[float, list[float]] = {}
     for run in results["runs"]:
         if run["method"] == method and abs(run["sparsity"] - sparsity) < 1e-9:
-            by_epochs.setdefault(run_epochs(run, settings), ([], False))[0].append(run["test_accuracy"])
-    legacy = _legacy_curve(results)
-    if legacy and legacy["method"] == method and abs(legacy["sparsity"] - sparsity) < 1e-9:
-        for run in legacy["runs"]:
-            epochs = float(run["prune_epochs"])
-            if epochs not in by_epochs or by_epochs[epochs][1]:
-                by_epochs.setdefault(epochs, ([], True))[0].append(run["test_accuracy"])
+            by_epochs.setdefault(run_epochs(run, settings), []).append(run["test_accuracy"])
     return [{"epochs": epochs, "seeds": len(accs), "accuracy": _mean(accs), "drop_points": 100 * (dense - _mean(accs)),
-             "legacy": legacy_point, "method": method, "sparsity": sparsity}
-            for epochs, (accs, legacy_point) in sorted(by_epochs.items())]
+             "method": method, "sparsity": sparsity}
+            for epochs, accs in sorted(by_epochs.items())]
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
@@ -1049,36 +1032,26 @@ def _results_table(results: dict) -> list[str]:
     return [_table(header, table), ""]
 
 
-def _epochs_section(results: dict, title: str, path: Path) -> list[str]:
-    """Accuracy against the pruning-epoch budget, every method and sparsity (with the former curve's points)."""
+def _epochs_section(results: dict, title: str) -> list[str]:
+    """Accuracy against the pruning-epoch budget, every method and sparsity."""
     rows = results["summary"]["rows"]
-    legacy = _legacy_curve(results)
-    budgets = sorted({r["epochs"] for r in rows}
-                     | ({float(run["prune_epochs"]) for run in legacy["runs"]} if legacy else set()))
+    budgets = sorted({r["epochs"] for r in rows})
     if len(budgets) < 2:
         return []
-    table, marked = [], False
+    table = []
     for sparsity in sorted({r["sparsity"] for r in rows}):
         for method in sorted({r["method"] for r in rows if r["sparsity"] == sparsity}, key=_order):
             cells = {point["epochs"]: point for point in epoch_curve(results, method, sparsity)}
             line = [f"{sparsity:.0%}", method]
             for epochs in budgets:
                 point = cells.get(epochs)
-                marked |= bool(point and point["legacy"])
-                line.append("" if point is None else f"{100 * point['accuracy']:.2f} ({point['drop_points']:+.2f})"
-                            + (f" [{point['seeds']} seeds]†" if point["legacy"] else ""))
+                line.append("" if point is None else f"{100 * point['accuracy']:.2f} ({point['drop_points']:+.2f})")
             table.append(line)
     out = [title, "",
            f"Test accuracy (%), mean over seeds, and in brackets the drop in points from the dense model's "
            f"{100 * results['dense']['test']['accuracy']:.2f}%, per pruning-epoch budget (`--prune_epochs`; every "
            "method at a budget uses the same recipe, only the number of epochs changes).", "",
            _table(["sparsity", "method", *(f"{e:g} epochs" for e in budgets)], table), ""]
-    if marked:
-        out += ["† Measured earlier by `python -m benchmarks.epochs_curve` (gohsp at one sparsity, the seeds in "
-                "brackets; since folded into `python -m benchmarks.run --prune_epochs`), from the same cached dense "
-                "model and recipe; raw figures in "
-                f"`{_rel(Path(results['settings']['output_dir']) / (results['settings']['results_name'] + LEGACY_EPOCHS_SUFFIX), path)}`.",
-                ""]
     return out
 
 
@@ -1128,7 +1101,7 @@ def _heldout_section(main: dict, heldout: dict | None, path: Path, heldout_plot:
     out += _results_table(heldout)
     if heldout_plot is not None:
         out += [f"![held-out model: accuracy against parameters and FLOPs]({_rel(heldout_plot, path)})", ""]
-    out += _epochs_section(heldout, "### Held-out model: accuracy against pruning epochs", path)
+    out += _epochs_section(heldout, "### Held-out model: accuracy against pruning epochs")
     return out
 
 
@@ -1268,7 +1241,7 @@ def write_markdown(results: dict, path: Path, plot: Path, heldout: dict | None =
             explained.add((name, key))
             out += [f"- **{t['target']}**{where}: {t['measured']}, missed by {t['miss_by']}. " + why, ""]
 
-    out += _epochs_section(results, "### Accuracy against pruning epochs", path)
+    out += _epochs_section(results, "### Accuracy against pruning epochs")
     out += _heldout_section(results, heldout, path, heldout_plot)
 
     step, memory = results.get("training_step"), results.get("memory")
