@@ -212,7 +212,7 @@ def model_mismatch(report: PruningReport, stats: ModelStats, num_labels: int | N
         return f"the report describes {len(recorded)} encoder layers, the model has {len(stats.layers)}"
     # the kind of model: token-pruned or not (a structural method may run on a token-pruned model; its report says so)
     token_model = any(layer.tokens is not None for layer in stats.layers)
-    token_report = any(layer.tokens is not None for layer in recorded) or report.method == "spvit_tokens"
+    token_report = any(layer.tokens is not None for layer in recorded)
     if token_model and not token_report:
         return (f"the model has a token path (token_pruning in config.json), but the report's {report.method!r} run "
                 f"recorded a model without one")
