@@ -157,3 +157,32 @@ def test_narrowing_the_embedding_under_token_pruning_is_refused(make_model):
     model = add_token_pruning(make_model("vit"), [0.5])
     with pytest.raises(ValueError, match="Narrow the embedding width first"):
         apply_plan(model, PruningPlan(embedding=[0, 1, 2]))
+
+
+def test_the_package_token_is_the_dropped_tokens_mean_weighted_by_their_keep_scores(make_model, helpers):
+    """SPViT's package token: the dropped patches folded into one token by their keep scores (sigmoid of the
+    selector's logits), the same at inference as in training; a plain mean (the public inference code) differs."""
+    model = add_token_pruning(make_model("vit"), [0.5], depths=[1]).eval()
+    path = token_pruning_of(model)
+    layers = helpers.encoder_layers(model)
+    seen = {}
+    layers[0].register_forward_hook(lambda module, args, output: seen.update(
+        before=output[0] if isinstance(output, tuple) else output))
+    layers[1].register_forward_pre_hook(lambda module, args, kwargs: seen.update(
+        after=args[0] if args else kwargs["hidden_states"]), with_kwargs=True)
+    images = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(11))
+    with torch.no_grad():
+        for selector in path.selectors:  # scores that differ between tokens, so the weighting shows
+            for parameter in selector.parameters():
+                parameter.add_(torch.randn(parameter.shape, generator=torch.Generator().manual_seed(3)))
+        model(pixel_values=images)
+        patches = seen["before"][:, path.special:]
+        scores = torch.sigmoid(path.selectors[0](patches))
+    kept = scores.topk(8, dim=1).indices
+    dropped = torch.ones_like(scores).scatter(1, kept, 0.0).bool()
+    package = seen["after"][:, -1]
+    for image in range(len(images)):
+        weights = scores[image][dropped[image]]
+        expected = (weights[:, None] * patches[image][dropped[image]]).sum(0) / weights.sum()
+        torch.testing.assert_close(package[image], expected, rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(package[image], patches[image][dropped[image]].mean(0), atol=1e-4)
