@@ -408,6 +408,25 @@ def test_pmim_can_be_switched_off(tmp_path):
     assert "ofb_budget" in logged and "ofb_pmim" not in logged
 
 
+def test_mixing_weight_and_pmim_mask_ratio_ramp_over_the_warm_up_then_hold(tmp_path):
+    """The bi-mask moves from the importance mask (mix 0.99) to the sparsity mask (0.1), and PMIM from masking
+    5% of the patches to 25%, linearly over the first warmup_fraction of the search, then both hold: what each
+    training forward of a 10-step search saw (warm-up 0.2 x 10 = 2 steps)."""
+    trainer = PruningTrainer(model=digits_vit(), args=ofb_args(tmp_path, max_steps=20), train_dataset=digits(),
+                             pruning_config=ofb_config(warmup_fraction=0.2, search_fraction=0.5))
+    method, seen = trainer.method, []
+    refresh = method._refresh
+
+    def recording(module, args):
+        refresh(module, args)
+        if module.training:
+            seen.append((round(method.mix, 6), round(method.pmim.ratio, 6)))
+
+    method._refresh = recording
+    trainer.train()
+    assert seen == [(0.99, 0.05), (0.545, 0.15)] + [(0.1, 0.25)] * 8
+
+
 def test_a_model_without_searchable_widths_is_refused():
     """Heads of one per layer (nothing between 1 and 1) and the other widths switched off: a clear error."""
     model = ViTForImageClassification(ViTConfig(hidden_size=8, num_hidden_layers=2, num_attention_heads=1,
