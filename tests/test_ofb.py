@@ -206,6 +206,23 @@ def test_budget_lands_within_one_percent_on_digits(tmp_path, target):
     assert trainer.model.config.hidden_size == len(trainer.plan.embedding)
 
 
+def test_the_budget_loss_moves_the_expected_cost_toward_the_target(tmp_path):
+    """The search, not only the final exact selection, answers the budget: from the same start (the bi-mask's
+    uniform distributions), the expected cost climbs toward a loose target and falls toward a tight one."""
+    def expected_cost_ratios(reduction: float) -> list[float]:
+        trainer = PruningTrainer(model=digits_vit(), args=ofb_args(tmp_path / str(reduction), max_steps=24,
+                                                                   logging_steps=1),
+                                 train_dataset=digits(), pruning_config=ofb_config(target_flops_reduction=reduction))
+        trainer.train()
+        return [entry["ofb_expected_cost_ratio"] for entry in trainer.state.log_history
+                if "ofb_expected_cost_ratio" in entry and entry.get("phase_search") == 1.0]
+
+    loose, tight = expected_cost_ratios(0.2), expected_cost_ratios(0.6)
+    assert loose[0] == pytest.approx(tight[0])  # the same start
+    assert loose[-1] > loose[0] + 0.05 and tight[-1] < tight[0] - 0.03
+    assert loose[-1] - tight[-1] > 0.1
+
+
 # fast-moving logits under a budget the uniform start exceeds: units are sliced out within a few steps
 SHRINKING = dict(arch_learning_rate=0.5, shrink_threshold=0.9, target_flops_reduction=0.5, shrink_interval=1)
 
