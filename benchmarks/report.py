@@ -125,8 +125,8 @@ def summarise(results: dict) -> dict:
     rows = []
     for (epochs, sparsity, method), runs in sorted(groups.items(),
                                                    key=lambda item: (*item[0][:2], _order(item[0][2]))):
-        residuals = [r["admm_residual_last_logged"] for r in runs
-                     if r.get("admm_residual_last_logged") is not None and not one_shot(settings)]
+        residuals = [] if one_shot(settings) else [  # one shot: no ADMM phase, no residual
+            r["admm_residual_last_logged"] for r in runs if r.get("admm_residual_last_logged") is not None]
         rows.append({
             "epochs": epochs,
             "sparsity": sparsity,
@@ -634,9 +634,9 @@ def _margins_over_epochs(results: dict, method: str, other: str, sparsity: float
 def _why_accuracy(target: dict, results: dict) -> str:
     settings, epochs = results["settings"], target["epochs"]
     drops = ", ".join(f"{method} {drop:+.2f}" for method, drop in target["detail"]["drop_points_by_method"].items())
-    residuals = [r["admm_residual_last_logged"] for r in _runs_at(results, epochs)
-                 if r["method"] == "gohsp" and abs(r["sparsity"] - 0.4) < 1e-9 and r.get("admm_residual_last_logged")
-                 and not one_shot(results["settings"])]
+    residuals = [] if one_shot(results["settings"]) else [
+        r["admm_residual_last_logged"] for r in _runs_at(results, epochs)
+        if r["method"] == "gohsp" and abs(r["sparsity"] - 0.4) < 1e-9 and r.get("admm_residual_last_logged")]
     residual = (f" (||W - Z|| / ||W|| {_mean(residuals):.3f} at the hard prune, mean over seeds)" if residuals else "")
     curve = epoch_curve(results, "gohsp", 0.4)
     measured = ""

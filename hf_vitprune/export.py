@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .fileio import is_stale_staging, lock_staging, staging_path
 from .speed import _time, speed_figures, time_interleaved
 
 MIN_OPSET = 18  # the dynamo exporter's lowest supported opset
@@ -189,33 +190,20 @@ def _claim_staging(output: Path) -> Iterator[tuple[Path, int]]:
     """Create the staging file beside ``output`` (proving the directory writable before exporting) and hold a
     lock on it while the export runs, so that a concurrent export's cleanup leaves it alone; remove it at the
     end unless it was renamed into place."""
-    import secrets
-
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
-        staging = output.with_name(f".{output.name}.{secrets.token_hex(8)}.partial")
+        staging = staging_path(output.parent, output.name)
         descriptor = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     except OSError as error:
         raise _write_error(output, error, before=True) from error
+    lock = lock_staging(staging)
     try:
-        _lock(descriptor, blocking=True)
         yield staging, descriptor
     finally:
         os.close(descriptor)
+        if lock is not None:
+            os.close(lock)
         staging.unlink(missing_ok=True)
-
-
-def _lock(descriptor: int, blocking: bool) -> bool:
-    """An exclusive advisory lock on an open file (released by the kernel when its process dies)."""
-    try:
-        import fcntl
-    except ImportError:  # Windows: no advisory locks; a staging file is then judged by its name alone
-        return True
-    try:
-        fcntl.flock(descriptor, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
-    except OSError:
-        return False
-    return True
 
 
 def _remove_stale_staging(output: Path) -> tuple[Path, ...]:
@@ -226,18 +214,12 @@ def _remove_stale_staging(output: Path) -> tuple[Path, ...]:
     for entry in sorted(output.parent.iterdir()):
         if not pattern.fullmatch(entry.name) or not entry.is_file() or entry.is_symlink():
             continue
-        try:
-            descriptor = os.open(entry, os.O_RDONLY)
-        except OSError:
+        if not is_stale_staging(entry):  # a running export's file
             continue
         try:
-            if not _lock(descriptor, blocking=False):
-                continue  # a running export's file
             entry.unlink()
         except OSError:
             continue
-        finally:
-            os.close(descriptor)
         logger.info("Removed %s, left by an export to %s that was interrupted.", entry, output)
         removed.append(entry)
     return tuple(removed)

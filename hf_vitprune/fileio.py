@@ -52,7 +52,7 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
         target.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_staging(target)
     staging = _new_staging_directory(target if existed else target.parent, target.name)
-    lock = _lock(staging)
+    lock = lock_staging(staging)
     _LIVE.add(os.path.abspath(staging))
     try:
         yield staging
@@ -67,20 +67,26 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
             os.close(lock)
 
 
+def staging_path(parent: Path, name: str) -> Path:
+    """A fresh ``.NAME.<16 hex>.partial`` path in ``parent``: where a save (or an export) of ``name`` stages."""
+    return parent / f".{name}.{secrets.token_hex(8)}.partial"
+
+
 def _new_staging_directory(parent: Path, name: str) -> Path:
-    """An empty ``.NAME.*.partial`` directory in ``parent``; ``mkdir`` (unlike mkdtemp's 0700) honours the umask."""
-    staging = parent / f".{name}.{secrets.token_hex(8)}.partial"
+    """An empty staging directory in ``parent``; ``mkdir`` (unlike mkdtemp's 0700) honours the umask."""
+    staging = staging_path(parent, name)
     staging.mkdir()
     return staging
 
 
-def _lock(directory: Path) -> int | None:
-    """An open descriptor holding an exclusive ``flock`` on ``directory``, which marks it as in use until the
-    descriptor closes, including when the process is killed; None where the platform or filesystem has no flock."""
+def lock_staging(staging: Path) -> int | None:
+    """An open descriptor holding an exclusive ``flock`` on ``staging`` (a directory or a file), which marks it as in
+    use until the descriptor closes, including when the process is killed; None where the platform or filesystem
+    has no flock."""
     if fcntl is None:
         return None
     try:
-        descriptor = os.open(directory, os.O_RDONLY)
+        descriptor = os.open(staging, os.O_RDONLY)
     except OSError:  # a umask that leaves the owner no read permission
         return None
     try:
@@ -91,16 +97,16 @@ def _lock(directory: Path) -> int | None:
     return descriptor
 
 
-def _is_stale(directory: Path) -> bool:
-    """Whether staging ``directory`` belongs to no save in progress: not one of this process's and, where flock
-    works, not locked by any other process (a killed process's lock is gone with it). Without flock, any staging
-    directory this process is not writing is taken as stale."""
-    if os.path.abspath(directory) in _LIVE:
+def is_stale_staging(staging: Path) -> bool:
+    """Whether ``staging`` (a directory or a file) belongs to no save in progress: not one of this process's and,
+    where flock works, not locked by any other process (a killed process's lock is gone with it). Without flock,
+    any staging this process is not writing is taken as stale."""
+    if os.path.abspath(staging) in _LIVE:
         return False
     if fcntl is None:
         return True
     try:
-        descriptor = os.open(directory, os.O_RDONLY)
+        descriptor = os.open(staging, os.O_RDONLY)
     except OSError:  # removed meanwhile, or unreadable: leave it alone
         return False
     try:
@@ -124,7 +130,7 @@ def stale_staging_entries(path: str | os.PathLike) -> list[Path]:
         except OSError:  # a parent the save may write into but not list: nothing to tidy there
             continue
         for entry in entries:
-            if pattern.match(entry.name) and entry.is_dir() and not entry.is_symlink() and _is_stale(entry):
+            if pattern.match(entry.name) and entry.is_dir() and not entry.is_symlink() and is_stale_staging(entry):
                 found.append(entry)
     return found
 

@@ -598,26 +598,26 @@ class PruningTrainer(Trainer):
         measures its speed against the dense model first, unless ``measure_speed()`` already did.
         """
         directory = output_dir or self.args.output_dir
+        checkpoint = os.path.basename(os.path.normpath(directory)).startswith("checkpoint-")
         if not self.args.should_save:  # other processes only join the collectives that gather the weights
             with self._whole_model_outside_fsdp():
                 super().save_model(output_dir, _internal_call=True)
         else:
-            record = self._save_record(directory)
+            record = self._save_record(checkpoint)
             with atomic_directory(directory) as staging:
                 self._save_into(staging, record)
             pickled = os.path.join(directory, "training_args.bin")  # a stock Trainer's save there before
             if os.path.isfile(pickled):
                 os.remove(pickled)
-            if not os.path.basename(os.path.normpath(directory)).startswith("checkpoint-"):
+            if not checkpoint:
                 what = ("the pruned model" if self.plan is not None
                         else "the model (not pruned yet: train() has not run)")
                 self._narrate("Saved %s, its card and %s to %s", what, REPORT_FILE, directory)
         if self.args.push_to_hub and not _internal_call:  # as Trainer.save_model, once the directory is complete
             self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
 
-    def _save_record(self, directory: str) -> PruningReport:
-        """The report a save into ``directory`` carries: a checkpoint's, or the final one (speed measured)."""
-        checkpoint = os.path.basename(os.path.normpath(directory)).startswith("checkpoint-")
+    def _save_record(self, checkpoint: bool) -> PruningReport:
+        """The report a save carries: a checkpoint's, or the final one (speed measured)."""
         if checkpoint and self.phase is not None:
             return self.run_record(stage=f"{self.phase}-checkpoint")
         if self.speed is None and self.plan is not None and not checkpoint:

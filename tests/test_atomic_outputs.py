@@ -325,7 +325,7 @@ def test_overwrite_output_dir_removes_stale_staging(tmp_path, monkeypatch):
 
 def test_a_live_save_is_not_taken_for_stale(tmp_path):
     """Only staging that no save owns goes: not this process's, nor one another process holds."""
-    from hf_vitprune.fileio import _lock, atomic_directory, remove_stale_staging
+    from hf_vitprune.fileio import atomic_directory, lock_staging, remove_stale_staging
 
     output = tmp_path / "out"
     with atomic_directory(output) as staging:
@@ -334,7 +334,7 @@ def test_a_live_save_is_not_taken_for_stale(tmp_path):
         assert (staging / "config.json").is_file()
     held = tmp_path / ".out.00000000000000aa.partial"
     held.mkdir()
-    descriptor = _lock(held)  # as another process's save holds its staging (flock conflicts across descriptors)
+    descriptor = lock_staging(held)  # as another process's save holds its staging (flock conflicts across descriptors)
     if descriptor is None:
         pytest.skip("this platform or filesystem has no flock; only this process's own saves are known")
     try:

@@ -22,15 +22,20 @@ from hf_vitprune.cli import main
 CLASSES = ("circle", "square", "stripes")
 
 
-@pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    root = tmp_path_factory.mktemp("bad-inputs")
+def write_image_folders(root, counts: dict[str, int]) -> None:
+    """Seeded random 16x16 RGB PNGs in ``root/<split>/<class>/``, ``counts[split]`` per class of CLASSES."""
     rng = np.random.default_rng(0)
-    for split, count in (("train", 4), ("validation", 2)):
+    for split, count in counts.items():
         for name in CLASSES:
             (root / split / name).mkdir(parents=True)
             for i in range(count):
                 Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(root / split / name / f"{i}.png")
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bad-inputs")
+    write_image_folders(root, {"train": 4, "validation": 2})
     (root / "empty" / "circle").mkdir(parents=True)
     (root / "empty" / "circle" / "notes.txt").write_text("no images here")
     for name, labels in (("tiny-vit", 3), ("tiny-vit-2", 2)):

@@ -15,6 +15,7 @@ from hf_vitprune import PruningConfig, PruningPlan, apply_plan
 from hf_vitprune.cli import main
 from hf_vitprune.reporting import REPORT_FILE, PruningReport, write_model_card
 from hf_vitprune.surgery import add_token_pruning
+from test_bad_inputs_cli import CLASSES, write_image_folders  # the same seeded image folders
 
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=8, intermediate_size=37, image_size=16,
             patch_size=4, num_labels=3)
@@ -82,23 +83,13 @@ def test_the_card_of_the_report_own_model_is_still_written(models, tmp_path, cap
 # ------------------------------------------------------------------ data errors named up front or where they happen
 
 
-CLASSES = ("circle", "square", "stripes")
-
-
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     """train/ and validation/ imagefolders of 16x16 PNGs, one of train/'s cut short; a 3-class tiny ViT."""
-    import numpy as np
-    from PIL import Image
     from transformers import ViTImageProcessor
 
     root = tmp_path_factory.mktemp("data")
-    rng = np.random.default_rng(0)
-    for split, count in (("train", 3), ("validation", 2)):
-        for name in CLASSES:
-            (root / split / name).mkdir(parents=True)
-            for i in range(count):
-                Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(root / split / name / f"{i}.png")
+    write_image_folders(root, {"train": 3, "validation": 2})
     truncated = root / "train" / "square" / "1.png"
     truncated.write_bytes(truncated.read_bytes()[:200])
     torch.manual_seed(0)
