@@ -54,6 +54,7 @@ and off by at most the one block that does not fit, which is below the budget's 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -148,9 +149,16 @@ class _Choice:
     kind: UnitKind
     keyword: bool  # set through select_plan's head_/neuron_ keywords rather than the dicts
     pruned: bool
-    minimum: int
+    minimum: int | tuple[int, ...]  # one for every layer, or per layer
     rounding: int
     scores: Sequence[torch.Tensor] | None
+
+    def minimum_at(self, layer: int) -> int:
+        return self.minimum[layer] if isinstance(self.minimum, tuple) else self.minimum
+
+    @property
+    def largest_minimum(self) -> int:
+        return max(self.minimum, default=0) if isinstance(self.minimum, tuple) else self.minimum
 
     def _name(self, keyword: str, dictionary: str) -> str:
         return keyword if self.keyword else f"{dictionary}[{self.kind.name!r}]"
@@ -220,6 +228,13 @@ def _check_int(name: str, value: int, minimum: int) -> int:
     return value
 
 
+def _check_minimum(name: str, value) -> int | tuple[int, ...]:
+    """A minimum for every layer (an int) or one per layer (a sequence of ints), checked."""
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        return tuple(_check_int(f"{name}[{i}]", v, 0) for i, v in enumerate(value))
+    return _check_int(name, value, 0)
+
+
 def _mandatory_count(width: int, minimum: int, multiple: int) -> int:
     return min(width, -(-minimum // multiple) * multiple)
 
@@ -274,8 +289,7 @@ def _choices(keywords: dict[str, tuple], scores, minimums, roundings) -> list[_C
                 f"Unit kind {choice.kind.name!r} cannot be selected by a budget: its units cut across another kind's "
                 f"(linear_cost=False), so their cost is not additive. Compact it first (apply_plan), then select."
             )
-    for choice in choices:
-        _check_int(choice.min_name, choice.minimum, 0)
+    choices = [dataclasses.replace(c, minimum=_check_minimum(c.min_name, c.minimum)) for c in choices]
     for choice in choices:
         _check_int(choice.round_name, choice.rounding, 1)
     return choices
@@ -303,8 +317,8 @@ def select_plan(
     target_sparsity: float | None = None,
     target_flops_reduction: float | None = None,
     budget: Budget | None = None,
-    min_heads_per_layer: int = 1,
-    min_neurons_per_layer: int = 1,
+    min_heads_per_layer: int | Sequence[int] = 1,
+    min_neurons_per_layer: int | Sequence[int] = 1,
     round_heads_to: int = 1,
     round_neurons_to: int = 1,
     prune_heads: bool = True,
@@ -326,7 +340,7 @@ def select_plan(
             remove, strictly between 0 and 1. Give exactly one of the two targets, or ``budget``.
         budget: the same as a :class:`Budget` (e.g. ``PruningConfig.budget``), instead of a target.
         min_heads_per_layer / min_neurons_per_layer: every layer keeps at least this many (0 lets
-            a whole branch go; the plan then sets ``allow_empty_*``).
+            a whole branch go; the plan then sets ``allow_empty_*``); a sequence gives one per layer.
         round_heads_to / round_neurons_to: every layer keeps a multiple of this many (or all).
         prune_heads / prune_neurons: when False that kind is kept whole and costs budget.
         scores / minimums / roundings: the same, by kind name, for other registered unit kinds
@@ -352,6 +366,10 @@ def select_plan(
     kinds = range(len(choices))
 
     layers = find_encoder_layers(model)
+    for choice in choices:
+        if isinstance(choice.minimum, tuple) and len(choice.minimum) != len(layers):
+            raise ValueError(f"{choice.min_name} gives {len(choice.minimum)} minimums, but the model has "
+                             f"{len(layers)} layers; give one per layer, or one int for all.")
     widths = [[choice.kind.count(layer) for layer in layers] for choice in choices]
     checked = [
         _check_scores(choice.scores_name, choice.scores, sizes) if choice.pruned else None
@@ -379,7 +397,7 @@ def select_plan(
                 continue
             score = checked[kind][i].tolist()
             order = sorted(range(width), key=lambda j: (-score[j], j))
-            m = _mandatory_count(width, choice.minimum, choice.rounding)
+            m = _mandatory_count(width, choice.minimum_at(i), choice.rounding)
             mandatory[kind][i] = order[:m]
             mandatory_cost[kind] += m * cost
             chain: list[_Block] = []
@@ -515,11 +533,12 @@ def _raise_unreachable(budget, dense, limit, base, fixed, mandatory_cost, unprun
             parts.append(f"{unpruned_cost[k]} for all {name}, since {choice.not_pruned_because}")
         elif mandatory_cost[k]:
             rounding = f" rounded up to a multiple of {choice.rounding}" if choice.rounding > 1 else ""
-            parts.append(f"{mandatory_cost[k]} for the minimum {choice.minimum} {name} per layer{rounding}")
+            minimum = "/".join(map(str, choice.minimum)) if isinstance(choice.minimum, tuple) else choice.minimum
+            parts.append(f"{mandatory_cost[k]} for the minimum {minimum} {name} per layer{rounding}")
     reachable = max(0.0, 1.0 - base / dense)
     fixes = [f"lower {budget.target_name} to at most {math.floor(reachable * 1e4) / 1e4:.4f}"]
-    if any(c.minimum > 0 and c.pruned for c in choices):
-        others = [c for c in choices if not c.keyword and c.pruned and c.minimum > 0]
+    if any(c.largest_minimum > 0 and c.pruned for c in choices):
+        others = [c for c in choices if not c.keyword and c.pruned and c.largest_minimum > 0]
         minimum_names = [c.min_name for c in choices if c.keyword] + [c.min_name for c in others]
         rounding_names = ["round_*_to"] + [c.round_name for c in others]
         fixes.append(f"lower {' / '.join(minimum_names)} or the {' / '.join(rounding_names)} multiples")

@@ -308,6 +308,28 @@ def test_respects_minimums_and_rounding(seed, target, min_heads, min_neurons, ro
     assert (1 - target) * dense - kept < max(round_heads * head_costs[0], round_neurons * neuron_costs[0])
 
 
+@pytest.mark.parametrize("target", [0.2, 0.4])
+def test_per_layer_minimums(target):
+    """A sequence of minimums holds layer by layer (OFB keeps its search grid's narrowest MLP this way), the budget
+    still exact; where it binds, the units go elsewhere."""
+    model = MODELS["vit"]
+    heads, neurons = _sizes(model)
+    hs = [torch.ones(h) for h in heads]
+    ns = [torch.full((n,), 1e-3) if i == 0 else torch.ones(n) for i, n in enumerate(neurons)]  # layer 0 goes first
+    minimums = [30, 2, 2]
+    plan = select_plan(model, hs, ns, target_sparsity=target, min_neurons_per_layer=minimums)
+    assert all(len(plan.neurons[i]) >= m for i, m in enumerate(minimums))
+    assert len(plan.neurons[0]) <= 31  # the lowest scores, cut to the minimum (one more may close the slack)
+    dense, kept = _totals(model, plan, False)
+    assert 0 <= (1 - target) * dense - kept < _unit_costs(model, False)[1][0]
+    with pytest.raises(ValueError, match="min_neurons_per_layer gives 2 minimums, but the model has 3 layers"):
+        select_plan(model, hs, ns, target_sparsity=target, min_neurons_per_layer=[1, 1])
+    with pytest.raises(ValueError, match=r"min_heads_per_layer\[1\] must be an integer >= 0"):
+        select_plan(model, hs, ns, target_sparsity=target, min_heads_per_layer=[1, -1, 1])
+    with pytest.raises(ValueError, match="the minimum 4/4/1 heads per layer"):
+        select_plan(model, hs, ns, target_sparsity=0.7, min_heads_per_layer=[4, 4, 1])
+
+
 def test_min_zero_may_remove_a_whole_branch():
     model = MODELS["vit"]
     heads, neurons = _sizes(model)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import random
 import re
@@ -141,6 +142,25 @@ def test_one_hot_loss_falls_toward_one_hot():
     assert float(one_hot_loss(torch.tensor([0.0, 1.0, 0.0]), torch.tensor([False, True, False]))) == 0.0
 
 
+@pytest.mark.parametrize("lead", [1e-3, 0.1, 0.5])
+def test_one_hot_loss_pushes_hardest_near_uniform(lead):
+    """The tangent term is what makes the loss adaptive: near a uniform distribution (every search starts there) it
+    pulls the leading candidate up far harder than the entropy alone, which is flat at its maximum."""
+    logits = torch.zeros(7)
+    logits[0] = lead
+    active = torch.ones(7, dtype=torch.bool)
+
+    def pull(loss_of) -> float:
+        leaf = logits.clone().requires_grad_()
+        loss_of(torch.softmax(leaf, dim=0)).backward()
+        return -float(leaf.grad[0])  # descent raises the leading logit by this much per unit step
+
+    entropy = pull(lambda p: -(p * p.log()).sum())
+    adaptive = pull(lambda p: one_hot_loss(p, active))
+    assert entropy > 0
+    assert adaptive > 10 * entropy
+
+
 def test_shrinking_drops_unlikely_candidates_and_keeps_the_likeliest(pixel_values):
     model = build_model("vit")
     method = _ofb_on(model)
@@ -225,6 +245,28 @@ def test_the_budget_loss_moves_the_expected_cost_toward_the_target(tmp_path):
 
 # fast-moving logits under a budget the uniform start exceeds: units are sliced out within a few steps
 SHRINKING = dict(arch_learning_rate=0.5, shrink_threshold=0.9, target_flops_reduction=0.5, shrink_interval=1)
+
+
+@pytest.mark.parametrize("fraction, narrows", [(0.25, False), (0.5, True)])
+def test_the_final_selection_keeps_the_grids_narrowest_heads_and_mlp(fraction, narrows):
+    """The exact budget selection honours the search grid (head_step heads, min_mlp_fraction of the MLP): when the
+    search leaves the head dims and the embedding at full width, they narrow (most likely candidate first) only when
+    those minimums cannot meet the budget otherwise."""
+    model = digits_vit()
+    config = ofb_config(target_flops_reduction=0.6, min_mlp_fraction=fraction)
+    method = OFB(config)
+    method.setup(SearchContext(model=model, budget=config.budget, search_steps=10, calibration_batches=[]))
+    mask = method.mask
+    with torch.no_grad():
+        for i, module in enumerate(mask.searched):  # every module most sure of its widest candidate
+            mask.logits[i].copy_(torch.linspace(0, 5, len(module.candidates)))
+    plan = method.finalize(model)
+    assert min(len(kept) for kept in plan.neurons.values()) >= math.ceil(fraction * 128)
+    assert min(len(kept) for kept in plan.heads.values()) >= config.method_options.head_step
+    kept = config.budget.measure(model_stats(model, plan)) / method.dense_measure
+    assert 0.39 <= kept <= 0.4  # the budget, exactly
+    widths = [len(plan.embedding or range(64))] + [len(d) for d in plan.other_units.get("head_dims", {}).values()]
+    assert (min(widths) < 16) == narrows
 
 
 def test_a_shrink_step_keeps_the_loss_and_slices_the_optimizer_state(tmp_path):
@@ -334,8 +376,10 @@ def test_two_processes_derive_the_same_architecture(tmp_path):
 
 
 def test_card_names_the_method_its_widths_and_citation(tmp_path):
+    # a budget the grid's narrowest heads and MLPs meet only with narrower head dims and embedding
+    config = ofb_config(target_flops_reduction=0.6, min_mlp_fraction=0.5)
     trainer = PruningTrainer(model=digits_vit(), args=ofb_args(tmp_path, max_steps=6), train_dataset=digits(),
-                             pruning_config=ofb_config())
+                             pruning_config=config)
     trainer.train()
     trainer.save_model()
     card = (tmp_path / "README.md").read_text()

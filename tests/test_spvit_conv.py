@@ -220,6 +220,8 @@ def test_the_budget_is_met_within_two_percent_on_digits(tmp_path, target, capsys
     converted = [str(i) for i, t in enumerate(types) if t != "attention"]
     assert converted, "the search turned no layer into a convolution"
     assert f"{', '.join(converted)} became a convolution over the patch grid" in card
+    assert ("Pruned units: attention layers turned into convolutions, heads and all (at least 1 stays attention) and "
+            "MLP neurons (at least 1 per layer).") in card  # not the config's "attention heads (at least 1 per layer"
     capsys.readouterr()  # the training's logs
     assert cli_main(["report", str(tmp_path), "--no-speed"]) == 0  # the report's layer table shows the types
     lines = capsys.readouterr().out.splitlines()

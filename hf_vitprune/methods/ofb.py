@@ -15,8 +15,8 @@ the MLP activation, and the embedding width every residual LayerNorm (its statis
 by ``M``, its output multiplied; see :mod:`hf_vitprune.embedding`).
 
 Loss terms: per module the adaptive one-hot loss ``H(p) + tan(pi/2 - pi * sigma_hat) / K``
-(``sigma_hat`` the variance of ``p`` over its maximum, clamped away from 0 and 1), a FLOPs (or
-parameter) constraint ``((cost(E[widths]) - target) / dense)^2`` from
+(``sigma_hat`` the variance of ``p`` over its maximum, squeezed into [0.02, 0.98] so that the tangent
+is finite and has a gradient everywhere), a FLOPs (or parameter) constraint ``((cost(E[widths]) - target) / dense)^2`` from
 :class:`~hf_vitprune.methods.width_cost.WidthCost`, and an L1 term on ``sigmoid(s)``. The scores
 and logits are the method's own parameter groups, with their own learning rates; their
 gradients are averaged over processes before each step.
@@ -94,12 +94,14 @@ class OFBOptions(MethodOptions):
     mix_end: float = field(default=0.1, **_help("Mixing weight of the importance mask after the warm-up."))
     search_head_dims: bool = field(default=True, **_help("Search each layer's head dim (q/k/v width)."))
     search_embedding: bool = field(default=True, **_help("Search the embedding width (the residual stream)."))
-    head_step: int = field(default=2, **_help("Candidate head counts are multiples of this (and all heads)."))
+    head_step: int = field(default=2, **_help("Candidate head counts are multiples of this (and all heads); the final "
+                                              "selection keeps at least this many heads per layer."))
     min_head_dim_fraction: float = field(
         default=0.25, **_help("Smallest candidate head dim, as a fraction of the dense one (paper: 1/4).")
     )
     min_mlp_fraction: float = field(
-        default=0.25, **_help("Smallest candidate MLP width, as a fraction of the dense one (paper: 1/4).")
+        default=0.25, **_help("Smallest candidate MLP width, as a fraction of the dense one (paper: 1/4); the final "
+                              "selection keeps at least this many neurons per layer.")
     )
     min_embedding_fraction: float = field(
         default=0.5, **_help("Smallest candidate embedding width, as a fraction of the dense one (paper: 1/2).")
@@ -306,15 +308,24 @@ class BiMask(nn.Module):
         return old, new
 
 
+ONE_HOT_MARGIN = 0.02  # sigma_hat is squeezed into [margin, 1 - margin], where the tangent is finite
+
+
 def one_hot_loss(probabilities: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
-    """OFB's adaptive one-hot loss: entropy + tan(pi/2 - pi * sigma_hat) / K over the active candidates."""
+    """OFB's adaptive one-hot loss: entropy + tan(pi/2 - pi * sigma_hat) / K over the active candidates.
+
+    ``sigma_hat`` (the variance of p over its maximum, 0 at uniform, 1 at one-hot) is squeezed affinely into
+    ``[margin, 1 - margin]`` rather than clamped: a clamp has no gradient below the margin, so near a uniform
+    distribution (where every search starts) the tangent term, which should push hardest there, did nothing.
+    """
     p = probabilities[active]
     k = p.numel()
     if k <= 1:
         return probabilities.sum() * 0
     entropy = -(p * torch.log(p.clamp_min(1e-12))).sum()
-    sigma_hat = ((p.square().sum() - 1 / k) / (1 - 1 / k)).clamp(0.02, 0.98)
-    return entropy + torch.tan(math.pi / 2 - math.pi * sigma_hat) / k
+    sigma_hat = (p.square().sum() - 1 / k) / (1 - 1 / k)
+    squeezed = ONE_HOT_MARGIN + (1 - 2 * ONE_HOT_MARGIN) * sigma_hat
+    return entropy + torch.tan(math.pi / 2 - math.pi * squeezed) / k
 
 
 @register_method
@@ -581,11 +592,12 @@ class OFB(PruningMethod):
         mask = self.mask
         self._detach()
         layers = find_encoder_layers(model)
+        widths = self._feasible_widths(model, {i: mask.chosen_width(i) for i in range(len(mask.searched))})
         kept: dict[str, dict] = {kind: {} for kind in KINDS}
         scales: dict[str, dict] = {kind: {} for kind in KINDS}
         searched = {}
         for i, module in enumerate(mask.searched):
-            width = mask.chosen_width(i)
+            width = widths[i]
             ranks = mask.ranks(i)
             inside = (ranks < width).to(torch.float32)
             scale = self.mix * torch.sigmoid(mask.scores[i]) + (1 - self.mix) * inside
@@ -615,11 +627,66 @@ class OFB(PruningMethod):
                     norm.weight.mul_(scale.to(norm.weight))
                 if norm.bias is not None:
                     norm.bias.mul_(scale.to(norm.bias))
-        narrowing = PruningPlan(other_units={"head_dims": kept["head_dims"]},
-                                embedding=kept["embedding"].get(None))
-        plan = self._exact_selection(model, narrowing, kept, mask)
+        plan = self._exact_selection(model, self._narrowing(widths), kept, mask)
         self.mask = None
         return plan
+
+    def _narrowing(self, widths: dict[int, int]) -> PruningPlan:
+        """The head dims and embedding channels that ``widths`` (module -> width) keep, by importance."""
+        kept: dict[str, dict] = {"head_dims": {}, "embedding": {}}
+        for i, module in enumerate(self.mask.searched):
+            if module.kind in kept:
+                kept[module.kind][module.layer] = sorted(torch.nonzero(self.mask.ranks(i) < widths[i]).flatten().tolist())
+        return PruningPlan(other_units={"head_dims": kept["head_dims"]}, embedding=kept["embedding"].get(None))
+
+    def unit_minimums(self, model: nn.Module) -> dict[str, list[int]]:
+        """Per layer, the fewest heads and MLP neurons the final selection may keep: the search grid's narrowest
+        candidate (``head_step`` heads, ``min_mlp_fraction`` of the dense MLP), and at least the config's
+        ``min_heads_per_layer`` / ``min_neurons_per_layer``."""
+        floors = {"heads": self.config.min_heads_per_layer, "neurons": self.config.min_neurons_per_layer}
+        minimums = {kind: [floor] * len(find_encoder_layers(model)) for kind, floor in floors.items()}
+        for module in self.mask.searched:
+            if module.kind in minimums:
+                minimums[module.kind][module.layer] = max(floors[module.kind], min(module.candidates))
+        return minimums
+
+    def _floor_cost(self, model: nn.Module, narrowing: PruningPlan, minimums: dict[str, list[int]]) -> float:
+        """The budget measure of the narrowed model with every layer at its fewest heads and neurons."""
+        layers = find_encoder_layers(model)
+        fewest = {kind: {layer.index: list(range(min(m, count(layer)))) for layer, m in zip(layers, minimums[kind])}
+                  for kind, count in (("heads", lambda layer: layer.num_heads),
+                                      ("neurons", lambda layer: layer.num_neurons))}
+        plan = PruningPlan(heads=fewest["heads"] if self.config.prune_heads else {},
+                           neurons=fewest["neurons"] if self.config.prune_neurons else {},
+                           allow_empty_attention=True, allow_empty_mlp=True,
+                           other_units=narrowing.other_units, embedding=narrowing.embedding)
+        return float(self.config.budget.measure(model_stats(model, plan)))
+
+    def _feasible_widths(self, model: nn.Module, widths: dict[int, int]) -> dict[int, int]:
+        """``widths`` with head dims and the embedding width narrowed until the final selection can meet the budget
+        while every layer keeps its minimum heads and neurons (:meth:`unit_minimums`).
+
+        The exact selection adjusts only heads and neurons, so when the searched head dims and embedding width
+        leave too little of the budget it would cut them below the search grid (MLPs of 1 or 2 neurons were seen
+        at 60%). Instead, one module at a time steps down to its next narrower candidate, until the narrowest heads
+        and neurons fit: the step to the likeliest candidate first, among equals the module that is widest relative
+        to its dense width (so that a search sure of its widths narrows them evenly).
+        """
+        mask, widths = self.mask, dict(widths)
+        minimums = self.unit_minimums(model)
+        while self._floor_cost(model, self._narrowing(widths), minimums) > self.target:
+            steps = []
+            for i, module in enumerate(mask.searched):
+                narrower = [c for c, width in enumerate(module.candidates) if width < widths[i]]
+                if module.kind in ("head_dims", "embedding") and narrower:
+                    step = max(narrower, key=lambda c: module.candidates[c])  # the next narrower candidate
+                    likelihood = float(mask.probabilities(i).detach()[step])
+                    steps.append((likelihood, widths[i] / max(module.candidates), -i, i, module.candidates[step]))
+            if not steps:
+                break  # cannot happen when the grid's narrowest model fits (setup checks it)
+            *_, i, width = max(steps)
+            widths[i] = width
+        return widths
 
     def _exact_selection(self, model, narrowing: PruningPlan, kept: dict, mask: BiMask) -> PruningPlan:
         """Heads and neurons chosen to meet the budget on the narrowed model, keeping the searched widths where
@@ -656,6 +723,8 @@ class OFB(PruningMethod):
         arguments = self.config.selection_arguments()
         for key in ("target_sparsity", "target_flops_reduction"):
             arguments.pop(key)
+        minimums = self.unit_minimums(model)
+        arguments.update(min_heads_per_layer=minimums["heads"], min_neurons_per_layer=minimums["neurons"])
         selected = select_plan(narrowed, scores["heads"], scores["neurons"], budget=target, **arguments)
         return PruningPlan(heads=selected.heads, neurons=selected.neurons,
                            allow_empty_attention=selected.allow_empty_attention,

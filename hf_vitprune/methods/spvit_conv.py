@@ -535,6 +535,11 @@ class SPViTConv(PruningMethod):
         info = super().card_info()
         if self.types is not None:
             info["details"] = {"layer_map": list(self.types)}
+        o = self.options
+        layers = "attention layers turned into convolutions, heads and all (at least "
+        layers += f"{o.min_attention_layers} stay{'s' if o.min_attention_layers == 1 else ''} attention)"
+        neurons = f"MLP neurons (at least {o.min_neurons_per_layer} per layer)" if o.gate_neurons else None
+        info["units"] = " and ".join(part for part in (layers, neurons) if part)  # heads are never pruned one by one
         return info
 
     def citations(self) -> list[dict[str, str]]:

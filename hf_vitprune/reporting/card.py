@@ -189,18 +189,7 @@ def _recipe(report: PruningReport) -> list[str]:
         f"achieved: {percent_removed(pruned.params, dense.params)} of the parameters and "
         f"{percent_removed(pruned.flops, dense.flops)} of the FLOPs removed."
     )
-    units = []
-    if config.prune_heads:
-        units.append(
-            f"attention heads (at least {config.min_heads_per_layer} per layer, "
-            f"in multiples of {config.round_heads_to})"
-        )
-    if config.prune_neurons:
-        units.append(
-            f"MLP neurons (at least {config.min_neurons_per_layer} per layer, "
-            f"in multiples of {config.round_neurons_to})"
-        )
-    lines.append(f"Pruned units: {' and '.join(units)}.")
+    lines.append(f"Pruned units: {card.get('units') or _units(config)}.")
     lines.extend(card["recipe"])  # the method's ranking and schedule
     if config.distillation_weight > 0:
         token = " (through the distillation token where the model has one)" if config.use_distillation_token else ""
@@ -214,6 +203,22 @@ def _recipe(report: PruningReport) -> list[str]:
     if training:
         lines.append("Training arguments: " + ", ".join(f"`{key}={training[key]}`" for key in sorted(training)) + ".")
     return lines
+
+
+def _units(config) -> str:
+    """What the config's head and neuron settings prune (methods whose units differ say so in their card)."""
+    units = []
+    if config.prune_heads:
+        units.append(
+            f"attention heads (at least {config.min_heads_per_layer} per layer, "
+            f"in multiples of {config.round_heads_to})"
+        )
+    if config.prune_neurons:
+        units.append(
+            f"MLP neurons (at least {config.min_neurons_per_layer} per layer, "
+            f"in multiples of {config.round_neurons_to})"
+        )
+    return " and ".join(units)
 
 
 def _citations(report: PruningReport) -> list[dict]:

@@ -76,14 +76,15 @@ def _stats_dict(value: Any, name: str) -> dict:
 
 def _method_card(value: Any) -> dict:
     """A validated copy of a method card: ``description`` (str), ``recipe`` (list of str), ``citations``, and
-    optionally ``details`` (a dict of JSON facts the method measured, e.g. token pruning's latency table)."""
+    optionally ``details`` (a dict of JSON facts the method measured, e.g. token pruning's latency table) and
+    ``units`` (what the method removes, where the config's head and neuron settings do not say it)."""
     fix = "build it with hf_vitprune.methods.method_card(config), or leave it out to have it built"
     required = {"description", "recipe", "citations"}
-    if not isinstance(value, dict) or not required <= set(value) <= required | {"details"}:
+    if not isinstance(value, dict) or not required <= set(value) <= required | {"details", "units"}:
         keys = sorted(value) if isinstance(value, dict) else type(value).__name__
         raise ValueError(
             f"PruningReport.method_card must be a dict with description, recipe and citations, and optionally "
-            f"details (got {keys}); {fix}."
+            f"details and units (got {keys}); {fix}."
         )
     details = value.get("details")
     if details is not None and not isinstance(details, dict):
@@ -103,6 +104,11 @@ def _method_card(value: Any) -> dict:
     card = {"description": description, "recipe": list(recipe), "citations": [dict(entry) for entry in citations]}
     if details is not None:
         card["details"] = json.loads(json.dumps(details))  # a copy, and proof that it is JSON
+    units = value.get("units")
+    if units is not None:
+        if not isinstance(units, str) or not units.strip():
+            raise ValueError(f"PruningReport.method_card['units'] must be a non-empty string; {fix}.")
+        card["units"] = units
     return card
 
 
