@@ -15,8 +15,8 @@ the MLP activation, and the embedding width every residual LayerNorm (its statis
 by ``M``, its output multiplied; see :mod:`hf_vitprune.embedding`).
 
 Loss terms: per module the adaptive one-hot loss ``H(p) + tan(pi/2 - pi * sigma_hat) / K``
-(``sigma_hat`` the variance of ``p`` over its maximum, squeezed into [0.02, 0.98] so that the tangent
-is finite and has a gradient everywhere), a FLOPs (or parameter) constraint ``((cost(E[widths]) - target) / dense)^2`` from
+(``sigma_hat`` the variance of ``p`` over its maximum, clamped to [0.02, 0.98]), a FLOPs (or parameter)
+constraint ``((cost(E[widths]) - target) / dense)^2`` from
 :class:`~hf_vitprune.methods.width_cost.WidthCost`, and an L1 term on ``sigmoid(s)``. The scores
 and logits are the method's own parameter groups, with their own learning rates; their
 gradients are averaged over processes before each step.
@@ -30,10 +30,12 @@ the optimizer state at once (``pending_compaction``), so the search runs on ever
 
 At the end each module takes its most likely remaining width; the remaining multipliers are
 fused into the weights; then a final exact selection of heads and neurons (search-kept units
-first, by importance) brings the model onto the budget, which the expected-width constraint
-only approaches. PMIM (:mod:`hf_vitprune.methods.pmim`, on by default) masks a growing share of
-patches and adds a reconstruction loss. Departure from the paper (docs/methods.md): the LayerNorm
-statistics follow the embedding mask so that the fused, compacted model equals the searched one.
+first, by importance; never below the grid's narrowest heads and MLP per layer) brings the model
+onto the budget, which the expected-width constraint only approaches. PMIM
+(:mod:`hf_vitprune.methods.pmim`, on by default) masks a growing share of patches and adds a
+reconstruction loss. Departures from the paper (docs/methods.md): the LayerNorm statistics follow
+the embedding mask so that the fused, compacted model equals the searched one; a head is ranked by
+its own score, not by the sum of its channels'; the scores and logits follow the weights' schedule.
 """
 
 from __future__ import annotations
@@ -308,24 +310,21 @@ class BiMask(nn.Module):
         return old, new
 
 
-ONE_HOT_MARGIN = 0.02  # sigma_hat is squeezed into [margin, 1 - margin], where the tangent is finite
-
-
 def one_hot_loss(probabilities: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
     """OFB's adaptive one-hot loss: entropy + tan(pi/2 - pi * sigma_hat) / K over the active candidates.
 
-    ``sigma_hat`` (the variance of p over its maximum, 0 at uniform, 1 at one-hot) is squeezed affinely into
-    ``[margin, 1 - margin]`` rather than clamped: a clamp has no gradient below the margin, so near a uniform
-    distribution (where every search starts) the tangent term, which should push hardest there, did nothing.
+    ``sigma_hat`` (the variance of p over its maximum, 0 at uniform, 1 at one-hot) is clamped to [0.02, 0.98],
+    where the tangent is finite. The clamp leaves the tangent no gradient near a uniform distribution; an affine
+    squeeze that keeps it was measured worse on the validation split (docs/methods.md): the search then commits
+    to its widths before the budget term has moved them.
     """
     p = probabilities[active]
     k = p.numel()
     if k <= 1:
         return probabilities.sum() * 0
     entropy = -(p * torch.log(p.clamp_min(1e-12))).sum()
-    sigma_hat = (p.square().sum() - 1 / k) / (1 - 1 / k)
-    squeezed = ONE_HOT_MARGIN + (1 - 2 * ONE_HOT_MARGIN) * sigma_hat
-    return entropy + torch.tan(math.pi / 2 - math.pi * squeezed) / k
+    sigma_hat = ((p.square().sum() - 1 / k) / (1 - 1 / k)).clamp(0.02, 0.98)
+    return entropy + torch.tan(math.pi / 2 - math.pi * sigma_hat) / k
 
 
 @register_method
