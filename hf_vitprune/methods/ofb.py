@@ -635,7 +635,8 @@ class OFB(PruningMethod):
         kept: dict[str, dict] = {"head_dims": {}, "embedding": {}}
         for i, module in enumerate(self.mask.searched):
             if module.kind in kept:
-                kept[module.kind][module.layer] = sorted(torch.nonzero(self.mask.ranks(i) < widths[i]).flatten().tolist())
+                inside = torch.nonzero(self.mask.ranks(i) < widths[i]).flatten()
+                kept[module.kind][module.layer] = sorted(inside.tolist())
         return PruningPlan(other_units={"head_dims": kept["head_dims"]}, embedding=kept["embedding"].get(None))
 
     def unit_minimums(self, model: nn.Module) -> dict[str, list[int]]:
