@@ -198,9 +198,36 @@ def train(directory, config=None, **arguments):
     return trainer
 
 
+@pytest.mark.parametrize("theta", [0.5, -1.0])
+def test_the_cost_term_sees_the_expected_cost_under_the_gates_probabilities(make_model, theta):
+    """Each gate counts with probability sigmoid(theta), the attention gate chained behind the 3x3 one, so the cost
+    moves with every threshold; the paper's thresholded cost moves only when one crosses zero."""
+    model = make_model("vit")
+    method = searching(model, conv_config(target_flops_reduction=0.3))
+    with torch.no_grad():
+        for state in method.search:
+            state.kernel_gates.fill_(theta)
+            state.neuron_gates.fill_(theta)
+    on = torch.sigmoid(torch.tensor(theta, dtype=torch.float64))
+    c, neurons = method.costs, [layer.num_neurons for layer in find_encoder_layers(model)]
+    every_neuron = sum(n * cost for n, cost in zip(neurons, c["neuron"]))
+    conv3x3, conv1x1 = (sum(change[kind] for change in c["deltas"]) for kind in ("conv3x3", "conv1x1"))
+    want = c["dense"] + on * (1 - on * on) * conv3x3 + (1 - on) * (1 - on * on) * conv1x1 - (1 - on) * every_neuron
+    cost = method._cost_estimate()
+    assert float(cost.detach()) == pytest.approx(float(want), rel=1e-9)
+    cost.backward()
+    assert all(bool((state.neuron_gates.grad != 0).all()) for state in method.search)
+    method.options.cost_estimate = "thresholded"  # the paper's: the thresholds alone decide
+    thresholded = c["dense"] if theta > 0 else c["dense"] + conv1x1 - every_neuron
+    assert float(method._cost_estimate()) == pytest.approx(thresholded, rel=1e-9)
+
+
 @pytest.mark.parametrize("target", [{"target_flops_reduction": 0.4}, {"target_sparsity": 0.3}], ids=str)
 def test_the_budget_is_met_within_two_percent_on_digits(tmp_path, target, capsys):
-    config = conv_config(**{"target_flops_reduction": None, "arch_learning_rate": 0.2, "search_fraction": 0.5, **target})
+    """The paper's thresholded cost at a fast architecture rate converts layers on digits: the conversion path end to
+    end (the default expected cost is checked below)."""
+    config = conv_config(**{"target_flops_reduction": None, "arch_learning_rate": 0.2, "search_fraction": 0.5,
+                            "cost_estimate": "thresholded", **target})
     trainer = train(tmp_path, config=config, max_steps=40, logging_steps=4)
     budget = config.budget
     kept = budget.measure(model_stats(trainer.model)) / budget.measure(trainer.dense_stats)
@@ -227,6 +254,17 @@ def test_the_budget_is_met_within_two_percent_on_digits(tmp_path, target, capsys
     lines = capsys.readouterr().out.splitlines()
     assert lines[3].split()[:2] == ["layer", "type"]
     assert [line.split()[1] for line in lines[5:9]] == types
+
+
+@pytest.mark.parametrize("target", [0.4, 0.6])
+def test_the_default_search_meets_the_budget_on_digits(tmp_path, target):
+    config = conv_config(target_flops_reduction=target)
+    trainer = train(tmp_path, config=config, max_steps=40, logging_steps=10)
+    kept = model_stats(trainer.model).flops / trainer.dense_stats.flops
+    assert 1 - target - 0.02 <= kept <= 1 - target, kept
+    types = trainer.method.types
+    assert [layer.layer_type or "attention" for layer in model_stats(trainer.model).layers] == types
+    assert types.count("attention") >= 1
 
 
 def test_resume_mid_search_equals_the_uninterrupted_run(tmp_path):

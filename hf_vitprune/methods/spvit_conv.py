@@ -14,9 +14,10 @@ forward), in evaluation ``theta > 0``; thresholds start at ``initial_gate`` > 0,
 as the attention with all its neurons.
 
 The loss adds ``flops_loss_weight x ((cost - target) / dense)^2``, the cost (FLOPs or parameters,
-counted exactly by ``model_stats`` for each layer type) taken at the thresholded gates with a
-straight-through gradient of ``sigmoid(theta)``. Gates and mixings train in their own optimizer group
-(``arch_learning_rate``), the BatchNorms with the weights.
+counted exactly by ``model_stats`` for each layer type) taken in expectation under the gates'
+probabilities ``sigmoid(theta)`` (``cost_estimate``; the paper takes it at the thresholded gates with a
+straight-through gradient, which makes every gate fall together). Gates and mixings train in their own
+optimizer group (``arch_learning_rate``), the BatchNorms with the weights.
 
 After the search each layer takes the type its gates chose and becomes a real ``nn.Conv2d`` layer
 (:func:`hf_vitprune.convert_attention`, the search's mixing and BatchNorm state carried over, so the
@@ -26,8 +27,8 @@ adjustment that makes the result meet the budget to within one neuron. The model
 with the usual distillation.
 
 Departures (docs/methods.md): the paper's fourth choice, skipping the attention altogether, is not
-offered (the layer types are attention, conv3x3, conv1x1); the cost term is relative to the dense
-model's cost rather than in GFLOPs, so one weight serves every model size; the gate samples are drawn
+offered (the layer types are attention, conv3x3, conv1x1); the cost term sees the expected cost, relative
+to the dense model's rather than in GFLOPs, so one weight serves every model size; the gate samples are drawn
 from a generator seeded by the run's seed, the same on every process, so all processes train the same
 path at each step; and the neurons are chosen to meet the budget exactly after the search.
 """
@@ -71,6 +72,7 @@ SPVIT_CONV_CITATION = {
 }
 PREFIX = "spvit_conv."
 TYPE_CODES = {name: code for code, name in enumerate(LAYER_TYPES)}
+COST_ESTIMATES = ("expected", "thresholded")
 
 
 
@@ -90,6 +92,12 @@ class ConvSearchOptions(MethodOptions):
     arch_learning_rate: float = field(
         default=1e-2, **_help("Learning rate of the gates' thresholds and the head-to-tap mixings (paper: 5e-4 to "
                               "1e-3 over 10 ImageNet epochs).")
+    )
+    cost_estimate: str = field(
+        default="expected", **_help("The cost the cost term sees: 'expected' (under the gates' probabilities "
+                                    "sigmoid(theta): it moves smoothly as the thresholds move) or 'thresholded' (the "
+                                    "paper's: at theta > 0 with a straight-through gradient, so it changes only when "
+                                    "gates cross zero, and every gate is pushed until then).")
     )
     initial_gate: float = field(
         default=0.5, **_help("Initial threshold of every gate (> 0: everything starts as attention with all its "
@@ -119,6 +127,9 @@ class ConvSearchOptions(MethodOptions):
         self._check_number("mixing_temperature", low=0)
         self._check_int("min_neurons_per_layer", 0)
         self._check_int("min_attention_layers", 0)
+        if self.cost_estimate not in COST_ESTIMATES:
+            raise ValueError(f"ConvSearchOptions.cost_estimate={self.cost_estimate!r}; choose one of "
+                             f"{list(COST_ESTIMATES)}.")
         if isinstance(self.layer_types, str):  # from the command line: JSON
             try:
                 self.layer_types = json.loads(self.layer_types)
@@ -383,24 +394,36 @@ class SPViTConv(PruningMethod):
     # ------------------------------------------------------------------ the search
 
     def loss_terms(self, model, inputs, outputs) -> dict[str, torch.Tensor]:
-        cost = self._expected_cost()
+        cost = self._cost_estimate()
         c = self.costs
         target = (1 - self.budget.fraction) * c["dense"]
         self._logs["spvit_cost_ratio"] = float(cost.detach()) / c["dense"]
         return {"spvit_cost": self.options.flops_loss_weight * ((cost - target) / c["dense"]).square()}
 
-    def _expected_cost(self) -> torch.Tensor:
-        """The model's cost at the thresholded gates, differentiable in the thresholds (straight-through)."""
-        c = self.costs
+    def _cost_estimate(self) -> torch.Tensor:
+        """The model's cost as the cost term sees it, differentiable in the thresholds.
+
+        ``thresholded`` (the paper's): at ``theta > 0``, with the straight-through gradient of ``sigmoid(theta)``.
+        It changes only when a gate crosses zero, so until then every gate is pushed the same way, and Adam
+        moves each by about its learning rate: the gates fall together and the cost overshoots (a gate race).
+        ``expected`` (the default): each gate on with probability ``sigmoid(theta)``, the 3x3 and attention gates
+        chained (``P(attention) = sigmoid(theta_3) sigmoid(theta_a)``), so the cost falls as the thresholds move
+        and the push fades as it nears the target, where the task gradient decides which gates go.
+        """
+        c, expected = self.costs, self.options.cost_estimate == "expected"
         total = torch.zeros((), dtype=torch.float64, device=self.search[0].kernel_gates.device)
         for i, state in enumerate(self.search):
-            g3, ga = (x.double() for x in self._gates(i, state, training=False))
+            if expected and self.searched[i]:
+                p = torch.sigmoid(state.kernel_gates.double())
+                g3, ga = p[0], p[0] * p[1]
+            else:
+                g3, ga = (x.double() for x in self._gates(i, state, training=False))
             change = c["deltas"][i]
             if len(change) > 1:
                 total = total + g3 * (1 - ga) * change["conv3x3"] + (1 - g3) * (1 - ga) * change["conv1x1"]
             if self.options.gate_neurons:
-                dropped = (1 - _thresholded(state.neuron_gates).double()).sum()
-                total = total - dropped * c["neuron"][i]
+                on = torch.sigmoid(state.neuron_gates.double()) if expected else _thresholded(state.neuron_gates).double()
+                total = total - (1 - on).sum() * c["neuron"][i]
         return total + c["dense"]
 
     def parameter_groups(self) -> list[dict]:
