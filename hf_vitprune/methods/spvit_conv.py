@@ -422,7 +422,8 @@ class SPViTConv(PruningMethod):
             if len(change) > 1:
                 total = total + g3 * (1 - ga) * change["conv3x3"] + (1 - g3) * (1 - ga) * change["conv1x1"]
             if self.options.gate_neurons:
-                on = torch.sigmoid(state.neuron_gates.double()) if expected else _thresholded(state.neuron_gates).double()
+                gates = state.neuron_gates.double()
+                on = torch.sigmoid(gates) if expected else _thresholded(gates)
                 total = total - (1 - on).sum() * c["neuron"][i]
         return total + c["dense"]
 
