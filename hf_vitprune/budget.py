@@ -149,16 +149,9 @@ class _Choice:
     kind: UnitKind
     keyword: bool  # set through select_plan's head_/neuron_ keywords rather than the dicts
     pruned: bool
-    minimum: int | tuple[int, ...]  # one for every layer, or per layer
+    minimum: int | tuple[int, ...]  # as given; select_plan makes it one per layer
     rounding: int
     scores: Sequence[torch.Tensor] | None
-
-    def minimum_at(self, layer: int) -> int:
-        return self.minimum[layer] if isinstance(self.minimum, tuple) else self.minimum
-
-    @property
-    def largest_minimum(self) -> int:
-        return max(self.minimum, default=0) if isinstance(self.minimum, tuple) else self.minimum
 
     def _name(self, keyword: str, dictionary: str) -> str:
         return keyword if self.keyword else f"{dictionary}[{self.kind.name!r}]"
@@ -233,6 +226,16 @@ def _check_minimum(name: str, value) -> int | tuple[int, ...]:
     if isinstance(value, Sequence) and not isinstance(value, str):
         return tuple(_check_int(f"{name}[{i}]", v, 0) for i, v in enumerate(value))
     return _check_int(name, value, 0)
+
+
+def _per_layer(name: str, minimum: int | tuple[int, ...], layers: int) -> tuple[int, ...]:
+    """``minimum`` (checked by :func:`_check_minimum`) as one value per layer."""
+    if not isinstance(minimum, tuple):
+        return (minimum,) * layers
+    if len(minimum) != layers:
+        raise ValueError(f"{name} gives {len(minimum)} minimums, but the model has {layers} layers; give one per "
+                         f"layer, or one int for all.")
+    return minimum
 
 
 def _mandatory_count(width: int, minimum: int, multiple: int) -> int:
@@ -366,10 +369,7 @@ def select_plan(
     kinds = range(len(choices))
 
     layers = find_encoder_layers(model)
-    for choice in choices:
-        if isinstance(choice.minimum, tuple) and len(choice.minimum) != len(layers):
-            raise ValueError(f"{choice.min_name} gives {len(choice.minimum)} minimums, but the model has "
-                             f"{len(layers)} layers; give one per layer, or one int for all.")
+    choices = [dataclasses.replace(c, minimum=_per_layer(c.min_name, c.minimum, len(layers))) for c in choices]
     widths = [[choice.kind.count(layer) for layer in layers] for choice in choices]
     checked = [
         _check_scores(choice.scores_name, choice.scores, sizes) if choice.pruned else None
@@ -397,7 +397,7 @@ def select_plan(
                 continue
             score = checked[kind][i].tolist()
             order = sorted(range(width), key=lambda j: (-score[j], j))
-            m = _mandatory_count(width, choice.minimum_at(i), choice.rounding)
+            m = _mandatory_count(width, choice.minimum[i], choice.rounding)
             mandatory[kind][i] = order[:m]
             mandatory_cost[kind] += m * cost
             chain: list[_Block] = []
@@ -533,12 +533,12 @@ def _raise_unreachable(budget, dense, limit, base, fixed, mandatory_cost, unprun
             parts.append(f"{unpruned_cost[k]} for all {name}, since {choice.not_pruned_because}")
         elif mandatory_cost[k]:
             rounding = f" rounded up to a multiple of {choice.rounding}" if choice.rounding > 1 else ""
-            minimum = "/".join(map(str, choice.minimum)) if isinstance(choice.minimum, tuple) else choice.minimum
+            minimum = choice.minimum[0] if len(set(choice.minimum)) == 1 else "/".join(map(str, choice.minimum))
             parts.append(f"{mandatory_cost[k]} for the minimum {minimum} {name} per layer{rounding}")
     reachable = max(0.0, 1.0 - base / dense)
     fixes = [f"lower {budget.target_name} to at most {math.floor(reachable * 1e4) / 1e4:.4f}"]
-    if any(c.largest_minimum > 0 and c.pruned for c in choices):
-        others = [c for c in choices if not c.keyword and c.pruned and c.largest_minimum > 0]
+    if any(max(c.minimum, default=0) > 0 and c.pruned for c in choices):
+        others = [c for c in choices if not c.keyword and c.pruned and max(c.minimum, default=0) > 0]
         minimum_names = [c.min_name for c in choices if c.keyword] + [c.min_name for c in others]
         rounding_names = ["round_*_to"] + [c.round_name for c in others]
         fixes.append(f"lower {' / '.join(minimum_names)} or the {' / '.join(rounding_names)} multiples")

@@ -34,6 +34,16 @@ from transformers import (
 )
 
 from .config import PruningConfig, config_from_arguments, option_owners, pruning_arguments
+from .data import (
+    builtin_image_processor,
+    check_label,
+    check_labels,
+    decode_image,
+    load_digits_dataset,
+    load_fashion_mnist,
+    split_name,
+    undecoded_images,
+)
 from .fileio import check_writable, describe_entries, remove_stale_staging
 from .methods import DEFAULT_METHOD, METHODS, get_method
 from .metrics import make_compute_metrics
@@ -520,7 +530,6 @@ def load_data(data_args: DataArguments, model_args: ModelArguments, seed: int = 
                         num_labels=len(labels))
         evaluation = wrapper(evaluation, processor, *columns, mode=mode, encode=encode, num_labels=len(labels))
         return Data(train, evaluation, labels, processor, config, config_labels)
-    from .data import builtin_image_processor, load_digits_dataset, load_fashion_mnist
 
     loaders = {"digits": load_digits_dataset, "fashion_mnist": load_fashion_mnist}
     if data_args.builtin_dataset not in loaders:
@@ -717,8 +726,6 @@ class _ImageExamples:
 
     def __init__(self, dataset, processor, image_column: str, label_column: str, mode: str = "RGB", encode=None,
                  augment: bool = False, seed: int = 0, num_labels: int | None = None):
-        from .data import check_labels, split_name, undecoded_images
-
         self.split = split_name(dataset, "training" if augment else "evaluation")
         self.num_labels = num_labels  # labels are checked against it: up front in memory, as read for a stream
         if num_labels is not None and encode is None and not isinstance(dataset, IterableDataset):
@@ -740,8 +747,6 @@ class _ImageExamples:
         self.epoch = int(epoch)
 
     def _example(self, example: dict, index: int) -> dict:
-        from .data import check_label, decode_image
-
         image = example[self.image_column]
         if self._image_feature is not None:
             image = decode_image(self._image_feature, image, index, self.split, self._token_per_repo_id)

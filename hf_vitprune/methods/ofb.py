@@ -591,20 +591,14 @@ class OFB(PruningMethod):
         mask = self.mask
         self._detach()
         layers = find_encoder_layers(model)
-        widths = self._feasible_widths(model, {i: mask.chosen_width(i) for i in range(len(mask.searched))})
-        kept: dict[str, dict] = {kind: {} for kind in KINDS}
+        minimums = self.unit_minimums(model)
+        widths = self._feasible_widths(model, {i: mask.chosen_width(i) for i in range(len(mask.searched))}, minimums)
+        kept = self._kept_units(widths)
         scales: dict[str, dict] = {kind: {} for kind in KINDS}
-        searched = {}
         for i, module in enumerate(mask.searched):
-            width = widths[i]
-            ranks = mask.ranks(i)
-            inside = (ranks < width).to(torch.float32)
-            scale = self.mix * torch.sigmoid(mask.scores[i]) + (1 - self.mix) * inside
-            units = sorted(torch.nonzero(ranks < width).flatten().tolist())
-            kept[module.kind][module.layer] = units
-            scales[module.kind][module.layer] = scale
-            searched[module.key] = width
-        self.searched_widths = searched
+            inside = (mask.ranks(i) < widths[i]).to(torch.float32)
+            scales[module.kind][module.layer] = self.mix * torch.sigmoid(mask.scores[i]) + (1 - self.mix) * inside
+        self.searched_widths = {module.key: widths[i] for i, module in enumerate(mask.searched)}
         for layer_index, scale in scales["heads"].items():
             layer = layers[layer_index]
             o_proj = layer.attention.o_proj
@@ -626,17 +620,20 @@ class OFB(PruningMethod):
                     norm.weight.mul_(scale.to(norm.weight))
                 if norm.bias is not None:
                     norm.bias.mul_(scale.to(norm.bias))
-        plan = self._exact_selection(model, self._narrowing(widths), kept, mask)
+        plan = self._exact_selection(model, self._narrowing(kept), kept, mask, minimums)
         self.mask = None
         return plan
 
-    def _narrowing(self, widths: dict[int, int]) -> PruningPlan:
-        """The head dims and embedding channels that ``widths`` (module -> width) keep, by importance."""
-        kept: dict[str, dict] = {"head_dims": {}, "embedding": {}}
+    def _kept_units(self, widths: dict[int, int]) -> dict[str, dict]:
+        """kind -> layer (None: the embedding) -> the units ``widths`` (module -> width) keep, by importance."""
+        kept: dict[str, dict] = {kind: {} for kind in KINDS}
         for i, module in enumerate(self.mask.searched):
-            if module.kind in kept:
-                inside = torch.nonzero(self.mask.ranks(i) < widths[i]).flatten()
-                kept[module.kind][module.layer] = sorted(inside.tolist())
+            kept[module.kind][module.layer] = sorted(torch.nonzero(self.mask.ranks(i) < widths[i]).flatten().tolist())
+        return kept
+
+    @staticmethod
+    def _narrowing(kept: dict[str, dict]) -> PruningPlan:
+        """The head dims and embedding channels of ``kept`` (:meth:`_kept_units`) as a plan."""
         return PruningPlan(other_units={"head_dims": kept["head_dims"]}, embedding=kept["embedding"].get(None))
 
     def unit_minimums(self, model: nn.Module) -> dict[str, list[int]]:
@@ -653,16 +650,16 @@ class OFB(PruningMethod):
     def _floor_cost(self, model: nn.Module, narrowing: PruningPlan, minimums: dict[str, list[int]]) -> float:
         """The budget measure of the narrowed model with every layer at its fewest heads and neurons."""
         layers = find_encoder_layers(model)
-        fewest = {kind: {layer.index: list(range(min(m, count(layer)))) for layer, m in zip(layers, minimums[kind])}
-                  for kind, count in (("heads", lambda layer: layer.num_heads),
-                                      ("neurons", lambda layer: layer.num_neurons))}
-        plan = PruningPlan(heads=fewest["heads"] if self.config.prune_heads else {},
-                           neurons=fewest["neurons"] if self.config.prune_neurons else {},
+        heads = {layer.index: list(range(min(m, layer.num_heads))) for layer, m in zip(layers, minimums["heads"])}
+        neurons = {layer.index: list(range(min(m, layer.num_neurons))) for layer, m in zip(layers, minimums["neurons"])}
+        plan = PruningPlan(heads=heads if self.config.prune_heads else {},
+                           neurons=neurons if self.config.prune_neurons else {},
                            allow_empty_attention=True, allow_empty_mlp=True,
                            other_units=narrowing.other_units, embedding=narrowing.embedding)
         return float(self.config.budget.measure(model_stats(model, plan)))
 
-    def _feasible_widths(self, model: nn.Module, widths: dict[int, int]) -> dict[int, int]:
+    def _feasible_widths(self, model: nn.Module, widths: dict[int, int], minimums: dict[str, list[int]]
+                         ) -> dict[int, int]:
         """``widths`` with head dims and the embedding width narrowed until the final selection can meet the budget
         while every layer keeps its minimum heads and neurons (:meth:`unit_minimums`).
 
@@ -673,8 +670,7 @@ class OFB(PruningMethod):
         to its dense width (so that a search sure of its widths narrows them evenly).
         """
         mask, widths = self.mask, dict(widths)
-        minimums = self.unit_minimums(model)
-        while self._floor_cost(model, self._narrowing(widths), minimums) > self.target:
+        while self._floor_cost(model, self._narrowing(self._kept_units(widths)), minimums) > self.target:
             steps = []
             for i, module in enumerate(mask.searched):
                 narrower = [c for c, width in enumerate(module.candidates) if width < widths[i]]
@@ -688,7 +684,8 @@ class OFB(PruningMethod):
             widths[i] = width
         return widths
 
-    def _exact_selection(self, model, narrowing: PruningPlan, kept: dict, mask: BiMask) -> PruningPlan:
+    def _exact_selection(self, model, narrowing: PruningPlan, kept: dict, mask: BiMask,
+                         minimums: dict[str, list[int]]) -> PruningPlan:
         """Heads and neurons chosen to meet the budget on the narrowed model, keeping the searched widths where
         the budget allows.
 
@@ -723,7 +720,6 @@ class OFB(PruningMethod):
         arguments = self.config.selection_arguments()
         for key in ("target_sparsity", "target_flops_reduction"):
             arguments.pop(key)
-        minimums = self.unit_minimums(model)
         arguments.update(min_heads_per_layer=minimums["heads"], min_neurons_per_layer=minimums["neurons"])
         selected = select_plan(narrowed, scores["heads"], scores["neurons"], budget=target, **arguments)
         return PruningPlan(heads=selected.heads, neurons=selected.neurons,
