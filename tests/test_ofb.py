@@ -268,6 +268,25 @@ def test_the_final_selection_keeps_the_grids_narrowest_heads_and_mlp(fraction, n
     assert (min(widths) < 16) == narrows
 
 
+@pytest.mark.parametrize("reduction", [0.2, 0.6])
+def test_head_dims_and_embedding_widen_when_they_leave_the_model_under_budget(reduction):
+    """A search sure of its narrowest head dims and embedding (which alone leave 31% of the dense FLOPs) still
+    lands on the budget: they widen, the likeliest candidate first, until the heads and neurons can spend it."""
+    model = digits_vit()
+    config = ofb_config(target_flops_reduction=reduction)
+    method = OFB(config)
+    method.setup(SearchContext(model=model, budget=config.budget, search_steps=10, calibration_batches=[]))
+    mask = method.mask
+    with torch.no_grad():
+        for i, module in enumerate(mask.searched):  # narrowest head dims and embedding, widest heads and MLPs
+            sure = torch.linspace(0, 5, len(module.candidates))
+            mask.logits[i].copy_(-sure if module.kind in ("head_dims", "embedding") else sure)
+    plan = method.finalize(model)
+    kept = config.budget.measure(model_stats(model, plan)) / method.dense_measure
+    assert 1 - reduction - 0.01 <= kept <= 1 - reduction
+    assert len(plan.embedding) > 16 and plan.heads and plan.neurons  # widened, then heads and neurons selected
+
+
 def test_a_shrink_step_keeps_the_loss_and_slices_the_optimizer_state(tmp_path):
     trainer = PruningTrainer(model=digits_vit(), args=ofb_args(tmp_path), train_dataset=digits(),
                              pruning_config=ofb_config())

@@ -647,8 +647,12 @@ class OFB(PruningMethod):
                 minimums[module.kind][module.layer] = max(floors[module.kind], min(module.candidates))
         return minimums
 
-    def _floor_cost(self, model: nn.Module, narrowing: PruningPlan, minimums: dict[str, list[int]]) -> float:
-        """The budget measure of the narrowed model with every layer at its fewest heads and neurons."""
+    def _cost_of(self, model: nn.Module, narrowing: PruningPlan, minimums: dict[str, list[int]] | None = None
+                 ) -> float:
+        """The budget measure of the narrowed model with every head and neuron kept, or with ``minimums``: every
+        layer at its fewest heads and neurons."""
+        if minimums is None:
+            return float(self.config.budget.measure(model_stats(model, narrowing)))
         layers = find_encoder_layers(model)
         heads = {layer.index: list(range(min(m, layer.num_heads))) for layer, m in zip(layers, minimums["heads"])}
         neurons = {layer.index: list(range(min(m, layer.num_neurons))) for layer, m in zip(layers, minimums["neurons"])}
@@ -660,27 +664,53 @@ class OFB(PruningMethod):
 
     def _feasible_widths(self, model: nn.Module, widths: dict[int, int], minimums: dict[str, list[int]]
                          ) -> dict[int, int]:
-        """``widths`` with head dims and the embedding width narrowed until the final selection can meet the budget
-        while every layer keeps its minimum heads and neurons (:meth:`unit_minimums`).
+        """``widths`` with head dims and the embedding width moved until the final selection can meet the budget
+        exactly, which adjusts only heads and neurons.
 
-        The exact selection adjusts only heads and neurons, so when the searched head dims and embedding width
-        leave too little of the budget it would cut them below the search grid (MLPs of 1 or 2 neurons were seen
-        at 60%). Instead, one module at a time steps down to its next narrower candidate, until the narrowest heads
-        and neurons fit: the step to the likeliest candidate first, among equals the module that is widest relative
-        to its dense width (so that a search sure of its widths narrows them evenly).
+        Narrowing: when the searched head dims and embedding width leave too little of the budget for every layer's
+        minimum heads and neurons (:meth:`unit_minimums`), the selection would cut them below the search grid (MLPs
+        of 1 or 2 neurons were seen at 60%). One module at a time steps down to its next narrower candidate until the
+        minimums fit: the step to the likeliest candidate first, among equals the module widest relative to its
+        dense width (so that a search sure of its widths narrows them evenly).
+
+        Widening, the mirror: when they leave the model under the budget with every head and neuron kept (an
+        embedding of half the dense width at 60% FLOPs left 33% of them, not 40%), the selection cannot spend the
+        rest. One module at a time steps up to its next wider candidate whose units the search still has, likeliest
+        first, among equals the module narrowest relative to its dense width, as long as the minimums still fit.
         """
         mask, widths = self.mask, dict(widths)
-        while self._floor_cost(model, self._narrowing(self._kept_units(widths)), minimums) > self.target:
-            steps = []
+
+        def steps(wider: bool) -> list[tuple]:
+            """(likelihood, preference, -i, i, width) of every module's next candidate in one direction."""
+            found = []
             for i, module in enumerate(mask.searched):
-                narrower = [c for c, width in enumerate(module.candidates) if width < widths[i]]
-                if module.kind in ("head_dims", "embedding") and narrower:
-                    step = max(narrower, key=lambda c: module.candidates[c])  # the next narrower candidate
-                    likelihood = float(mask.probabilities(i).detach()[step])
-                    steps.append((likelihood, widths[i] / max(module.candidates), -i, i, module.candidates[step]))
-            if not steps:
+                if module.kind not in ("head_dims", "embedding"):
+                    continue
+                alive = int(mask.alive(i).sum())  # shrinking removed the units past the widest active candidate
+                beyond = [c for c, width in enumerate(module.candidates)
+                          if (widths[i] < width <= alive if wider else width < widths[i])]
+                if beyond:
+                    step = (min if wider else max)(beyond, key=lambda c: module.candidates[c])  # the next one
+                    relative = widths[i] / max(module.candidates)
+                    found.append((float(mask.probabilities(i).detach()[step]), -relative if wider else relative,
+                                  -i, i, module.candidates[step]))
+            return sorted(found, reverse=True)
+
+        def cost(candidate: dict[int, int], minimums=None) -> float:
+            return self._cost_of(model, self._narrowing(self._kept_units(candidate)), minimums)
+
+        while cost(widths, minimums) > self.target:
+            narrower = steps(wider=False)
+            if not narrower:
                 break  # cannot happen when the grid's narrowest model fits (setup checks it)
-            *_, i, width = max(steps)
+            *_, i, width = narrower[0]
+            widths[i] = width
+        while cost(widths) < self.target:
+            wider = [(i, width) for *_, i, width in steps(wider=True)
+                     if cost({**widths, i: width}, minimums) <= self.target]
+            if not wider:
+                break
+            i, width = wider[0]
             widths[i] = width
         return widths
 
