@@ -311,16 +311,28 @@ class PruningTrainer(Trainer):
         return optimizer
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
-        """The method may ask for its own learning-rate schedule during the search (ADMM: constant)."""
+        """The method may ask for its own learning-rate schedule during the search (ADMM: constant), and keep
+        some of its parameter groups at a constant rate (``"lr_schedule": "constant"``)."""
         kind = self.method.search_lr_scheduler() if self.phase == self.method.phase_name else None
         if kind is None or self.lr_scheduler is not None:
-            return super().create_scheduler(num_training_steps, optimizer)
-        self.lr_scheduler = get_scheduler(
-            kind, optimizer=optimizer if optimizer is not None else self.optimizer,
-            num_warmup_steps=self.args.get_warmup_steps(num_training_steps), num_training_steps=num_training_steps,
-        )
-        self._created_lr_scheduler = True
-        return self.lr_scheduler
+            scheduler = super().create_scheduler(num_training_steps, optimizer)
+        else:
+            self.lr_scheduler = scheduler = get_scheduler(
+                kind, optimizer=optimizer if optimizer is not None else self.optimizer,
+                num_warmup_steps=self.args.get_warmup_steps(num_training_steps), num_training_steps=num_training_steps,
+            )
+            self._created_lr_scheduler = True
+        constant = [i for i, group in enumerate(scheduler.optimizer.param_groups)
+                    if group.get("lr_schedule") == "constant"]
+        if constant and not isinstance(getattr(scheduler, "lr_lambdas", None), list):
+            raise ValueError(f"lr_scheduler_type={self.args.lr_scheduler_type!r} cannot keep the method's "
+                             f"architecture parameters at a constant rate; choose a schedule such as 'cosine' or "
+                             f"'linear', or the method's default schedule option.")
+        for i in constant:
+            scheduler.lr_lambdas[i] = _constant_rate
+            group = scheduler.optimizer.param_groups[i]
+            group["lr"] = group["initial_lr"]  # the first step too, warm-up or not
+        return scheduler
 
     def _compact_during_search(self, plan: PruningPlan) -> None:
         """Remove ``plan``'s units now, mid-search: the model in place, the optimizer state alike, DDP re-wrapped."""
@@ -721,6 +733,12 @@ class PruningTrainer(Trainer):
         batches = len(self.get_train_dataloader())
         per_epoch = max(math.ceil(batches / self.args.gradient_accumulation_steps), 1)
         return math.ceil(self.args.num_train_epochs * per_epoch)
+
+
+def _constant_rate(step: int) -> float:
+    """The learning-rate factor of a group kept at a constant rate (a module-level function, so that the
+    scheduler's state dict holds nothing of it)."""
+    return 1.0
 
 
 def _training_image_size(dataset) -> tuple[int, int] | None:

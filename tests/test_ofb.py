@@ -242,6 +242,32 @@ def test_the_budget_loss_moves_the_expected_cost_toward_the_target(tmp_path):
     assert loose[-1] - tight[-1] > 0.1
 
 
+@pytest.mark.parametrize("schedule", ["weights", "constant"])
+def test_the_architecture_logits_follow_the_chosen_schedule(tmp_path, schedule):
+    """arch_schedule='constant' keeps the logits at arch_learning_rate through the search while the weights follow
+    the Trainer's cosine schedule; 'weights' decays them alike."""
+    trainer = PruningTrainer(model=digits_vit(), args=ofb_args(tmp_path, lr_scheduler_type="cosine", warmup_steps=2),
+                             train_dataset=digits(), pruning_config=ofb_config(arch_schedule=schedule))
+    method = trainer.method
+    trainer.phase = method.phase_name
+    method.setup(SearchContext(model=trainer.model, budget=trainer.pruning_config.budget, search_steps=10,
+                               calibration_batches=trainer._calibration_batches))
+    trainer.create_optimizer_and_scheduler(num_training_steps=10)
+    logits = next(g for g in trainer.optimizer.param_groups if g["params"][0] is method.mask.logits[0])
+    weights = trainer.optimizer.param_groups[0]
+    rates = []
+    for _ in range(10):
+        rates.append((logits["lr"], weights["lr"]))
+        trainer.optimizer.step()
+        trainer.lr_scheduler.step()
+    assert rates[-1][1] < 0.1 * max(w for _, w in rates)  # the weights' cosine, after its warm-up
+    arch = [a for a, _ in rates]
+    if schedule == "constant":
+        assert arch == [pytest.approx(0.05)] * len(arch)
+    else:
+        assert arch[0] == 0.0 and max(arch) == pytest.approx(0.05) and arch[-1] < 0.1 * 0.05
+
+
 # fast-moving logits under a budget the uniform start exceeds: units are sliced out within a few steps
 SHRINKING = dict(arch_learning_rate=0.5, shrink_threshold=0.9, target_flops_reduction=0.5, shrink_interval=1)
 

@@ -146,7 +146,8 @@ class PruningMethod:
     def parameter_groups(self) -> list[dict[str, Any]]:
         """Optimizer parameter groups (``{"params": [...], "lr": ..., ...}``) of the method's own trainable
         tensors, added to the search phase's optimizer after the model's groups; the trainer clears their
-        gradients after every optimizer step, as it does the model's."""
+        gradients after every optimizer step, as it does the model's. A group with ``"lr_schedule": "constant"``
+        keeps its learning rate through the search; the others follow the Trainer's schedule."""
         return []
 
     def before_optimizer_step(self, model: nn.Module) -> None:

@@ -74,6 +74,7 @@ OFB_CITATION = {
 }
 
 KINDS = ("heads", "head_dims", "neurons", "embedding")
+ARCH_SCHEDULES = ("weights", "constant")
 PREFIX = "ofb."
 PMIM_PREFIX = "ofb.pmim."
 SEARCHED_PREFIX = "ofb.searched."  # the searched widths, kept in fine-tuning checkpoints for the card
@@ -117,6 +118,11 @@ class OFBOptions(MethodOptions):
     l1_weight: float = field(default=1e-4, **_help("Weight of the L1 term on the importance masks (summed)."))
     score_learning_rate: float = field(default=5e-2, **_help("Learning rate of the importance scores."))
     arch_learning_rate: float = field(default=5e-2, **_help("Learning rate of the architecture logits."))
+    arch_schedule: str = field(
+        default="weights", **_help("Learning-rate schedule of the architecture logits: 'weights' (the Trainer's "
+                                   "lr_scheduler_type, as every other group) or 'constant' (the paper's own optimizer "
+                                   "setting: arch_learning_rate throughout the search).")
+    )
     initial_score: float = field(default=3.0, **_help("Initial importance score (sigmoid(3) = 0.95: nearly all on)."))
     shrink_interval: int = field(default=10, **_help("Optimizer steps between progressive-shrinking checks."))
     shrink_threshold: float = field(
@@ -158,6 +164,8 @@ class OFBOptions(MethodOptions):
             self._check_number(name, low=0, high=1, low_open=False)
         self._check_number("pmim_weight", low=0, low_open=False)
         self._check_number("decoder_learning_rate", low=0)
+        if self.arch_schedule not in ARCH_SCHEDULES:
+            raise ValueError(f"OFBOptions.arch_schedule={self.arch_schedule!r}; choose one of {list(ARCH_SCHEDULES)}.")
         for name in ("search_head_dims", "search_embedding", "physical_shrinking", "pmim"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"OFBOptions.{name}={getattr(self, name)!r} must be True or False.")
@@ -472,7 +480,8 @@ class OFB(PruningMethod):
     def parameter_groups(self) -> list[dict]:
         groups = [
             {"params": list(self.mask.scores), "lr": self.options.score_learning_rate, "weight_decay": 0.0},
-            {"params": list(self.mask.logits), "lr": self.options.arch_learning_rate, "weight_decay": 0.0},
+            {"params": list(self.mask.logits), "lr": self.options.arch_learning_rate, "weight_decay": 0.0,
+             **({"lr_schedule": "constant"} if self.options.arch_schedule == "constant" else {})},
         ]
         if self.pmim is not None:
             groups.append({"params": list(self.pmim.parameters()), "lr": self.options.decoder_learning_rate,
