@@ -198,25 +198,31 @@ def train(directory, config=None, **arguments):
     return trainer
 
 
+@pytest.mark.parametrize("gate_heads", [False, True], ids=["neurons", "heads_too"])
 @pytest.mark.parametrize("theta", [0.5, -1.0])
-def test_the_cost_term_sees_the_expected_cost_under_the_gates_probabilities(make_model, theta):
+def test_the_cost_term_sees_the_expected_cost_under_the_gates_probabilities(make_model, theta, gate_heads):
     """Each gate counts with probability sigmoid(theta), the attention gate chained behind the 3x3 one, so the cost
-    moves with every threshold; the paper's thresholded cost moves only when one crosses zero."""
+    moves with every threshold; the paper's thresholded cost moves only when one crosses zero. A head saves its cost
+    only while its layer stays attention."""
     model = make_model("vit")
-    method = searching(model, conv_config(target_flops_reduction=0.3))
+    method = searching(model, conv_config(target_flops_reduction=0.3, gate_heads=gate_heads))
     with torch.no_grad():
         for state in method.search:
-            state.kernel_gates.fill_(theta)
-            state.neuron_gates.fill_(theta)
+            for gates in (state.kernel_gates, state.neuron_gates, state.head_gates):
+                gates.fill_(theta)
     on = torch.sigmoid(torch.tensor(theta, dtype=torch.float64))
-    c, neurons = method.costs, [layer.num_neurons for layer in find_encoder_layers(model)]
-    every_neuron = sum(n * cost for n, cost in zip(neurons, c["neuron"]))
+    c, layers = method.costs, find_encoder_layers(model)
+    every_neuron = sum(layer.num_neurons * cost for layer, cost in zip(layers, c["neuron"]))
+    every_head = sum(layer.num_heads * cost for layer, cost in zip(layers, c["head"])) if gate_heads else 0.0
     conv3x3, conv1x1 = (sum(change[kind] for change in c["deltas"]) for kind in ("conv3x3", "conv1x1"))
-    want = c["dense"] + on * (1 - on * on) * conv3x3 + (1 - on) * (1 - on * on) * conv1x1 - (1 - on) * every_neuron
+    want = (c["dense"] + on * (1 - on * on) * conv3x3 + (1 - on) * (1 - on * on) * conv1x1 - (1 - on) * every_neuron
+            - on * on * (1 - on) * every_head)
     cost = method._cost_estimate()
     assert float(cost.detach()) == pytest.approx(float(want), rel=1e-9)
     cost.backward()
     assert all(bool((state.neuron_gates.grad != 0).all()) for state in method.search)
+    assert all((state.head_gates.grad is not None and bool((state.head_gates.grad != 0).all())) == gate_heads
+               for state in method.search)
     method.options.cost_estimate = "thresholded"  # the paper's: the thresholds alone decide
     thresholded = c["dense"] if theta > 0 else c["dense"] + conv1x1 - every_neuron
     assert float(method._cost_estimate()) == pytest.approx(thresholded, rel=1e-9)
@@ -256,15 +262,25 @@ def test_the_budget_is_met_within_two_percent_on_digits(tmp_path, target, capsys
     assert [line.split()[1] for line in lines[5:9]] == types
 
 
+@pytest.mark.parametrize("gate_heads", [False, True], ids=["neurons", "heads_too"])
 @pytest.mark.parametrize("target", [0.4, 0.6])
-def test_the_default_search_meets_the_budget_on_digits(tmp_path, target):
-    config = conv_config(target_flops_reduction=target)
+def test_the_default_search_meets_the_budget_on_digits(tmp_path, target, gate_heads):
+    config = conv_config(target_flops_reduction=target, gate_heads=gate_heads)
     trainer = train(tmp_path, config=config, max_steps=40, logging_steps=10)
     kept = model_stats(trainer.model).flops / trainer.dense_stats.flops
     assert 1 - target - 0.02 <= kept <= 1 - target, kept
     types = trainer.method.types
     assert [layer.layer_type or "attention" for layer in model_stats(trainer.model).layers] == types
     assert types.count("attention") >= 1
+    heads = [layer.num_heads for layer, t in zip(find_encoder_layers(trainer.model), types) if t == "attention"]
+    assert (min(heads) < 4) == gate_heads  # the digits ViT has 4 heads per layer
+    if gate_heads:
+        trainer.save_model()
+        reloaded = AutoModelForImageClassification.from_pretrained(tmp_path).eval()
+        images = digits()[:4]["pixel_values"]
+        torch.testing.assert_close(logits_of(reloaded, images), logits_of(trainer.model.eval(), images))
+        card = (tmp_path / "README.md").read_text()
+        assert "the heads of the other layers (at least 1 per layer) and MLP neurons" in card
 
 
 def test_resume_mid_search_equals_the_uninterrupted_run(tmp_path):

@@ -108,6 +108,12 @@ class ConvSearchOptions(MethodOptions):
                               "(paper: 0.01).")
     )
     gate_neurons: bool = field(default=True, **_help("Gate (and prune) the MLP neurons too, as the paper does."))
+    gate_heads: bool = field(
+        default=False, **_help("Gate (and prune) the heads of the layers that stay attention (not in the paper: its "
+                               "budget falls on layer types and MLP neurons only).")
+    )
+    min_heads_per_layer: int = field(default=1, **_help("Heads every layer that stays attention keeps at least "
+                                                        "(with gate_heads)."))
     min_attention_layers: int = field(
         default=1, **_help("Layers that stay attention at least (those the search leaves closest to attention): the "
                            "class token reads the image only through attention layers, as it bypasses convolutions.")
@@ -126,6 +132,7 @@ class ConvSearchOptions(MethodOptions):
         self._check_number("initial_gate", low=0)
         self._check_number("mixing_temperature", low=0)
         self._check_int("min_neurons_per_layer", 0)
+        self._check_int("min_heads_per_layer", 1)
         self._check_int("min_attention_layers", 0)
         if self.cost_estimate not in COST_ESTIMATES:
             raise ValueError(f"ConvSearchOptions.cost_estimate={self.cost_estimate!r}; choose one of "
@@ -150,7 +157,8 @@ class ConvSearchOptions(MethodOptions):
 
 
 class LayerSearch(nn.Module):
-    """One layer's search state: two chained kernel gates, a head-to-tap mixing, two BatchNorms, neuron gates."""
+    """One layer's search state: two chained kernel gates, a head-to-tap mixing, two BatchNorms, neuron gates and
+    head gates (used with ``gate_heads``)."""
 
     def __init__(self, heads: int, channels: int, neurons: int, initial_gate: float):
         super().__init__()
@@ -158,6 +166,7 @@ class LayerSearch(nn.Module):
         self.mixing = nn.Parameter(torch.ones(heads, 9))
         self.norms = nn.ModuleDict({"conv1x1": nn.BatchNorm2d(channels), "conv3x3": nn.BatchNorm2d(channels)})
         self.neuron_gates = nn.Parameter(torch.full((neurons,), float(initial_gate)))
+        self.head_gates = nn.Parameter(torch.full((heads,), float(initial_gate)))
 
 
 def _thresholded(theta: torch.Tensor) -> torch.Tensor:
@@ -260,9 +269,11 @@ class SPViTConv(PruningMethod):
                     shaped = convert_attention(meta_copy(model), {layer.index: layer_type})
                     change[layer_type] = float(measure(model_stats(shaped)) - dense)
             deltas.append(change)
-        neuron = [float(c) for c in unit_costs(model, self.budget)["neurons"]]
-        return {"dense": float(dense), "deltas": deltas, "neuron": neuron,
-                "neurons": [layer.num_neurons for layer in find_encoder_layers(model)]}
+        units = unit_costs(model, self.budget)
+        layers = find_encoder_layers(model)
+        return {"dense": float(dense), "deltas": deltas, "neuron": [float(c) for c in units["neurons"]],
+                "neurons": [layer.num_neurons for layer in layers], "head": [float(c) for c in units["heads"]],
+                "heads": [layer.num_heads if not layer.is_convolution else 0 for layer in layers]}
 
     def _check_reachable(self) -> None:
         """The cheapest model the search space holds must meet the budget."""
@@ -283,6 +294,8 @@ class SPViTConv(PruningMethod):
         target = (1 - self.budget.fraction) * c["dense"]
         if cost > target:
             neurons = f"{o.min_neurons_per_layer} MLP neuron(s) per layer" if o.gate_neurons else "every MLP neuron"
+            if o.gate_heads:
+                neurons += f", {o.min_heads_per_layer} head(s) per attention layer"
             raise ValueError(
                 f"{self.budget.target_name}={self.budget.fraction:g} asks for at most {target:,.0f} "
                 f"{self.budget.unit_name} (of {c['dense']:,.0f}), but the cheapest model spvit_conv can reach (1x1 "
@@ -316,12 +329,15 @@ class SPViTConv(PruningMethod):
         )
 
     def _cost(self, types: list[str], fewest_neurons: bool) -> float:
-        """The model's cost (the budget's measure) with these layer types, and every MLP neuron or, when the
-        neurons are gated, only ``min_neurons_per_layer`` of them."""
+        """The model's cost (the budget's measure) with these layer types, and every MLP neuron and head or, where
+        they are gated, only ``min_neurons_per_layer`` / ``min_heads_per_layer`` of them."""
         c, o = self.costs, self.options
         total = c["dense"] + sum(change[t] for change, t in zip(c["deltas"], types))
         if fewest_neurons and o.gate_neurons:
             total -= sum((n - min(o.min_neurons_per_layer, n)) * cost for n, cost in zip(c["neurons"], c["neuron"]))
+        if fewest_neurons and o.gate_heads:
+            total -= sum((h - min(o.min_heads_per_layer, h)) * cost
+                         for h, cost, t in zip(c["heads"], c["head"], types) if t == ATTENTION)
         return total
 
     def _closeness(self, index: int) -> float:
@@ -332,7 +348,10 @@ class SPViTConv(PruningMethod):
         for layer, state in zip(find_encoder_layers(model), self.search):
             self._hooks.append(layer.attention.register_forward_hook(self._single_path(layer, state)))
             if self.options.gate_neurons:
-                self._hooks.append(layer.mlp_out.register_forward_pre_hook(self._neuron_gate(state)))
+                self._hooks.append(layer.mlp_out.register_forward_pre_hook(self._neuron_gate(state.neuron_gates)))
+            if self.options.gate_heads and self.costs["heads"][layer.index] > 0:
+                self._hooks.append(layer.attention.o_proj.register_forward_pre_hook(
+                    self._neuron_gate(state.head_gates, repeat=layer.head_dim)))
 
     # ------------------------------------------------------------------ the single path
 
@@ -383,11 +402,11 @@ class SPViTConv(PruningMethod):
         """The head-to-tap mixing: a softmax over the heads of each tap, at the mixing temperature."""
         return torch.softmax(state.mixing / self.options.mixing_temperature, dim=0)
 
-    def _neuron_gate(self, state: LayerSearch):
+    def _neuron_gate(self, thresholds: nn.Parameter, repeat: int = 1):
+        """A pre-hook gating a linear layer's input units (MLP neurons, or heads of ``repeat`` channels each)."""
         def hook(module, args):
-            gates = (_sampled(state.neuron_gates, self.generator) if module.training
-                     else _thresholded(state.neuron_gates))
-            return (args[0] * gates,)
+            gates = _sampled(thresholds, self.generator) if module.training else _thresholded(thresholds)
+            return (args[0] * gates.repeat_interleave(repeat), *args[1:])
 
         return hook
 
@@ -425,10 +444,15 @@ class SPViTConv(PruningMethod):
                 gates = state.neuron_gates.double()
                 on = torch.sigmoid(gates) if expected else _thresholded(gates)
                 total = total - (1 - on).sum() * c["neuron"][i]
+            if self.options.gate_heads and c["heads"][i] > 0:  # a head saves only while the layer stays attention
+                gates = state.head_gates.double()
+                on = torch.sigmoid(gates) if expected else _thresholded(gates)
+                total = total - ga * (1 - on).sum() * c["head"][i]
         return total + c["dense"]
 
     def parameter_groups(self) -> list[dict]:
-        arch = [p for state in self.search for p in (state.kernel_gates, state.mixing, state.neuron_gates)]
+        arch = [p for state in self.search
+                for p in (state.kernel_gates, state.mixing, state.neuron_gates, state.head_gates)]
         norms = [p for state in self.search for p in state.norms.parameters()]
         return [{"params": arch, "lr": self.options.arch_learning_rate, "weight_decay": 0.0},
                 {"params": norms, "weight_decay": 0.0}]
@@ -458,6 +482,9 @@ class SPViTConv(PruningMethod):
         logs = dict(self._logs, spvit_conv_layers=float(sum(t != ATTENTION for t in types)))
         if self.options.gate_neurons:
             logs["spvit_open_neurons"] = float(sum(int((s.neuron_gates > 0).sum()) for s in self.search))
+        if self.options.gate_heads:
+            logs["spvit_open_heads"] = float(sum(int((s.head_gates > 0).sum()) for s, t, h in
+                                                 zip(self.search, types, self.costs["heads"]) if t == ATTENTION and h))
         return logs
 
     # ------------------------------------------------------------------ the end of the search
@@ -477,16 +504,24 @@ class SPViTConv(PruningMethod):
         dense = self.costs["dense"]
         now = self.budget.measure(model_stats(model))
         remaining = 1 - (1 - self.budget.fraction) * dense / now
-        if not self.options.gate_neurons:
+        o = self.options
+        if not (o.gate_neurons or o.gate_heads):
             return PruningPlan()
-        scores = [state.neuron_gates.detach().cpu().double() for state in self.search]
-        if remaining <= 0:  # the layer types alone meet the budget: drop the neurons whose gates closed
-            floor = self.options.min_neurons_per_layer
-            return PruningPlan(neurons={
-                i: sorted(int(n) for n in torch.argsort(-score, stable=True)[:max(int((score > 0).sum()), floor)])
-                for i, score in enumerate(scores)})
-        return select_plan(model, neuron_scores=scores, budget=Budget(self.budget.metric, remaining), prune_heads=False,
-                           min_neurons_per_layer=self.options.min_neurons_per_layer)
+        layers = find_encoder_layers(model)  # converted layers have no heads
+        neurons = [state.neuron_gates.detach().cpu().double() for state in self.search] if o.gate_neurons else None
+        heads = [state.head_gates.detach().cpu().double()[:layer.num_heads] for state, layer in zip(self.search, layers)
+                 ] if o.gate_heads else None
+        if remaining <= 0:  # the layer types alone meet the budget: drop the units whose gates closed
+            def open_units(scores: list[torch.Tensor], floor: int) -> dict[int, list[int]]:
+                return {i: sorted(int(n) for n in torch.argsort(-score, stable=True)[:max(int((score > 0).sum()),
+                                                                                          min(floor, len(score)))])
+                        for i, score in enumerate(scores) if len(score)}
+            return PruningPlan(neurons=open_units(neurons, o.min_neurons_per_layer) if neurons else {},
+                               heads=open_units(heads, o.min_heads_per_layer) if heads else {})
+        return select_plan(model, head_scores=heads, neuron_scores=neurons,
+                           budget=Budget(self.budget.metric, remaining), prune_heads=o.gate_heads,
+                           prune_neurons=o.gate_neurons,
+                           min_heads_per_layer=o.min_heads_per_layer, min_neurons_per_layer=o.min_neurons_per_layer)
 
     def _fitted(self, types: list[str]) -> list[str]:
         """``types`` adjusted so that the neuron selection can meet the budget exactly.
@@ -562,8 +597,10 @@ class SPViTConv(PruningMethod):
         o = self.options
         layers = "attention layers turned into convolutions, heads and all (at least "
         layers += f"{o.min_attention_layers} stay{'s' if o.min_attention_layers == 1 else ''} attention)"
+        heads = f"the heads of the other layers (at least {o.min_heads_per_layer} per layer)" if o.gate_heads else None
         neurons = f"MLP neurons (at least {o.min_neurons_per_layer} per layer)" if o.gate_neurons else None
-        info["units"] = " and ".join(part for part in (layers, neurons) if part)  # heads are never pruned one by one
+        parts = [part for part in (layers, heads, neurons) if part]
+        info["units"] = " and ".join([", ".join(parts[:-1]), parts[-1]] if len(parts) > 1 else parts)
         return info
 
     def citations(self) -> list[dict[str, str]]:
