@@ -133,6 +133,26 @@ def test_prefix_mask_is_the_probability_of_being_inside_the_width():
     assert float(mask.expected_width(0).detach()) == pytest.approx(0.2 * 1 + 0.3 * 2 + 0.5 * 4)
 
 
+def test_a_head_scored_by_its_channels_ranks_by_their_mean_importance():
+    """head_score='channels' (the paper's): one score per channel of each head; a head ranks by the mean of their
+    sigmoids, so one very sure channel does not outrank a head whose channels all matter, and the head's mask
+    multiplies each channel by its own score."""
+    method = _ofb_on(digits_vit(), head_score="channels")
+    mask = method.mask
+    i = next(i for i, m in enumerate(mask.searched) if m.kind == "heads")
+    assert mask.searched[i].channels == 16 and mask.scores[i].shape == (4 * 16,)
+    scores = torch.full((4, 16), -2.0)
+    scores[0, 0] = 8.0  # head 0: one sure channel
+    scores[1] = 1.0  # head 1: every channel fairly sure
+    scores[3, :8] = 0.5
+    with torch.no_grad():
+        mask.scores[i].copy_(scores.flatten())
+    assert mask.ranks(i).tolist() == [2, 0, 3, 1]
+    torch.testing.assert_close(mask.importance(i), torch.sigmoid(scores).mean(dim=1))
+    multiplier, prefix = mask.multipliers(mix=0.5)[i]
+    torch.testing.assert_close(multiplier, 0.5 * torch.sigmoid(scores.flatten()) + 0.5 * prefix.repeat_interleave(16))
+
+
 def test_one_hot_loss_falls_toward_one_hot():
     active = torch.ones(4, dtype=torch.bool)
     uniform = one_hot_loss(torch.full((4,), 0.25), active)
@@ -313,9 +333,10 @@ def test_head_dims_and_embedding_widen_when_they_leave_the_model_under_budget(re
     assert len(plan.embedding) > 16 and plan.heads and plan.neurons  # widened, then heads and neurons selected
 
 
-def test_a_shrink_step_keeps_the_loss_and_slices_the_optimizer_state(tmp_path):
+@pytest.mark.parametrize("head_score", ["own", "channels"])
+def test_a_shrink_step_keeps_the_loss_and_slices_the_optimizer_state(tmp_path, head_score):
     trainer = PruningTrainer(model=digits_vit(), args=ofb_args(tmp_path), train_dataset=digits(),
-                             pruning_config=ofb_config())
+                             pruning_config=ofb_config(head_score=head_score))
     model, method = trainer.model, trainer.method
     trainer.phase = method.phase_name
     method.setup(SearchContext(model=model, budget=trainer.pruning_config.budget, search_steps=10,
@@ -354,8 +375,10 @@ def test_a_shrink_step_keeps_the_loss_and_slices_the_optimizer_state(tmp_path):
     layer = find_encoder_layers(model)[1]
     new = {"q": layer.attention.q_proj.weight, "fc2": layer.mlp_out.weight,
            "cls": model.vit.embeddings.cls_token, "scores": mask.scores[0]}
+    scores = plan.heads[0] if head_score == "own" else [h * 16 + d for h in plan.heads[0]
+                                                         for d in plan.units_of("head_dims")[0]]
     expected = {"q": moments["q"][rows][:, channels], "fc2": moments["fc2"][channels][:, neurons],
-                "cls": moments["cls"][..., channels], "scores": moments["scores"][plan.heads[0]]}
+                "cls": moments["cls"][..., channels], "scores": moments["scores"][scores]}
     for name, tensor in new.items():
         assert tensor is not tensors[name] and tensor in optimizer.state
         torch.testing.assert_close(optimizer.state[tensor]["exp_avg"], expected[name], rtol=0, atol=0)
@@ -365,9 +388,10 @@ def test_a_shrink_step_keeps_the_loss_and_slices_the_optimizer_state(tmp_path):
     optimizer.step()
 
 
-def test_slicing_mid_search_gives_the_search_that_keeps_the_dense_shapes(tmp_path):
+@pytest.mark.parametrize("head_score", ["own", "channels"])
+def test_slicing_mid_search_gives_the_search_that_keeps_the_dense_shapes(tmp_path, head_score):
     def run(physical):
-        config = ofb_config(**SHRINKING, physical_shrinking=physical)
+        config = ofb_config(**SHRINKING, physical_shrinking=physical, head_score=head_score)
         trainer = PruningTrainer(model=digits_vit(), args=ofb_args(tmp_path / str(physical)), train_dataset=digits(),
                                  pruning_config=config)
         trainer.train()

@@ -75,6 +75,7 @@ OFB_CITATION = {
 
 KINDS = ("heads", "head_dims", "neurons", "embedding")
 ARCH_SCHEDULES = ("weights", "constant")
+HEAD_SCORES = ("own", "channels")
 PREFIX = "ofb."
 PMIM_PREFIX = "ofb.pmim."
 SEARCHED_PREFIX = "ofb.searched."  # the searched widths, kept in fine-tuning checkpoints for the card
@@ -118,6 +119,10 @@ class OFBOptions(MethodOptions):
     l1_weight: float = field(default=1e-4, **_help("Weight of the L1 term on the importance masks (summed)."))
     score_learning_rate: float = field(default=5e-2, **_help("Learning rate of the importance scores."))
     arch_learning_rate: float = field(default=5e-2, **_help("Learning rate of the architecture logits."))
+    head_score: str = field(
+        default="own", **_help("A head's importance score: 'own' (one learned score per head) or 'channels' (the "
+                               "paper's: one per channel of the head, the head ranked by their mean).")
+    )
     arch_schedule: str = field(
         default="weights", **_help("Learning-rate schedule of the architecture logits: 'weights' (the Trainer's "
                                    "lr_scheduler_type, as every other group) or 'constant' (the paper's own optimizer "
@@ -164,6 +169,8 @@ class OFBOptions(MethodOptions):
             self._check_number(name, low=0, high=1, low_open=False)
         self._check_number("pmim_weight", low=0, low_open=False)
         self._check_number("decoder_learning_rate", low=0)
+        if self.head_score not in HEAD_SCORES:
+            raise ValueError(f"OFBOptions.head_score={self.head_score!r}; choose one of {list(HEAD_SCORES)}.")
         if self.arch_schedule not in ARCH_SCHEDULES:
             raise ValueError(f"OFBOptions.arch_schedule={self.arch_schedule!r}; choose one of {list(ARCH_SCHEDULES)}.")
         for name in ("search_head_dims", "search_embedding", "physical_shrinking", "pmim"):
@@ -183,13 +190,15 @@ class SearchedModule:
     """One searched width: a layer's heads, head dims or neurons, or (``layer`` None) the embedding width.
 
     ``candidates`` are widths of the dense model; ``size`` is how many units the model has now (fewer than
-    the dense count once progressive shrinking has sliced some out).
+    the dense count once progressive shrinking has sliced some out); ``channels`` is how many importance scores
+    each unit has (a head scored by its channels: the head dim now).
     """
 
     kind: str
     layer: int | None
     size: int
     candidates: list[int]
+    channels: int = 1
 
     @property
     def key(self) -> str:
@@ -216,7 +225,8 @@ def searched_modules(model: nn.Module, config, options: OFBOptions, dense_widths
     for i in range(len(heads)):
         if config.prune_heads:
             grid = sorted({*range(options.head_step, heads[i] + 1, options.head_step), heads[i]})
-            modules.append(SearchedModule("heads", i, now[0][i], grid))
+            channels = now[1][i] if options.head_score == "channels" else 1
+            modules.append(SearchedModule("heads", i, now[0][i], grid, channels))
         if options.search_head_dims:
             grid = _grid(dims[i], options.min_head_dim_fraction, options.grid_steps)
             modules.append(SearchedModule("head_dims", i, now[1][i], grid))
@@ -245,7 +255,7 @@ class BiMask(nn.Module):
         super().__init__()
         self.searched = modules
         self.scores = nn.ParameterList(
-            [nn.Parameter(torch.full((m.size,), float(initial_score), device=device)) for m in modules])
+            [nn.Parameter(torch.full((m.size * m.channels,), float(initial_score), device=device)) for m in modules])
         self.logits = nn.ParameterList(
             [nn.Parameter(torch.zeros(len(m.candidates), device=device)) for m in modules])
         for i, m in enumerate(modules):
@@ -263,6 +273,40 @@ class BiMask(nn.Module):
     def candidates(self, i: int) -> torch.Tensor:
         return getattr(self, f"candidates_{i}")
 
+    def importance(self, i: int) -> torch.Tensor:
+        """Each unit's importance mask ``sigmoid(s)``, averaged over its channels still in the search where it has
+        several (a head's channels outside its layer's remaining head dims do not count)."""
+        channels = self.searched[i].channels
+        if channels == 1:
+            return torch.sigmoid(self.scores[i])
+        live = self._channels_alive(i).to(self.scores[i].dtype)
+        return (torch.sigmoid(self.scores[i]).view(-1, channels) * live).sum(dim=1) / live.sum().clamp_min(1)
+
+    def _channels_alive(self, i: int) -> torch.Tensor:
+        """Which of each unit's channels are still in the search: those of its layer's head dims still alive."""
+        module = self.searched[i]
+        for j, other in enumerate(self.searched):
+            if other.kind == "head_dims" and other.layer == module.layer:
+                return self.alive(j)
+        return torch.ones(module.channels, dtype=torch.bool, device=self.alive(i).device)
+
+    def score_alive(self, i: int) -> torch.Tensor:
+        """Which of module ``i``'s scores belong to units (and channels) still in the search."""
+        alive = self.per_score(i, self.alive(i))
+        if self.searched[i].channels > 1:
+            alive = alive & self._channels_alive(i).repeat(self.searched[i].size)
+        return alive
+
+    def per_score(self, i: int, values: torch.Tensor) -> torch.Tensor:
+        """Per-unit ``values`` repeated for each of the unit's scores."""
+        return values.repeat_interleave(self.searched[i].channels)
+
+    def score_indices(self, i: int, units: torch.Tensor, channels: torch.Tensor | None = None) -> torch.Tensor:
+        """The positions in ``scores[i]`` of ``units`` (and of only ``channels`` of each, where given)."""
+        width = self.searched[i].channels
+        channels = torch.arange(width, device=units.device) if channels is None else channels.to(units.device)
+        return (units[:, None] * width + channels[None, :]).flatten()
+
     def probabilities(self, i: int) -> torch.Tensor:
         logits = self.logits[i].masked_fill(~self.active(i), float("-inf"))
         return torch.softmax(logits, dim=0)
@@ -270,7 +314,8 @@ class BiMask(nn.Module):
     def ranks(self, i: int) -> torch.Tensor:
         """Each unit's rank by importance (0: most important), removed units last; ties broken by index,
         identically everywhere."""
-        scores = self.scores[i].detach().masked_fill(~self.alive(i), float("-inf"))
+        own = self.searched[i].channels == 1  # the raw score: no saturation of sigmoid to break ties
+        scores = (self.scores[i] if own else self.importance(i)).detach().masked_fill(~self.alive(i), float("-inf"))
         order = torch.argsort(-scores, stable=True)
         ranks = torch.empty_like(order)
         ranks[order] = torch.arange(len(order), device=order.device)
@@ -294,7 +339,8 @@ class BiMask(nn.Module):
         result = []
         for i in range(len(self.searched)):
             prefix = self.prefix_mask(i)
-            multiplier = (mix * torch.sigmoid(self.scores[i]) + (1 - mix) * prefix) * self.alive(i)
+            multiplier = (mix * torch.sigmoid(self.scores[i]) + (1 - mix) * self.per_score(i, prefix))
+            multiplier = multiplier * self.per_score(i, self.alive(i))
             result.append((multiplier, prefix))
         return result
 
@@ -308,14 +354,19 @@ class BiMask(nn.Module):
         alive.copy_(keep)
         return changed
 
-    def keep_units(self, i: int, kept: torch.Tensor) -> tuple[nn.Parameter, nn.Parameter]:
-        """Slice module ``i`` to the units ``kept`` (after the model was); returns (old, new) scores."""
+    def keep_units(self, i: int, kept: torch.Tensor, channels: torch.Tensor | None = None
+                   ) -> tuple[nn.Parameter, nn.Parameter, torch.Tensor]:
+        """Slice module ``i`` to the units ``kept`` (and each unit to ``channels``, where given) after the model
+        was; returns (old scores, new scores, the positions in the old of the new)."""
         old = self.scores[i]
-        new = nn.Parameter(old.detach()[kept].clone())
+        index = self.score_indices(i, kept, channels)
+        new = nn.Parameter(old.detach()[index].clone())
         self.scores[i] = new
-        self.register_buffer(f"alive_{i}", torch.ones(len(kept), dtype=torch.bool, device=old.device))
+        self.register_buffer(f"alive_{i}", self.alive(i)[kept].clone())
         self.searched[i].size = len(kept)
-        return old, new
+        if channels is not None:
+            self.searched[i].channels = len(channels)
+        return old, new, index
 
 
 def one_hot_loss(probabilities: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
@@ -456,7 +507,9 @@ class OFB(PruningMethod):
     def _head_hook(self, i: int, layer):
         def hook(module, args):
             hidden = args[0]
-            gate = self._multiplier(i, hidden).repeat_interleave(layer.head_dim)
+            gate = self._multiplier(i, hidden)
+            if len(gate) != hidden.shape[-1]:  # one score per head, not per channel
+                gate = gate.repeat_interleave(layer.head_dim)
             return (hidden * gate, *args[1:])
         return hook
 
@@ -516,7 +569,7 @@ class OFB(PruningMethod):
         constraint = ((cost - self.target) / self.dense_measure).square()
         one_hot = torch.stack([one_hot_loss(mask.probabilities(i), mask.active(i))
                                for i in range(len(mask.searched))]).mean()
-        l1 = sum((torch.sigmoid(s) * mask.alive(i)).sum() for i, s in enumerate(mask.scores))
+        l1 = sum((torch.sigmoid(s) * mask.score_alive(i)).sum() for i, s in enumerate(mask.scores))
         self._logs["ofb_expected_cost_ratio"] = float(cost.detach()) / self.dense_measure
         terms = {
             "ofb_budget": options.flops_weight * constraint,
@@ -579,12 +632,17 @@ class OFB(PruningMethod):
     def after_compaction(self, model, plan, replace_parameters) -> None:
         """Slice the scores (and with the embedding width, PMIM's mask token and decoder inputs) like the model,
         and hook the bi-mask onto the new modules."""
-        swaps, removed = [], 0
-        for i in self._to_slice:
-            kept = torch.nonzero(self.mask.alive(i)).flatten()
-            removed += self.mask.searched[i].size - len(kept)
-            swaps.append((*self.mask.keep_units(i, kept), kept))
-            if self.mask.searched[i].kind == "embedding" and self.pmim is not None:
+        mask, swaps, removed = self.mask, [], 0
+        sliced = {i: torch.nonzero(mask.alive(i)).flatten() for i in self._to_slice}
+        dims = {mask.searched[i].layer: kept for i, kept in sliced.items() if mask.searched[i].kind == "head_dims"}
+        for i, module in enumerate(mask.searched):
+            channels = dims.get(module.layer) if module.kind == "heads" and module.channels > 1 else None
+            if i not in sliced and channels is None:
+                continue  # a head scored by its channels is sliced with its layer's head dims
+            kept = sliced.get(i, torch.arange(module.size, device=mask.alive(i).device))
+            removed += module.size - len(kept)
+            swaps.append(mask.keep_units(i, kept, channels))
+            if module.kind == "embedding" and self.pmim is not None:
                 swaps.extend(self.pmim.keep_channels(kept))
         replace_parameters(swaps)
         self._logs["ofb_sliced_units"] = self._logs.get("ofb_sliced_units", 0.0) + removed
@@ -606,12 +664,15 @@ class OFB(PruningMethod):
         scales: dict[str, dict] = {kind: {} for kind in KINDS}
         for i, module in enumerate(mask.searched):
             inside = (mask.ranks(i) < widths[i]).to(torch.float32)
-            scales[module.kind][module.layer] = self.mix * torch.sigmoid(mask.scores[i]) + (1 - self.mix) * inside
+            scales[module.kind][module.layer] = (self.mix * torch.sigmoid(mask.scores[i])
+                                                 + (1 - self.mix) * mask.per_score(i, inside))
         self.searched_widths = {module.key: widths[i] for i, module in enumerate(mask.searched)}
         for layer_index, scale in scales["heads"].items():
             layer = layers[layer_index]
             o_proj = layer.attention.o_proj
-            o_proj.weight.mul_(scale.to(o_proj.weight).repeat_interleave(layer.head_dim)[None, :])
+            if len(scale) != o_proj.in_features:  # one score per head, not per channel
+                scale = scale.repeat_interleave(layer.head_dim)
+            o_proj.weight.mul_(scale.to(o_proj.weight)[None, :])
         for layer_index, scale in scales["head_dims"].items():
             layer = layers[layer_index]
             for name in ("q_proj", "k_proj", "v_proj"):
@@ -753,7 +814,7 @@ class OFB(PruningMethod):
                 if i is None:  # not searched: kept whole, like the units the search kept
                     scores[kind].append(torch.full((size,), 3.0 * cost, dtype=torch.float64))
                     continue
-                score = torch.sigmoid(mask.scores[i].detach().double().cpu())
+                score = mask.importance(i).detach().double().cpu()
                 score[kept[kind][layer.index]] += 2.0
                 scores[kind].append(score * cost)
         arguments = self.config.selection_arguments()
