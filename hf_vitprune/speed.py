@@ -174,15 +174,18 @@ def _nothing():
 
 
 def layer_latency_table(model: nn.Module, token_counts: list[int], *, batch_size: int = 64, repeats: int = 5,
-                        warmup: int = 2, device: torch.device | str | None = None, seed: int = 0) -> dict:
+                        warmup: int = 2, device: torch.device | str | None = None, seed: int = 0,
+                        stage: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict:
     """Milliseconds each encoder layer of ``model`` takes for a batch of ``batch_size`` sequences of each of
     ``token_counts`` tokens, on this machine: what token pruning's latency-aware keep ratios read.
 
     Each figure is the median of ``repeats`` timed runs after ``warmup`` untimed ones; the counts are
     timed interleaved (every count once, then again), so drift hits them alike. Also the whole model's
     latency on images at that batch size (``model_ms``), which holds what the layers do not (embeddings,
-    head). JSON-ready: ``token_counts``, ``layers_ms`` (one list per layer), ``model_ms``, ``hardware``,
-    ``device``, ``torch_threads``, ``batch_size``, ``repeats``.
+    head), and, with ``stage`` (a token stage: a sequence in, a shorter one out), the stage's own time on
+    each count (``stages_ms``): at batch 1 it can cost more than the layers save. JSON-ready:
+    ``token_counts``, ``layers_ms`` (one list per layer), ``stages_ms`` (or None), ``model_ms``,
+    ``hardware``, ``device``, ``torch_threads``, ``batch_size``, ``repeats``.
     """
     from .architectures import embedding_width, find_encoder_layers
 
@@ -194,6 +197,8 @@ def layer_latency_table(model: nn.Module, token_counts: list[int], *, batch_size
               for n in token_counts}
     images = torch.randn(batch_size, *input_shape(model), generator=generator).to(device=device, dtype=parameter.dtype)
     layers = [layer.module for layer in find_encoder_layers(model)]
+    if stage is not None:  # timed like one more layer
+        layers.append(stage)
     times = {(i, n): [] for i in range(len(layers)) for n in token_counts}
     whole = []
     with torch.no_grad(), _inference_on(model, device):
@@ -206,9 +211,11 @@ def layer_latency_table(model: nn.Module, token_counts: list[int], *, batch_size
             elapsed = _time(lambda: model(pixel_values=images), device)
             if step >= warmup:
                 whole.append(elapsed)
+    rows = [[statistics.median(times[i, n]) * 1000.0 for n in token_counts] for i in range(len(layers))]
     return {
         "token_counts": list(token_counts),
-        "layers_ms": [[statistics.median(times[i, n]) * 1000.0 for n in token_counts] for i in range(len(layers))],
+        "layers_ms": rows[:-1] if stage is not None else rows,
+        "stages_ms": rows[-1] if stage is not None else None,
         "model_ms": statistics.median(whole) * 1000.0,
         "hardware": hardware_name(device),
         "device": device.type,

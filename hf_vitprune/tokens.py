@@ -226,6 +226,18 @@ class TokenPruning(nn.Module):
             counts.append(self.special + alive + packages)
         return counts
 
+    def stage_inputs(self, tokens: int) -> list[int]:
+        """Tokens each stage that drops any receives (in order) when the first layer sees ``tokens``."""
+        seen = self.tokens_per_layer(tokens, max(self.stages.depths) + 1)
+        before = [tokens, *seen]  # layer d receives before[d]: the sequence before stage d runs
+        patches = tokens - self.special
+        inputs, alive = [], patches
+        for depth, keep in zip(self.stages.depths, self.stages.keep_counts(patches)):
+            if keep < alive:
+                inputs.append(before[depth])
+                alive = keep
+        return inputs
+
     def selector_flops(self, tokens: int) -> int:
         """FLOPs of all selectors for an image whose first layer sees ``tokens`` tokens."""
         patches = tokens - self.special
@@ -266,17 +278,11 @@ class TokenPruning(nn.Module):
         return self.stages.keep_counts(self._state["patches"])[stage]
 
     def _drop_stage(self, stage: int, hidden: torch.Tensor) -> torch.Tensor:
-        state, special = self._state, self.special
+        state = self._state
         alive, keep = state["alive"], self._keep(stage)
         if keep >= alive:  # this stage keeps everything: it does nothing
             return hidden
-        patches = hidden[:, special:special + alive]
-        logits = self.selectors[stage](patches)
-        kept = logits.topk(keep, dim=1).indices.sort(dim=1).values
-        index = kept.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
-        dropped = torch.ones_like(logits).scatter(1, kept, 0.0)
-        package = _package(patches, torch.sigmoid(logits) * dropped)
-        hidden = torch.cat([hidden[:, :special], patches.gather(1, index), hidden[:, special + alive:], package], 1)
+        hidden = drop_tokens(hidden, self.special, alive, keep, self.selectors[stage])
         state["alive"], state["packages"] = keep, state["packages"] + 1
         return hidden
 
@@ -309,6 +315,18 @@ class TokenPruning(nn.Module):
         state["mask"] = torch.zeros_like(allowed, dtype=hidden.dtype).masked_fill(hidden_keys,
                                                                                   torch.finfo(hidden.dtype).min)
         return hidden
+
+
+def drop_tokens(hidden: torch.Tensor, special: int, alive: int, keep: int, selector: TokenSelector) -> torch.Tensor:
+    """One stage at inference: of the ``alive`` patch tokens after the ``special`` ones, keep the ``keep`` that
+    ``selector`` scores highest, in their order, and fold the others into a package token appended at the end."""
+    patches = hidden[:, special:special + alive]
+    logits = selector(patches)
+    kept = logits.topk(keep, dim=1).indices.sort(dim=1).values
+    index = kept.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
+    dropped = torch.ones_like(logits).scatter(1, kept, 0.0)
+    package = _package(patches, torch.sigmoid(logits) * dropped)
+    return torch.cat([hidden[:, :special], patches.gather(1, index), hidden[:, special + alive:], package], 1)
 
 
 def _check_no_padding(mask: torch.Tensor | None) -> None:

@@ -141,13 +141,54 @@ def test_a_latency_budget_reads_the_keep_ratios_off_the_latency_table(tmp_path, 
     assert "Keep ratios chosen for the latency budget from a table measured on made-up CPU" in card
 
 
-def test_the_latency_table_times_every_layer_at_every_token_count():
+def test_the_latency_table_times_every_layer_and_the_stage_at_every_token_count():
     model = digits_vit()
-    table = layer_latency_table(model, [2, 9, 17], batch_size=4, repeats=2, warmup=1)
+    received = []
+
+    def stage(hidden):
+        received.append(hidden.shape[1])
+        return hidden[:, : hidden.shape[1] // 2 + 1]
+
+    table = layer_latency_table(model, [2, 9, 17], batch_size=4, repeats=2, warmup=1, stage=stage)
     assert table["token_counts"] == [2, 9, 17] and len(table["layers_ms"]) == 4
     assert all(len(row) == 3 and all(ms > 0 for ms in row) for row in table["layers_ms"])
+    assert len(table["stages_ms"]) == 3 and all(ms > 0 for ms in table["stages_ms"])
+    assert sorted(set(received)) == [2, 9, 17]
     assert table["model_ms"] > 0 and table["batch_size"] == 4 and table["device"] == "cpu"
     assert model.training  # the model's mode is left as it was
+    assert layer_latency_table(model, [2, 17], batch_size=1, repeats=1, warmup=0)["stages_ms"] is None
+
+
+def made_up_table(stage_ms: float):
+    """A made-up machine: 0.01 ms per token and layer, 0.1 ms outside the layers, ``stage_ms`` per token stage."""
+    def table(model, token_counts, **kwargs):
+        return {"token_counts": token_counts, "layers_ms": [[0.01 * n for n in token_counts]] * 4,
+                "stages_ms": [stage_ms] * len(token_counts), "model_ms": 0.04 * 17 + 0.1, "hardware": "made-up CPU",
+                "device": "cpu", "torch_threads": 1, "batch_size": kwargs["batch_size"], "repeats": kwargs["repeats"]}
+    return table
+
+
+@pytest.mark.parametrize("stage_ms", [0.0, 0.04])
+def test_a_latency_budget_counts_each_stages_own_time_and_places_only_stages_that_gain(monkeypatch, stage_ms):
+    """The prediction adds each dropping stage's measured time at the tokens it receives; the stages are placed
+    where the table says they gain: a stage that costs more than the tokens it drops save is left out."""
+    monkeypatch.setattr(spvit_tokens, "layer_latency_table", made_up_table(stage_ms))
+    config = token_config(target_flops_reduction=None, target_latency_reduction=0.3)
+    method = spvit_tokens.SPViTTokens(config)
+    assert method.options.latency_batch_size == 1  # the latency a user sees at batch 1 by default
+    model = digits_vit()
+    method.setup(spvit_tokens.SearchContext(model=model, budget=config.budget, search_steps=4,
+                                            calibration_batches=lambda: iter(())))
+    path = token_pruning_of(model)
+    stages = path.stage_inputs(17)
+    predicted = 0.1 + 0.01 * sum(path.tokens_per_layer(17, 4)) + stage_ms * len(stages)
+    assert predicted == pytest.approx(predicted_latency_ms(method.latency_table, path, 17))
+    assert predicted <= 0.7 * (0.04 * 17 + 0.1)
+    assert f"a token stage: {stage_ms:.3g} / " in "\n".join(method.card_recipe())
+    if stage_ms == 0:
+        assert len(method.stages.depths) == 3  # free stages: all three, each keeping more
+    else:  # a stage's 0.04 ms is four token-layers: one stage keeps more tokens in all than three
+        assert len(method.stages.depths) < 3 and len(stages) == len(method.stages.depths)
 
 
 def test_an_unreachable_budget_is_refused(tmp_path):

@@ -29,13 +29,21 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..architectures import find_encoder_layers, meta_copy, num_patches, num_tokens
+from ..architectures import embedding_width, find_encoder_layers, meta_copy, num_patches, num_tokens
 from ..speed import layer_latency_table
 from ..distillation import classification_logits, distillation_loss
 from ..plan import PruningPlan
 from ..stats import model_stats
 from ..surgery import add_token_pruning
-from ..tokens import TokenStages, check_token_family, default_depths, stages_for, token_pruning_of
+from ..tokens import (
+    TokenSelector,
+    TokenStages,
+    check_token_family,
+    default_depths,
+    drop_tokens,
+    stages_for,
+    token_pruning_of,
+)
 from .base import MethodOptions, PruningMethod, SearchContext, register_method
 from .base import option_help as _help  # every option documents itself
 
@@ -85,7 +93,8 @@ class TokenPruningOptions(MethodOptions):
     )
     temperature: float = field(default=1.0, **_help("Temperature of the Gumbel-softmax decisions."))
     latency_batch_size: int = field(
-        default=64, **_help("With target_latency_reduction: the batch size the latency table is measured at.")
+        default=1, **_help("With target_latency_reduction: the batch size the latency table is measured at (the one "
+                           "the model will run at: a stage's own cost weighs most at batch 1).")
     )
     latency_repeats: int = field(default=5, **_help("With target_latency_reduction: timed runs per table entry."))
 
@@ -150,7 +159,7 @@ class SPViTTokens(PruningMethod):
         o = self.options
         if budget.metric == "latency":
             self.latency_table = layer_latency_table(model, _token_grid(model), batch_size=o.latency_batch_size,
-                                                     repeats=o.latency_repeats)
+                                                     repeats=o.latency_repeats, stage=_timed_stage(model, o))
 
             def cost(ratios, depths) -> float:
                 shaped = add_token_pruning(meta_copy(model), ratios, depths, o.selector_width)
@@ -175,30 +184,57 @@ class SPViTTokens(PruningMethod):
         )
 
     def _choose_stages(self, model: nn.Module, budget) -> TokenStages:
-        """Keep ratios rho, rho^2, ... with the largest rho whose cost meets the budget."""
+        """Keep ratios rho, rho^2, ... with the largest rho whose cost meets the budget.
+
+        With a latency budget and the default depths, each stage must also pay for itself: a stage whose own
+        measured time exceeds what the layers after it save (the prediction without it minus with it, at the same
+        ratios) is left out, the one that gains least first, and rho is chosen again for the others (at batch 1 a
+        stage can cost more than the tokens it drops save).
+        """
         o = self.options
         # num_stages spread over the depth; a shallow model gets as many distinct depths as it has
-        depths = o.stage_depths or default_depths(len(find_encoder_layers(model)), o.num_stages)
-        count = len(depths)
+        depths = list(o.stage_depths or default_depths(len(find_encoder_layers(model)), o.num_stages))
         dense, unit, cost_of = self._costing(model, budget)
+        target = (1 - budget.fraction) * dense
+        placing = budget.metric == "latency" and o.stage_depths is None
+        while True:
+            ratios = self._largest_ratios(model, depths, cost_of, target)
+            if ratios is None:
+                fewest = cost_of([1e-9] * len(depths), depths)
+                raise ValueError(
+                    f"{budget.target_name}={budget.fraction:g} asks for at most {target:,.2f} {unit} (of "
+                    f"{dense:,.2f}), but keeping one token per stage at these depths still costs {fewest:,.2f}. Ask "
+                    f"for a smaller reduction, move the stages earlier (stage_depths), or prune the model's heads and "
+                    f"neurons first."
+                )
+            if not placing or len(depths) == 1:
+                return stages_for(model, ratios, depths, o.selector_width)
+            cost = cost_of(ratios, depths)
+            gains = [cost_of(ratios[:s] + ratios[s + 1:], depths[:s] + depths[s + 1:]) - cost
+                     for s in range(len(depths))]
+            worst = min(range(len(depths)), key=lambda s: (gains[s], s))
+            if gains[worst] > 0:
+                return stages_for(model, ratios, depths, o.selector_width)
+            del depths[worst]
+
+    @staticmethod
+    def _largest_ratios(model: nn.Module, depths: list[int], cost_of, target: float) -> list[float] | None:
+        """rho, rho^2, ... at ``depths`` with the largest rho whose cost meets ``target``, as shares of whole
+        tokens (so rounding cannot overshoot); None when even one token per stage costs more."""
+        count = len(depths)
 
         def cost(rho: float) -> float:
             return cost_of([rho ** (s + 1) for s in range(count)], depths)
 
-        target = (1 - budget.fraction) * dense
-        low, high = 0.0, 1.0  # the cost grows with rho; keep the largest rho that meets the target
         if cost(1e-9) > target:
-            raise ValueError(
-                f"{budget.target_name}={budget.fraction:g} asks for at most {target:,.2f} {unit} (of {dense:,.2f}), but "
-                f"keeping one token per stage at these depths still costs {cost(1e-9):,.2f}. Ask for a smaller "
-                f"reduction, move the stages earlier (stage_depths), or prune the model's heads and neurons first."
-            )
+            return None
+        low, high = 0.0, 1.0  # the cost grows with rho; keep the largest rho that meets the target
         for _ in range(40):
             middle = (low + high) / 2
             low, high = (middle, high) if cost(middle) <= target else (low, middle)
-        patches = num_patches(model)  # the ratios as the whole tokens they keep, so rounding cannot overshoot
+        patches = num_patches(model)
         counts = TokenStages(tuple(range(count)), tuple(low ** (s + 1) for s in range(count)), 1).keep_counts(patches)
-        return stages_for(model, [keep / patches for keep in counts], depths, o.selector_width)
+        return [keep / patches for keep in counts]
 
     def _build(self, model: nn.Module) -> None:
         if token_pruning_of(model) is None:
@@ -319,8 +355,10 @@ class SPViTTokens(PruningMethod):
                          f"one package token per stage.")
         table = self.latency_table
         if table is not None:
-            rows = "; ".join(f"layer {i}: " + " / ".join(f"{ms:.3g}" for ms in times)
-                             for i, times in enumerate(table["layers_ms"]))
+            named = [(f"layer {i}", times) for i, times in enumerate(table["layers_ms"])]
+            if table.get("stages_ms"):
+                named.append(("a token stage", table["stages_ms"]))
+            rows = "; ".join(f"{name}: " + " / ".join(f"{ms:.3g}" for ms in times) for name, times in named)
             lines.append(
                 f"Keep ratios chosen for the latency budget from a table measured on {table['hardware']} "
                 f"({table['device']}, batch {table['batch_size']}, median of {table['repeats']}; whole model "
@@ -371,9 +409,26 @@ def _token_grid(model: nn.Module) -> list[int]:
     return sorted({*(special + kept for kept in range(1, patches + 1, step)), tokens})
 
 
+def _timed_stage(model: nn.Module, options: TokenPruningOptions):
+    """A stage of the shape the method builds (an untrained selector: timing needs no training), keeping half of
+    the patch tokens it receives: what the latency table times as a stage's own cost."""
+    shape = stages_for(model, [0.5], None, options.selector_width)
+    parameter = next(model.parameters())
+    selector = TokenSelector(embedding_width(model), shape.selector_heads, shape.selector_width)
+    selector = selector.to(device=parameter.device, dtype=parameter.dtype).eval()
+    special = num_tokens(model) - num_patches(model)
+
+    def stage(hidden: torch.Tensor) -> torch.Tensor:
+        alive = hidden.shape[1] - special
+        return drop_tokens(hidden, special, alive, max(1, alive // 2), selector)
+
+    return stage
+
+
 def predicted_latency_ms(table: dict, path, tokens: int) -> float:
     """The model's latency with token path ``path`` as ``table`` predicts it: the measured whole-model latency,
-    with each layer's time at the full sequence replaced by its time at the tokens it sees (interpolated)."""
+    with each layer's time at the full sequence replaced by its time at the tokens it sees (interpolated), plus
+    each stage's own time at the tokens it receives (tables from before stages were timed have none)."""
     counts = table["token_counts"]
 
     def at(times: list[float], n: float) -> float:
@@ -384,7 +439,9 @@ def predicted_latency_ms(table: dict, path, tokens: int) -> float:
         return times[-1]
 
     seen = path.tokens_per_layer(tokens, len(table["layers_ms"]))
-    return table["model_ms"] + sum(at(times, n) - at(times, tokens) for times, n in zip(table["layers_ms"], seen))
+    layers = sum(at(times, n) - at(times, tokens) for times, n in zip(table["layers_ms"], seen))
+    stages = sum(at(table["stages_ms"], n) for n in path.stage_inputs(tokens)) if table.get("stages_ms") else 0.0
+    return table["model_ms"] + layers + stages
 
 
 def _json_tensor(value: dict) -> torch.Tensor:
