@@ -189,7 +189,8 @@ class SPViTTokens(PruningMethod):
         With a latency budget and the default depths, each stage must also pay for itself: a stage whose own
         measured time exceeds what the layers after it save (the prediction without it minus with it, at the same
         ratios) is left out, the one that gains least first, and rho is chosen again for the others (at batch 1 a
-        stage can cost more than the tokens it drops save).
+        stage can cost more than the tokens it drops save). Where even one token per stage misses the budget, the
+        stage whose removal lowers that floor most goes first.
         """
         o = self.options
         # num_stages spread over the depth; a shallow model gets as many distinct depths as it has
@@ -201,6 +202,13 @@ class SPViTTokens(PruningMethod):
             ratios = self._largest_ratios(model, depths, cost_of, target)
             if ratios is None:
                 fewest = cost_of([1e-9] * len(depths), depths)
+                if placing and len(depths) > 1:  # the stages' own time may be what keeps even that above the budget
+                    floors = [cost_of([1e-9] * (len(depths) - 1), depths[:s] + depths[s + 1:])
+                              for s in range(len(depths))]
+                    lowest = min(range(len(depths)), key=lambda s: (floors[s], s))
+                    if floors[lowest] < fewest:
+                        del depths[lowest]
+                        continue
                 raise ValueError(
                     f"{budget.target_name}={budget.fraction:g} asks for at most {target:,.2f} {unit} (of "
                     f"{dense:,.2f}), but keeping one token per stage at these depths still costs {fewest:,.2f}. Ask "
