@@ -836,10 +836,14 @@ def _why_ofb_speed(target: dict, results: dict) -> str:
 
 def _why_spvit(target: dict, results: dict) -> str:
     runs = [r for r in _runs_at(results, target["epochs"]) if r["method"] == SPVIT_METHOD and r.get("layer_types")]
-    maps = "; ".join(f"{r['sparsity']:.0%} seed {r['seed']}: {' '.join(r['layer_types'])}" for r in runs)
-    return (f"Layer maps the search chose (encoder layers in order): {maps or 'not recorded'}. A convolution layer "
-            "replaces the attention's q/k/v/o projections and its two token-by-token products by a k x k convolution "
-            "to one head's width and a projection back; the MLP neurons make up the rest of the budget.")
+    maps = "; ".join(f"{r['sparsity']:.0%} seed {r['seed']}: {' '.join(r['layer_types'])} (MLP neurons "
+                     f"{'/'.join(map(str, r['neurons_per_layer']))})" for r in runs)
+    return (f"Layer maps the search chose (encoder layers in order) and the MLP neurons each layer kept: "
+            f"{maps or 'not recorded'}. A convolution layer replaces the attention's q/k/v/o projections and its two "
+            "token-by-token products by a k x k convolution to one head's width and a projection back; heads are not "
+            "pruned one by one, so the MLP neurons make up the rest of the budget. The search variants measured on "
+            "the validation split (the paper's thresholded cost, one shared gradient scale for the gates, head gates) "
+            "and their figures are in docs/methods.md (`spvit_conv`).")
 
 
 WHY = {

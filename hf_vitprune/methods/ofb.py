@@ -30,12 +30,14 @@ the optimizer state at once (``pending_compaction``), so the search runs on ever
 
 At the end each module takes its most likely remaining width; the remaining multipliers are
 fused into the weights; then a final exact selection of heads and neurons (search-kept units
-first, by importance; never below the grid's narrowest heads and MLP per layer) brings the model
-onto the budget, which the expected-width constraint only approaches. PMIM
+first, by importance; never below the grid's narrowest heads and MLP per layer; head dims and the
+embedding narrowed or widened a grid step at a time where heads and neurons alone cannot land on it)
+brings the model onto the budget, which the expected-width constraint only approaches. PMIM
 (:mod:`hf_vitprune.methods.pmim`, on by default) masks a growing share of patches and adds a
 reconstruction loss. Departures from the paper (docs/methods.md): the LayerNorm statistics follow
-the embedding mask so that the fused, compacted model equals the searched one; a head is ranked by
-its own score, not by the sum of its channels'; the scores and logits follow the weights' schedule.
+the embedding mask so that the fused, compacted model equals the searched one; by default a head is
+ranked by its own score, not by its channels' (``head_score``), and the logits follow the weights'
+schedule (``arch_schedule``): both measured on the validation split against the paper's choice.
 """
 
 from __future__ import annotations
