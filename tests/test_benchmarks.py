@@ -585,3 +585,73 @@ def test_a_budget_interrupted_midway_keeps_its_trained_runs_and_times_them_on_re
     assert len(results["runs"]) == 3 * 2 * 2 and all("speed" in r for r in results["runs"])
     assert "untimed" not in json.loads((tmp_path / "digits_quick.json").read_text())
     assert not any((tmp_path / "untimed").rglob("*-1ep"))  # timed models are removed
+
+
+def small_deit(layers: int = 4):
+    from benchmarks.speed_shapes import dense_model
+
+    return dense_model("deit_tiny", {"num_hidden_layers": layers, "image_size": 64})
+
+
+def test_speed_rows_without_a_plan_meet_their_budgets_and_onnx_runtime_gives_the_models_logits(tmp_path):
+    """The extra rows of the speed section: token stages at a FLOPs budget, a conv hybrid at a parameter budget;
+    ONNX Runtime runs the exported model, batch 1 and batch 3 alike."""
+    import torch
+
+    from benchmarks.speed_shapes import conv_hybrid, onnx_runtime_model, token_pruned
+    from hf_vitprune import model_stats
+
+    dense = small_deit()
+    dense_stats = model_stats(dense)
+    tokens = token_pruned(dense, 0.35)
+    assert 0.6 <= model_stats(tokens).flops / dense_stats.flops <= 0.65
+    hybrid = conv_hybrid(dense, 0.3)
+    stats = model_stats(hybrid)
+    assert [layer.layer_type for layer in stats.layers][0] == "conv3x3"
+    assert 0.69 <= stats.params / dense_stats.params <= 0.7
+    images = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    for model, name in ((tokens, "tokens"), (hybrid, "hybrid")):
+        runtime = onnx_runtime_model(model, tmp_path / f"{name}.onnx", threads=1)
+        with torch.no_grad():
+            want = model(pixel_values=images).logits
+        for batch in (images[:1], images):
+            got = torch.from_numpy(runtime(pixel_values=batch)[0])
+            torch.testing.assert_close(got, want[: len(batch)], rtol=1e-3, atol=1e-4)
+
+
+def test_speed_targets_read_every_runtime_token_latency_and_as_fast_as_dense():
+    from benchmarks import report
+
+    def mode(batch, speedups):
+        return {"batch_size": batch, "dense_throughput": 10.0, "dense_latency_ms": 5.0, "timing_seconds": 1.0,
+                "runs": {key: {"throughput": 10 * s, "latency_ms": 5 / s, "throughput_speedup": s,
+                               "efficiency": s / flops[key]} for key, s in speedups.items()}}
+
+    flops = {"gohsp@0.3": 1.5, "spvit_tokens@0.35": 1.6}
+    runs = [{"method": "gohsp", "sparsity": 0.3, "key": "gohsp@0.3", "flops_speedup": 1.5, "params": 7},
+            {"method": "spvit_tokens", "sparsity": 0.0, "budget": "35% FLOPs", "key": "spvit_tokens@0.35",
+             "flops_speedup": 1.6, "params": 10, "tokens_per_layer": [197, 120, 80]}]
+    shape = {"shape": "deit_small", "runs": runs, "modes": {
+        "eager": mode(64, {"gohsp@0.3": 1.4, "spvit_tokens@0.35": 1.5}),
+        "eager_b1": mode(1, {"gohsp@0.3": 1.2, "spvit_tokens@0.35": 0.95}),
+        "compile": mode(64, {"gohsp@0.3": 1.4, "spvit_tokens@0.35": 1.5}),
+        "onnxruntime": {"error": "RuntimeError: no exporter"}}}
+    targets = {t["id"]: t for t in report._speed_shape_targets({"target_shape": "deit_small", "shapes": [shape]})}
+    # the same efficiency (1.4 / 1.5 = 0.93) meets eager's bar and misses compile's own
+    assert targets["shape_efficiency_eager_0.3"]["met"] and not targets["shape_efficiency_compile_0.3"]["met"]
+    assert "0.95 x FLOPs" in targets["shape_efficiency_compile_0.3"]["target"]
+    assert targets["shape_efficiency_onnxruntime_0.3"]["met"] is False
+    assert not any(key.startswith("shape_efficiency_eager_b1") for key in targets)  # batch 1 has its own targets
+    token_b1 = targets["token_eager_b1_deit_small_spvit_tokens@0.35"]
+    assert token_b1["met"] is False and "0.9 x FLOPs" in token_b1["target"] and "0.59" in token_b1["measured"]
+    assert targets["token_eager_deit_small_spvit_tokens@0.35"]["met"] is True  # 1.5 / 1.6 = 0.94 >= 0.9
+    fastest = targets["as_fast_as_dense_deit_small"]
+    assert fastest["met"] is False and "spvit_tokens@0.35 in eager_b1, 0.95x" in fastest["measured"]
+    assert "failed: onnxruntime" in fastest["measured"]
+    config = {"patch_size": 16, "hidden_size": 384, "num_attention_heads": 6, "intermediate_size": 1536,
+              "num_hidden_layers": 12, "image_size": 224}
+    speed = {"preset": "t", "settings": {"calibration_images": 2, "batch_size": 64, "threads": 2, "warmup": 1},
+             "notes": [], "hardware": "cpu", "torch": "x", "total_seconds": 60,
+             "shapes": [{**shape, "config": config, "dense": {"params": 10, "flops": 10}, "repeats": 5}]}
+    page = "\n".join(report.speed_shapes_section(speed))
+    assert "| spvit_tokens | 35% FLOPs |" in page and "0.95x (**0.59**)" in page and "5.0 ms" in page
