@@ -4,9 +4,8 @@ and OFB and SPViT (attention turned into convolutions) at the FLOPs of the GOHSP
 Full run on Fashion-MNIST (``apt-get install -y dataset-fashion-mnist``, ``pip install -e ".[bench]"``):
 8 methods x 2 sparsities x 3 seeds at each pruning-epoch budget, then the speed section at real model shapes
 (``benchmarks/speed_shapes.py``, about an hour: batch 1 and 64, eager, compile and ONNX Runtime); the 5
-parameter-matched methods take up to 90 minutes
-on 2 CPU cores with the dense ViT cached in ``--cache_dir`` (training it takes another ~28 minutes the first
-time, on both cores under torchrun). Run from the repository root::
+parameter-matched methods take up to 90 minutes on 2 CPU cores with the dense ViT cached in ``--cache_dir``
+(training it takes another ~28 minutes the first time, on both cores under torchrun). Run from the repository root::
 
     python -m benchmarks.run
 
