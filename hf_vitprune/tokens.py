@@ -324,8 +324,7 @@ def drop_tokens(hidden: torch.Tensor, special: int, alive: int, keep: int, selec
     logits = selector(patches)
     kept = logits.topk(keep, dim=1).indices.sort(dim=1).values
     index = kept.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
-    dropped = torch.ones_like(logits).scatter(1, kept, 0.0)
-    package = _package(patches, torch.sigmoid(logits) * dropped)
+    package = _package(patches, torch.sigmoid(logits).scatter(1, kept, 0.0))  # the dropped ones' keep scores
     return torch.cat([hidden[:, :special], patches.gather(1, index), hidden[:, special + alive:], package], 1)
 
 
