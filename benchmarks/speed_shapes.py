@@ -302,8 +302,9 @@ def run(preset_name: str = "full", *, methods: list[str] | None = None, output: 
     torch.set_num_threads(preset["threads"])
     started = time.perf_counter()
     notes = []
-    if preset["repeats_by_shape"]:
-        notes.append("fewer repeats for " + ", ".join(f"{s} ({n})" for s, n in preset["repeats_by_shape"].items())
+    fewer = {s: n for s, n in preset["repeats_by_shape"].items() if s in preset["shapes"]}
+    if fewer:
+        notes.append("fewer repeats for " + ", ".join(f"{s} ({n})" for s, n in fewer.items())
                      + f" than the other shapes ({preset['repeats']}), to fit the time budget")
     for shape, names in preset["methods_by_shape"].items():
         if shape in preset["shapes"]:
