@@ -1531,7 +1531,8 @@ def speed_shapes_section(speed: dict | None) -> list[str]:
         f"over rounds after {settings['warmup']} warm-up round(s); each cell is the speedup over dense and, in bold, "
         "the speedup / FLOPs speedup. Runtimes: eager PyTorch, `torch.compile` (mode default; the compiling call at "
         "each batch size untimed) and ONNX Runtime (CPU, the model exported by `hf_vitprune.export_onnx`, "
-        "`intra_op_num_threads` as above), where the notes say. Extra rows: `spvit_tokens` at a FLOPs budget "
+        "`intra_op_num_threads` as above), where the notes say. Extra rows: gohsp's plans with "
+        "`round_neurons_to` (`gohsp_round64`), `spvit_tokens` at a FLOPs budget "
         "(the stages the method chooses, untrained selectors) and `conv_hybrid` (layer 0 a 3x3 convolution as in "
         "SPViT's DeiT-S search, `convert_attention`, then MLP neurons by weight magnitude to the parameter budget). "
         f"On {speed['hardware']}, torch {speed['torch']}.",

@@ -8,10 +8,11 @@ For DeiT-Tiny (hidden 192, 3 heads, MLP 768), DeiT-Small (384, 6, 1536) and ViT-
    methods through their public hooks, as ``PruningTrainer`` runs them (``get_method(name)(config)``,
    ``method.setup(SearchContext(...))`` on a few random calibration images with random labels,
    ``method.finalize(model)``), then ``hf_vitprune.apply_plan``; ``torch_pruning`` by its own
-   pruning (``benchmarks.torch_pruning_peer.prune_with_torch_pruning``); and two rows made without a
-   plan of heads and neurons: ``spvit_tokens`` at 35% fewer FLOPs (the stages the method chooses,
-   untrained selectors) and ``conv_hybrid`` (layer 0 a 3x3 convolution, then MLP neurons by weight
-   magnitude to each parameter sparsity);
+   pruning (``benchmarks.torch_pruning_peer.prune_with_torch_pruning``); gohsp's plans again with
+   ``round_neurons_to=64`` (``gohsp_round64``: do widths a kernel divides evenly keep the speedup?); and
+   two rows made without a plan of heads and neurons: ``spvit_tokens`` at 35% fewer FLOPs (the stages
+   the method chooses, untrained selectors) and ``conv_hybrid`` (layer 0 a 3x3 convolution, then MLP
+   neurons by weight magnitude to each parameter sparsity);
 2. throughput at batch 64 and latency at batch 1, in eager PyTorch, ``torch.compile`` (mode default)
    and ONNX Runtime (the model exported by ``hf_vitprune.export_onnx``), dense and every pruned model
    of a shape timed round-robin in one process (dense, pruned 1, ..., pruned n; the order reversed every
@@ -56,6 +57,7 @@ from hf_vitprune.surgery import convert_attention
 from hf_vitprune.speed import hardware_name
 
 from .common import FASHION_MNIST, parameter_matched
+from .report import SPEED_TARGET_METHOD
 from .torch_pruning_peer import NAME as TORCH_PRUNING, prune_with_torch_pruning
 
 SHAPES = {
@@ -75,12 +77,13 @@ PRESETS = {
                  compile_methods="all", compile_shapes=[TARGET_SHAPE], batch_size=64,
                  warmup_batch_size=8, threads=2, calibration_images=8, overrides={},
                  latency_repeats=15, onnx_shapes=["deit_tiny", TARGET_SHAPE], token_reductions=[0.35],
+                 round_neurons=[64],
                  extra_row_shapes=["deit_tiny", TARGET_SHAPE]),
     # the benchmark's --quick mode: the pipeline, not the figures
     "quick": dict(shapes=["deit_tiny"], sparsities=[0.3, 0.5], repeats=5, warmup=1, repeats_by_shape={},
                   methods_by_shape={}, compile_methods=[], compile_shapes=[], batch_size=64, warmup_batch_size=8,
                   threads=2, calibration_images=4, overrides={"num_hidden_layers": 2, "image_size": 32},
-                  latency_repeats=5, onnx_shapes=[], token_reductions=[], extra_row_shapes=[]),
+                  latency_repeats=5, onnx_shapes=[], token_reductions=[], round_neurons=[], extra_row_shapes=[]),
 }
 
 
@@ -99,12 +102,14 @@ def calibration_batches(model, count: int, seed: int = 0) -> list[dict]:
     return [{"pixel_values": images, "labels": labels}]
 
 
-def plan_model(method: str, dense, sparsity: float, calibration: list[dict]):
-    """A copy of ``dense`` pruned to ``method``'s plan shapes at ``sparsity`` (no training)."""
+def plan_model(method: str, dense, sparsity: float, calibration: list[dict], **config_fields):
+    """A copy of ``dense`` pruned to ``method``'s plan shapes at ``sparsity`` (no training); ``config_fields`` go
+    to its ``PruningConfig`` (``round_neurons_to=64``)."""
     if method == TORCH_PRUNING:
         return prune_with_torch_pruning(dense, sparsity, calibration)[0].eval()
     model = copy.deepcopy(dense)
-    config = PruningConfig(method=method, target_sparsity=sparsity, calibration_samples=len(calibration[0]["labels"]))
+    config = PruningConfig(method=method, target_sparsity=sparsity, calibration_samples=len(calibration[0]["labels"]),
+                           **config_fields)
     search = get_method(method)(config)
     search.setup(SearchContext(model=model, budget=config.budget, search_steps=search.search_steps(100),
                                calibration_batches=lambda: iter(calibration), seed=0))
@@ -160,6 +165,12 @@ def measure_shape(shape: str, preset: dict, methods: list[str], log=print) -> di
             log(f"{shape} {key}: params {stats.params:,} ({rows[-1]['achieved_sparsity']:.1%} removed), "
                 f"FLOPs x{rows[-1]['flops_speedup']:.2f}")
     if shape in preset["extra_row_shapes"]:
+        for multiple in preset["round_neurons"]:  # the target method's plans with MLP widths rounded
+            for sparsity in preset["sparsities"]:
+                model = plan_model(SPEED_TARGET_METHOD, dense, sparsity, calibration, round_neurons_to=multiple)
+                rows.append(_extra_row(dense, dense_stats, f"{SPEED_TARGET_METHOD}_round{multiple}", sparsity,
+                                       f"{sparsity:.0%} params, MLP widths multiples of {multiple}", model, pruned,
+                                       log, shape))
         for reduction in preset["token_reductions"]:
             rows.append(_extra_row(dense, dense_stats, "spvit_tokens", reduction, f"{reduction:.0%} FLOPs",
                                    token_pruned(dense, reduction), pruned, log, shape))

@@ -598,11 +598,13 @@ def test_speed_rows_without_a_plan_meet_their_budgets_and_onnx_runtime_gives_the
     ONNX Runtime runs the exported model, batch 1 and batch 3 alike."""
     import torch
 
-    from benchmarks.speed_shapes import conv_hybrid, onnx_runtime_model, token_pruned
+    from benchmarks.speed_shapes import calibration_batches, conv_hybrid, onnx_runtime_model, plan_model, token_pruned
     from hf_vitprune import model_stats
 
     dense = small_deit()
     dense_stats = model_stats(dense)
+    rounded = model_stats(plan_model("gohsp", dense, 0.3, calibration_batches(dense, 4), round_neurons_to=64))
+    assert all(layer.neurons % 64 == 0 for layer in rounded.layers) and rounded.params <= 0.7 * dense_stats.params
     tokens = token_pruned(dense, 0.35)
     assert 0.6 <= model_stats(tokens).flops / dense_stats.flops <= 0.65
     hybrid = conv_hybrid(dense, 0.3)
