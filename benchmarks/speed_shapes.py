@@ -57,7 +57,6 @@ from hf_vitprune.surgery import convert_attention
 from hf_vitprune.speed import hardware_name
 
 from .common import FASHION_MNIST, parameter_matched
-from .report import SPEED_TARGET_METHOD
 from .torch_pruning_peer import NAME as TORCH_PRUNING, prune_with_torch_pruning
 
 SHAPES = {
@@ -77,13 +76,13 @@ PRESETS = {
                  compile_methods="all", compile_shapes=[TARGET_SHAPE], batch_size=64,
                  warmup_batch_size=8, threads=2, calibration_images=8, overrides={},
                  latency_repeats=15, onnx_shapes=["deit_tiny", TARGET_SHAPE], token_reductions=[0.35],
-                 round_neurons=[64],
+                 round_neurons={"gohsp": 64},
                  extra_row_shapes=["deit_tiny", TARGET_SHAPE]),
     # the benchmark's --quick mode: the pipeline, not the figures
     "quick": dict(shapes=["deit_tiny"], sparsities=[0.3, 0.5], repeats=5, warmup=1, repeats_by_shape={},
                   methods_by_shape={}, compile_methods=[], compile_shapes=[], batch_size=64, warmup_batch_size=8,
                   threads=2, calibration_images=4, overrides={"num_hidden_layers": 2, "image_size": 32},
-                  latency_repeats=5, onnx_shapes=[], token_reductions=[], round_neurons=[], extra_row_shapes=[]),
+                  latency_repeats=5, onnx_shapes=[], token_reductions=[], round_neurons={}, extra_row_shapes=[]),
 }
 
 
@@ -165,10 +164,10 @@ def measure_shape(shape: str, preset: dict, methods: list[str], log=print) -> di
             log(f"{shape} {key}: params {stats.params:,} ({rows[-1]['achieved_sparsity']:.1%} removed), "
                 f"FLOPs x{rows[-1]['flops_speedup']:.2f}")
     if shape in preset["extra_row_shapes"]:
-        for multiple in preset["round_neurons"]:  # the target method's plans with MLP widths rounded
+        for method, multiple in preset["round_neurons"].items():  # plans with their MLP widths rounded
             for sparsity in preset["sparsities"]:
-                model = plan_model(SPEED_TARGET_METHOD, dense, sparsity, calibration, round_neurons_to=multiple)
-                rows.append(_extra_row(dense, dense_stats, f"{SPEED_TARGET_METHOD}_round{multiple}", sparsity,
+                model = plan_model(method, dense, sparsity, calibration, round_neurons_to=multiple)
+                rows.append(_extra_row(dense, dense_stats, f"{method}_round{multiple}", sparsity,
                                        f"{sparsity:.0%} params, MLP widths multiples of {multiple}", model, pruned,
                                        log, shape))
         for reduction in preset["token_reductions"]:
