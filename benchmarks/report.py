@@ -1571,7 +1571,7 @@ def speed_shapes_section(speed: dict | None) -> list[str]:
 def _mode_label(mode: str, entry: dict) -> str:
     """A speed table's column: the runtime and what is timed (batch-1 latency or batch-64 throughput)."""
     runtime = mode.removesuffix("_b1")
-    what = "latency, batch 1" if entry.get("batch_size") == 1 or mode.endswith("_b1") else "throughput"
+    what = "latency, batch 1" if entry.get("batch_size") == 1 else "throughput"
     return f"{runtime}: {what} speedup (/ FLOPs)"
 
 

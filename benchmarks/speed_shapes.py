@@ -240,16 +240,21 @@ def _extra_row(dense, dense_stats, method: str, budget: float, label: str, model
     return row
 
 
-def token_pruned(dense, reduction: float, **method_options):
-    """A copy of ``dense`` with the token path ``spvit_tokens`` chooses for ``target_flops_reduction`` (its
-    selectors untrained: they cost what trained ones cost)."""
+def token_path(dense, **config_fields):
+    """A copy of ``dense`` with the token path ``spvit_tokens`` chooses for ``config_fields`` (a FLOPs or latency
+    budget and the method's options; its selectors untrained: they cost what trained ones cost), and the method."""
     model = copy.deepcopy(dense)
-    config = PruningConfig(method="spvit_tokens", target_flops_reduction=reduction, method_options=method_options)
+    config = PruningConfig(method="spvit_tokens", **config_fields)
     method = get_method("spvit_tokens")(config)
     method.setup(SearchContext(model=model, budget=config.budget, search_steps=10,
                                calibration_batches=lambda: iter(())))
     method.finalize(model)
-    return model.eval()
+    return model.eval(), method
+
+
+def token_pruned(dense, reduction: float, **method_options):
+    """:func:`token_path`'s model at ``target_flops_reduction=reduction``."""
+    return token_path(dense, target_flops_reduction=reduction, **method_options)[0]
 
 
 def conv_hybrid(dense, sparsity: float):

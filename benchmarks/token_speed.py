@@ -25,7 +25,6 @@ It writes ``benchmarks/results/token_speed.json`` and prints one line per row.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import sys
 from pathlib import Path
@@ -33,14 +32,13 @@ from pathlib import Path
 import torch
 from transformers import ViTConfig, ViTForImageClassification
 
-from hf_vitprune import PruningConfig, model_stats
+from hf_vitprune import model_stats
 from hf_vitprune.fileio import atomic_directory
-from hf_vitprune.methods import SearchContext, get_method
 from hf_vitprune.methods.spvit_tokens import predicted_latency_ms
 from hf_vitprune.speed import hardware_name, measure_speed
 from hf_vitprune.tokens import token_pruning_of
 
-from .speed_shapes import COMMON, SHAPES
+from .speed_shapes import COMMON, SHAPES, token_path
 
 RESULTS = Path(__file__).parent / "results" / "token_speed.json"
 TOKENS50 = dict(hidden_size=96, num_attention_heads=6, intermediate_size=192, num_hidden_layers=4, image_size=28,
@@ -59,21 +57,8 @@ def dense_model(shape: str, seed: int = 0) -> ViTForImageClassification:
     return ViTForImageClassification(ViTConfig(**MODELS[shape], attn_implementation="sdpa")).eval()
 
 
-def token_pruned(dense, options: dict):
-    """A copy of ``dense`` with the token path ``spvit_tokens`` chooses for ``options``, and the method."""
-    model = copy.deepcopy(dense)
-    budget = {key: options[key] for key in ("target_flops_reduction", "target_latency_reduction") if key in options}
-    method_options = {key: value for key, value in options.items() if key not in budget}
-    config = PruningConfig(method="spvit_tokens", **budget, method_options=method_options)
-    method = get_method("spvit_tokens")(config)
-    method.setup(SearchContext(model=model, budget=config.budget, search_steps=10,
-                               calibration_batches=lambda: iter(())))
-    method.finalize(model)
-    return model.eval(), method
-
-
 def measure_row(shape: str, row: str, dense, repeats: int) -> dict:
-    model, method = token_pruned(dense, ROWS[row])
+    model, method = token_path(dense, **ROWS[row])
     stats, dense_stats = model_stats(model), model_stats(dense)
     speed = measure_speed(model, dense, repeats=repeats, warmup=2)
     flops_speedup = dense_stats.flops / stats.flops

@@ -300,3 +300,17 @@ def test_a_latency_budget_is_calibrated_on_the_model_timed_whole(monkeypatch, ov
         assert len(timed) == 1  # the table was right: one measurement, no second choice
     else:
         assert len(timed) > 1 and timed[0] > 0.7 and timed[-1] >= 0.7 - 0.1  # asked for more, not far more
+
+
+def test_the_calibration_times_each_model_at_the_asked_batch_size_only():
+    """The latency ratio behind the calibration runs both models at one batch size, interleaved, no more."""
+    from hf_vitprune.speed import measured_latency_ratio
+
+    seen = {"pruned": [], "dense": []}
+    models = {name: digits_vit() for name in seen}
+    for name, model in models.items():
+        model.register_forward_pre_hook(lambda module, args, kwargs, name=name: seen[name].append(
+            kwargs["pixel_values"].shape[0]), with_kwargs=True)
+    ratio = measured_latency_ratio(models["pruned"], models["dense"], batch_size=3, repeats=2, warmup=1)
+    assert ratio > 0 and seen == {"pruned": [3, 3, 3], "dense": [3, 3, 3]}
+    assert models["pruned"].training  # modes are restored

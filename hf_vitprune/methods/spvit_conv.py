@@ -348,10 +348,10 @@ class SPViTConv(PruningMethod):
         for layer, state in zip(find_encoder_layers(model), self.search):
             self._hooks.append(layer.attention.register_forward_hook(self._single_path(layer, state)))
             if self.options.gate_neurons:
-                self._hooks.append(layer.mlp_out.register_forward_pre_hook(self._neuron_gate(state.neuron_gates)))
+                self._hooks.append(layer.mlp_out.register_forward_pre_hook(self._unit_gate(state.neuron_gates)))
             if self.options.gate_heads and self.costs["heads"][layer.index] > 0:
                 self._hooks.append(layer.attention.o_proj.register_forward_pre_hook(
-                    self._neuron_gate(state.head_gates, repeat=layer.head_dim)))
+                    self._unit_gate(state.head_gates, repeat=layer.head_dim)))
 
     # ------------------------------------------------------------------ the single path
 
@@ -402,7 +402,7 @@ class SPViTConv(PruningMethod):
         """The head-to-tap mixing: a softmax over the heads of each tap, at the mixing temperature."""
         return torch.softmax(state.mixing / self.options.mixing_temperature, dim=0)
 
-    def _neuron_gate(self, thresholds: nn.Parameter, repeat: int = 1):
+    def _unit_gate(self, thresholds: nn.Parameter, repeat: int = 1):
         """A pre-hook gating a linear layer's input units (MLP neurons, or heads of ``repeat`` channels each)."""
         def hook(module, args):
             gates = _sampled(thresholds, self.generator) if module.training else _thresholded(thresholds)
@@ -430,6 +430,12 @@ class SPViTConv(PruningMethod):
         and the push fades as it nears the target, where the task gradient decides which gates go.
         """
         c, expected = self.costs, self.options.cost_estimate == "expected"
+
+        def off(gates: torch.Tensor) -> torch.Tensor:
+            """How many of these units the estimate counts as removed."""
+            gates = gates.double()
+            return (1 - (torch.sigmoid(gates) if expected else _thresholded(gates))).sum()
+
         total = torch.zeros((), dtype=torch.float64, device=self.search[0].kernel_gates.device)
         for i, state in enumerate(self.search):
             if expected and self.searched[i]:
@@ -441,13 +447,9 @@ class SPViTConv(PruningMethod):
             if len(change) > 1:
                 total = total + g3 * (1 - ga) * change["conv3x3"] + (1 - g3) * (1 - ga) * change["conv1x1"]
             if self.options.gate_neurons:
-                gates = state.neuron_gates.double()
-                on = torch.sigmoid(gates) if expected else _thresholded(gates)
-                total = total - (1 - on).sum() * c["neuron"][i]
+                total = total - off(state.neuron_gates) * c["neuron"][i]
             if self.options.gate_heads and c["heads"][i] > 0:  # a head saves only while the layer stays attention
-                gates = state.head_gates.double()
-                on = torch.sigmoid(gates) if expected else _thresholded(gates)
-                total = total - ga * (1 - on).sum() * c["head"][i]
+                total = total - ga * off(state.head_gates) * c["head"][i]
         return total + c["dense"]
 
     def parameter_groups(self) -> list[dict]:

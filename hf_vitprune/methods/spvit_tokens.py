@@ -35,7 +35,7 @@ from ..architectures import embedding_width, find_encoder_layers, meta_copy, num
 from ..budget import Budget
 from ..distillation import classification_logits, distillation_loss
 from ..plan import PruningPlan
-from ..speed import layer_latency_table, measure_speed
+from ..speed import layer_latency_table, measured_latency_ratio
 from ..stats import model_stats
 from ..surgery import add_token_pruning
 from ..tokens import (
@@ -463,13 +463,6 @@ def _token_grid(model: nn.Module) -> list[int]:
     special = tokens - patches
     step = max(1, patches // 16)
     return sorted({*(special + kept for kept in range(1, patches + 1, step)), tokens})
-
-
-def measured_latency_ratio(model: nn.Module, dense: nn.Module, batch_size: int, repeats: int) -> float:
-    """``model``'s latency over ``dense``'s at ``batch_size``, timed side by side on this machine."""
-    speed = measure_speed(model, dense, batch_size_latency=batch_size, batch_size_throughput=batch_size,
-                          repeats=repeats)
-    return speed["pruned"]["latency_ms"] / speed["dense"]["latency_ms"]
 
 
 def _timed_stage(model: nn.Module, options: TokenPruningOptions):
